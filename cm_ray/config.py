@@ -1,0 +1,355 @@
+"""Run configuration: dataclasses with attribute docstrings, one YAML per run, dotted overrides.
+
+``load_config("configs/demo.yaml", ["train.lora_r=16"])`` reads the YAML, applies the overrides,
+builds the nested dataclasses and validates them. Every error names the offending field by its
+dotted path (``train.lora_r: must be positive, got 0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the field."""
+
+
+def _check(cond: bool, path: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{path}: {msg}")
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None
+    """Ray cluster address; None starts (or joins, under `ray job submit`) a local cluster."""
+    num_cpus: int | None = None
+    """Logical CPUs for a local cluster. More than the physical cores avoids Data/Train deadlocks."""
+    include_dashboard: bool = True
+    """Train V2 logs controller errors every second without the dashboard."""
+
+
+@dataclass
+class ModelsConfig:
+    generator: str = "embedded:smollm2-135m-instruct"
+    """Generator LLM: `embedded:<name>`, a local dir, an `s3://` URI or a hub id."""
+    encoder: str = "embedded:all-minilm-l6-v2"
+    """Sentence encoder for the router and embedding filters."""
+    base: str | None = None
+    """Base model for adapters; None = the generator."""
+    cache_dir: str | None = None
+    """Where converted / downloaded models are cached; None = $CM_RAY_CACHE or ~/.cache/cm_ray."""
+
+
+@dataclass
+class QueryConfig:
+    n_specific: int = 3
+    """Task-specific queries per (culture, task)."""
+    n_agnostic: int = 3
+    """Task-agnostic queries per (culture, task)."""
+    kinds: list[str] = field(default_factory=lambda: ["specific", "agnostic"])
+    """Which query kinds to generate (ablation: one of them only)."""
+    near_dup_threshold: float = 0.8
+    """Jaccard similarity (word 3-grams) above which two queries count as duplicates."""
+    max_new_tokens: int = 160
+    temperature: float = 0.7
+
+
+@dataclass
+class SearchConfig:
+    provider: str = "bm25"
+    """bm25 (offline corpus), searxng, brave, serper, tavily or you."""
+    fallback: list[str] = field(default_factory=list)
+    """Providers tried in order when the primary fails a query."""
+    endpoint: str | None = None
+    """Override the provider's API URL (self-hosted SearXNG, loopback tests)."""
+    corpus: str | None = None
+    """JSONL/Parquet passages for bm25; None = the corpus shipped with cm_ray."""
+    top_k: int = 5
+    qps: float | None = 5.0
+    """Requests per second per provider across all actors; None = unthrottled."""
+    max_in_flight: int = 8
+    """Concurrent requests per actor."""
+    concurrency: int = 2
+    """Actors in the map_batches pool."""
+    batch_size: int = 16
+    max_retries: int = 4
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    timeout_s: float = 15.0
+    fetch_pages: bool = False
+    """Fetch the top URLs and extract their main text."""
+    fetch_top_k: int = 2
+    fetch_max_bytes: int = 2_000_000
+    allow_private_urls: bool = False
+    """Allow page fetches to private/loopback/link-local addresses (tests only)."""
+
+
+@dataclass
+class SynthesisConfig:
+    engine: str = "transformers"
+    """transformers, vllm (ray.data.llm) or openai (any OpenAI-compatible HTTP endpoint)."""
+    samples_per_prompt: int = 3
+    prompts_per_pair: int = 2
+    """Synthesis prompts per (culture, task); each draws a different slice of the snippets."""
+    snippets_per_prompt: int = 4
+    max_new_tokens: int = 384
+    temperature: float = 0.7
+    top_p: float = 0.95
+    batch_size: int = 8
+    concurrency: int = 1
+    """Engine replicas."""
+    dtype: str = "auto"
+    """auto = float32 on CPU, bfloat16 on GPU."""
+    guided_json: bool = True
+    """Structured decoding where the engine supports it."""
+    openai_base_url: str | None = None
+    openai_model: str | None = None
+    openai_qps: float | None = None
+    relevance_filter: str = "embedding"
+    """embedding, judge or none."""
+    relevance_threshold: float = 0.15
+    near_dup_threshold: float = 0.85
+    validation_fraction: float = 0.2
+    balance_labels: bool = True
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "per_culture"
+    """per_culture, joint, continual or multitask."""
+    preset: str | None = None
+    """culturespa or clca: fill LoRA/optimizer settings from the seed papers."""
+    lora_r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names, or ["all-linear"]."""
+    lr: float = 1e-4
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_seq_len: int = 512
+    warmup_ratio: float = 0.1
+    scheduler: str = "cosine"
+    packing: bool = False
+    num_workers: int = 1
+    use_gpu: bool = False
+    deepspeed: dict | None = field(default_factory=lambda: {"zero_optimization": {"stage": 2}})
+    """DeepSpeed config (merged over defaults); None = plain torch DDP."""
+    max_parallel_trials: int | None = None
+    """None = derived from cluster resources."""
+    max_failures: int = 1
+    checkpoint_every_steps: int = 0
+    """0 = once per epoch."""
+    joint_baseline: bool = True
+    """Also train the all-culture adapter (paper ablation) next to the per-culture ones."""
+
+    def __post_init__(self):
+        _check(self.lora_r > 0, "train.lora_r", f"must be positive, got {self.lora_r}")
+        _check(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
+        _check(self.mode in ("per_culture", "joint", "continual", "multitask"), "train.mode",
+               f"must be per_culture, joint, continual or multitask, got {self.mode!r}")
+
+
+@dataclass
+class RouterConfig:
+    kind: str = "embedding"
+    """embedding (MiniLM + linear head), llm (zero-shot) or header (explicit only)."""
+    threshold: float = 0.4
+    """Below this calibrated probability the request goes to the base model (`none`)."""
+    use_metadata: bool = True
+    """Use a declared country / language when the request carries one."""
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/"
+    max_adapters_per_replica: int = 8
+    num_replicas: int | str = 1
+    """An int, or "auto" to use autoscaling below."""
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_ongoing_requests: int = 8
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+    max_prompt_chars: int = 8000
+    max_new_tokens: int = 128
+    api_key_env: str | None = None
+    """Name of the env var holding a Bearer key; None = no auth."""
+    ray_actor_cpus: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    data_dir: str | None = None
+    """Root of the public evaluation data; None = ../shared/data when present."""
+    systems: list[str] = field(default_factory=lambda: [
+        "base", "prompted", "joint", "culturemanager", "oracle"])
+    max_questions: int | None = 50
+    """Per culture and benchmark; None = all."""
+    bootstrap: int = 1000
+
+
+@dataclass
+class Config:
+    name: str = "demo"
+    """Run name; also the manifest name."""
+    root: str = "artifacts/demo"
+    """Artifact root: a local path or s3://bucket/prefix."""
+    recipe: str = "culturemanager"
+    """culturemanager, culturespa or clca."""
+    cultures: list[str] = field(default_factory=lambda: ["GB", "CN", "MX"])
+    """Culture keys (ISO 3166-1 alpha-2). Aliases (alpha-3, names) are normalised at load."""
+    tasks: list[str] = field(default_factory=lambda: ["offensive", "survey"])
+    """Task spec names (cm_ray/tasks/*.yaml) or paths to task YAMLs."""
+    seed: int = 0
+    ray: RayConfig = field(default_factory=RayConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    queries: QueryConfig = field(default_factory=QueryConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    recipe_options: dict = field(default_factory=dict)
+    """Free-form settings of the CultureSPA / CLCA recipes."""
+
+    def __post_init__(self):
+        from cm_ray.cultures import normalize_culture
+
+        _check(self.recipe in ("culturemanager", "culturespa", "clca"), "recipe",
+               f"must be culturemanager, culturespa or clca, got {self.recipe!r}")
+        _check(len(self.cultures) > 0, "cultures", "must list at least one culture")
+        keys = []
+        for i, c in enumerate(self.cultures):
+            try:
+                keys.append(normalize_culture(c))
+            except KeyError as e:
+                raise ConfigError(f"cultures[{i}]: {e.args[0]}") from None
+        _check(len(set(keys)) == len(keys), "cultures", f"duplicate cultures in {self.cultures}")
+        self.cultures = keys
+        _check(bool(self.root), "root", "must be a local path or s3:// URI")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with types checked and errors naming the field.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: expected {' or '.join(_type_name(a) for a in args)}, "
+                          f"got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), path or "<root>", f"expected a mapping, got {value!r}")
+        return build(tp, value, path)
+    if origin is list:
+        _check(isinstance(value, list), path, f"expected a list, got {value!r}")
+        return [_coerce(v, args[0] if args else Any, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        _check(isinstance(value, dict), path, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        _check(isinstance(value, bool), path, f"expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), path,
+               f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), path,
+               f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), path, f"expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build(cls: type, data: dict, path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{path}.{key}" if path else key
+            raise ConfigError(f"{where}: unknown field (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            where = f"{path}.{f.name}" if path else f.name
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], where)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{path or cls.__name__}: {e}") from None
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Apply dotted ``key=value`` overrides (values parsed as YAML) to a nested dict."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is not a mapping")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a run config from YAML (None = all defaults) and apply dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    data = apply_overrides(data, overrides)
+    return build(Config, data)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. inside Ray workers)."""
+    return build(Config, data)

@@ -1,0 +1,217 @@
+"""Artifact store: a local directory or ``s3://bucket/prefix``, through ``pyarrow.fs``.
+
+Layout under the root (one culture key names every per-culture thing):
+
+    queries/               generated search queries (Parquet)
+    search/results/        normalized search hits (Parquet)  search/cache/  provider cache
+    synth/culture=XX/task=T/part-*.parquet                    synthesized samples
+    adapters/<culture>/    PEFT layout: adapter_config.json + adapter_model.safetensors
+    adapters/_joint/       the all-culture adapter
+    router/                router head + metrics
+    checkpoints/           Ray Train checkpoints
+    manifests/<stage>.json what each stage wrote, with counts
+    eval/                  tables and plots
+
+S3 endpoints other than AWS (moto, MinIO) come from ``AWS_ENDPOINT_URL``, as boto3 reads it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def s3_filesystem() -> "pafs.S3FileSystem":
+    """A pyarrow S3 filesystem honouring AWS_ENDPOINT_URL (http or https) and AWS_REGION."""
+    import pyarrow.fs as pafs
+
+    kwargs: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem_and_path(uri: str) -> tuple["pafs.FileSystem", str]:
+    """(pyarrow filesystem, path inside it) for a local path or s3:// URI."""
+    import pyarrow.fs as pafs
+
+    if is_s3(uri):
+        parsed = urlparse(uri)
+        return s3_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+class ArtifactStore:
+    """Read and write run artifacts under one root, local or on S3."""
+
+    def __init__(self, root: str):
+        self.root = str(root).rstrip("/") if is_s3(root) else str(Path(root).expanduser().resolve())
+        self.fs, self._base = filesystem_and_path(self.root)
+
+    # -- addressing ------------------------------------------------------------------------
+    def uri(self, *parts: str) -> str:
+        """The user-facing URI of a path under the root (what Ray Data and PEFT are given)."""
+        return posixpath.join(self.root, *parts) if parts else self.root
+
+    def _p(self, *parts: str) -> str:
+        return posixpath.join(self._base, *parts) if parts else self._base
+
+    @property
+    def is_s3(self) -> bool:
+        return is_s3(self.root)
+
+    # -- queries ---------------------------------------------------------------------------
+    def exists(self, *parts: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(self._p(*parts)).type != pafs.FileType.NotFound
+
+    def listdir(self, *parts: str) -> list[str]:
+        """Names directly under a directory (sorted); [] when it does not exist."""
+        import pyarrow.fs as pafs
+
+        sel = pafs.FileSelector(self._p(*parts), allow_not_found=True, recursive=False)
+        return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel))
+
+    def files(self, *parts: str, suffix: str = "") -> list[str]:
+        """Relative paths of all files under a directory, recursively."""
+        import pyarrow.fs as pafs
+
+        base = self._p(*parts)
+        sel = pafs.FileSelector(base, allow_not_found=True, recursive=True)
+        return sorted(posixpath.relpath(i.path, base) for i in self.fs.get_file_info(sel)
+                      if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+    # -- bytes / json ----------------------------------------------------------------------
+    def write_bytes(self, data: bytes, *parts: str) -> str:
+        path = self._p(*parts)
+        self.fs.create_dir(posixpath.dirname(path), recursive=True)
+        # Write to a temporary name then move, so readers never see half a file (local);
+        # S3 PUTs are atomic already.
+        if self.is_s3:
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
+        else:
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, path)
+        return self.uri(*parts)
+
+    def read_bytes(self, *parts: str) -> bytes:
+        with self.fs.open_input_stream(self._p(*parts)) as f:
+            return f.read()
+
+    def write_json(self, obj: Any, *parts: str) -> str:
+        return self.write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), *parts)
+
+    def read_json(self, *parts: str) -> Any:
+        return json.loads(self.read_bytes(*parts))
+
+    def delete(self, *parts: str) -> None:
+        import pyarrow.fs as pafs
+
+        info = self.fs.get_file_info(self._p(*parts))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self._p(*parts))
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self._p(*parts))
+
+    # -- tables ----------------------------------------------------------------------------
+    def write_table(self, table: "pa.Table | list[dict]", *parts: str) -> str:
+        """Write one Parquet file (rows as a list of dicts or a pyarrow Table)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not isinstance(table, pa.Table):
+            table = pa.Table.from_pylist(list(table))
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        return self.write_bytes(buf.getvalue(), *parts)
+
+    def read_table(self, *parts: str) -> "pa.Table":
+        """Read a Parquet file or a directory of Parquet files (hive partitions become columns)."""
+        import pyarrow.dataset as pads
+
+        return pads.dataset(self._p(*parts), filesystem=self.fs, format="parquet",
+                            partitioning="hive").to_table()
+
+    def read_rows(self, *parts: str) -> list[dict]:
+        return self.read_table(*parts).to_pylist()
+
+    # -- directories (adapters, checkpoints, models) ---------------------------------------
+    def upload_dir(self, local_dir: str | Path, *parts: str) -> str:
+        """Copy a local directory to ``parts`` under the root (replacing what was there)."""
+        import pyarrow.fs as pafs
+
+        dest = self._p(*parts)
+        if not self.is_s3 and Path(local_dir).resolve() == Path(dest):
+            return self.uri(*parts)
+        self.delete(*parts)
+        self.fs.create_dir(dest, recursive=True)
+        pafs.copy_files(str(Path(local_dir).resolve()), dest,
+                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        return self.uri(*parts)
+
+    def download_dir(self, local_dir: str | Path, *parts: str) -> Path:
+        """Copy ``parts`` under the root into a local directory; returns that directory."""
+        import pyarrow.fs as pafs
+
+        local_dir = Path(local_dir)
+        if not self.is_s3 and Path(self._p(*parts)) == local_dir.resolve():
+            return local_dir
+        if local_dir.exists():
+            shutil.rmtree(local_dir)
+        local_dir.mkdir(parents=True)
+        pafs.copy_files(self._p(*parts), str(local_dir.resolve()), source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return local_dir
+
+    def local_path(self, *parts: str) -> Path | None:
+        """The local filesystem path for a local store; None on S3."""
+        return None if self.is_s3 else Path(self._p(*parts))
+
+    # -- manifests -------------------------------------------------------------------------
+    def write_manifest(self, stage: str, manifest: dict) -> str:
+        return self.write_json(manifest, "manifests", f"{stage}.json")
+
+    def read_manifest(self, stage: str) -> dict | None:
+        return self.read_json("manifests", f"{stage}.json") if self.exists("manifests", f"{stage}.json") else None
+
+
+def ensure_bucket(uri: str) -> None:
+    """Create the bucket of an s3:// URI if it does not exist (local roots: make the dir)."""
+    if not is_s3(uri):
+        Path(uri).expanduser().mkdir(parents=True, exist_ok=True)
+        return
+    import boto3
+
+    bucket = urlparse(uri).netloc
+    s3 = boto3.client("s3")
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except Exception:
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        kwargs = {} if region == "us-east-1" else {
+            "CreateBucketConfiguration": {"LocationConstraint": region}}
+        s3.create_bucket(Bucket=bucket, **kwargs)

@@ -1,0 +1,49 @@
+"""Embedded offline models resolve to loadable directories.  python -m pytest tests/cpu/test_models.py -v"""
+
+from pathlib import Path
+
+import pytest
+
+from cm_ray.models import ModelNotFoundError, resolve_model
+
+
+def test_smollm2_is_converted_once_to_safetensors(smollm2_dir):
+    d = Path(smollm2_dir)
+    assert (d / "model.safetensors").exists() and (d / "config.json").exists()
+    mtime = (d / "model.safetensors").stat().st_mtime
+    assert resolve_model("embedded:smollm2-135m-instruct") == smollm2_dir
+    assert (d / "model.safetensors").stat().st_mtime == mtime  # reused, not converted again
+
+
+def test_smollm2_generates_with_its_chat_template(smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Say hello."}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert text.strip()
+
+
+def test_minilm_encoder_embeds():
+    from sentence_transformers import SentenceTransformer
+
+    enc = SentenceTransformer(resolve_model("embedded:all-minilm-l6-v2"), device="cpu")
+    assert enc.encode(["hello world"]).shape == (1, 384)
+
+
+def test_missing_model_says_what_to_do(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="local directory, an s3:// URI, a hub id"):
+        resolve_model(str(tmp_path / "nope" / "x"))
+    with pytest.raises(ModelNotFoundError, match="unknown embedded model"):
+        resolve_model("embedded:gpt-9")
+
+
+def test_model_from_s3_is_cached_locally(s3_root, tiny_model_dir, tmp_path):
+    from cm_ray.storage import ArtifactStore
+
+    ArtifactStore(s3_root).upload_dir(tiny_model_dir, "models", "tiny")
+    local = resolve_model(f"{s3_root}/models/tiny", cache_dir=str(tmp_path))
+    assert (Path(local) / "config.json").exists() and str(tmp_path) in local
