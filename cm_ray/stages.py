@@ -63,7 +63,7 @@ def pipeline(cfg: Config, command: str) -> list[str]:
         "synthesize": data,
         "train": ["train"],
         "route": ["route"],
-        "serve": ["serve"],
+        "serve": ["route", "serve"],
         "evaluate": ["evaluate"],
         "run": [*data, "train", "route", "serve"],
     }[command]
