@@ -1,0 +1,234 @@
+"""Search providers behind one interface, each returning the same normalized hit record.
+
+A hit is ``{title, url, snippet, rank, provider, locale, fetched_at}``. HTTP providers only build
+the request (URL, params / JSON body, auth header from the environment) and parse the response as
+the provider's public API documents it; sending, retrying and rate limiting live in
+``cm_ray.data.search``. ``BM25Provider`` answers offline from a passage corpus (JSONL/Parquet).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from importlib import resources
+from typing import Any
+
+HIT_FIELDS = ("title", "url", "snippet", "rank", "provider", "locale", "fetched_at")
+
+
+class ProviderError(Exception):
+    """One failed attempt. ``retryable`` for 429/5xx/timeouts/broken bodies; ``retry_after`` in s."""
+
+    def __init__(self, reason: str, retryable: bool = False, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason, self.retryable, self.retry_after = reason, retryable, retry_after
+
+
+def make_hit(title: Any, url: Any, snippet: Any, rank: int, provider: str, locale: str) -> dict:
+    return {"title": str(title or ""), "url": str(url or ""), "snippet": str(snippet or ""),
+            "rank": rank, "provider": provider, "locale": locale,
+            "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _items(data: Any, *path: str) -> list:
+    """``data[path...]`` as a list of dicts, or a ProviderError naming what is missing."""
+    node = data
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            raise ProviderError(f"malformed response: missing {'.'.join(path)}")
+        node = node[key]
+    if not isinstance(node, list) or not all(isinstance(x, dict) for x in node):
+        raise ProviderError(f"malformed response: {'.'.join(path)} is not a list of objects")
+    return node
+
+
+class HttpProvider:
+    """Base: subclasses set ``name``, ``url``, ``key_env`` and implement request/parse."""
+
+    name = ""
+    url = ""
+    key_env: str | None = None
+
+    def __init__(self, endpoint: str | None = None):
+        self.endpoint = endpoint or self.url
+        self.key = None
+        if self.key_env:
+            self.key = os.environ.get(self.key_env)
+            if not self.key:
+                # The name of the variable only; the key itself is never put in a message.
+                raise ProviderError(f"search provider {self.name!r} needs the {self.key_env} "
+                                    f"environment variable (API keys come from the environment only)")
+
+    def request(self, query: str, culture: str, locale: str, top_k: int) -> dict:
+        """kwargs for ``aiohttp.ClientSession.request`` (method, url, params/json, headers)."""
+        raise NotImplementedError
+
+    def parse(self, data: Any, locale: str, top_k: int) -> list[dict]:
+        raise NotImplementedError
+
+
+class SearXNG(HttpProvider):
+    name, url = "searxng", "http://127.0.0.1:8888/search"
+
+    def request(self, query, culture, locale, top_k):
+        return {"method": "GET", "url": self.endpoint,
+                "params": {"q": query, "format": "json", "language": locale}}
+
+    def parse(self, data, locale, top_k):
+        return [make_hit(r.get("title"), r.get("url"), r.get("content"), i + 1, self.name, locale)
+                for i, r in enumerate(_items(data, "results")[:top_k])]
+
+
+class Brave(HttpProvider):
+    name, url, key_env = "brave", "https://api.search.brave.com/res/v1/web/search", "BRAVE_API_KEY"
+
+    def request(self, query, culture, locale, top_k):
+        return {"method": "GET", "url": self.endpoint,
+                "params": {"q": query, "country": culture, "search_lang": locale.split("-")[0],
+                           "count": min(top_k, 20)},
+                "headers": {"Accept": "application/json", "X-Subscription-Token": self.key}}
+
+    def parse(self, data, locale, top_k):
+        return [make_hit(r.get("title"), r.get("url"), r.get("description"), i + 1, self.name, locale)
+                for i, r in enumerate(_items(data, "web", "results")[:top_k])]
+
+
+class Serper(HttpProvider):
+    name, url, key_env = "serper", "https://google.serper.dev/search", "SERPER_API_KEY"
+
+    def request(self, query, culture, locale, top_k):
+        return {"method": "POST", "url": self.endpoint,
+                "json": {"q": query, "gl": culture.lower(), "hl": locale.split("-")[0],
+                         "num": top_k},
+                "headers": {"X-API-KEY": self.key, "Content-Type": "application/json"}}
+
+    def parse(self, data, locale, top_k):
+        rows = _items(data, "organic")[:top_k]
+        return [make_hit(r.get("title"), r.get("link"), r.get("snippet"),
+                         int(r.get("position") or i + 1), self.name, locale)
+                for i, r in enumerate(rows)]
+
+
+class Tavily(HttpProvider):
+    name, url, key_env = "tavily", "https://api.tavily.com/search", "TAVILY_API_KEY"
+
+    def request(self, query, culture, locale, top_k):
+        from cm_ray.cultures import get_culture
+
+        # Tavily's `country` takes a lower-case English country name (general topic only).
+        body = {"query": query, "max_results": top_k, "topic": "general",
+                "country": get_culture(culture).name.lower()}
+        return {"method": "POST", "url": self.endpoint, "json": body,
+                "headers": {"Authorization": f"Bearer {self.key}"}}
+
+    def parse(self, data, locale, top_k):
+        return [make_hit(r.get("title"), r.get("url"), r.get("content"), i + 1, self.name, locale)
+                for i, r in enumerate(_items(data, "results")[:top_k])]
+
+
+class You(HttpProvider):
+    name, url, key_env = "you", "https://ydc-index.io/v1/search", "YDC_API_KEY"
+
+    def request(self, query, culture, locale, top_k):
+        return {"method": "GET", "url": self.endpoint,
+                "params": {"query": query, "count": top_k, "country": culture,
+                           "language": locale.split("-")[0].upper()},
+                "headers": {"X-API-Key": self.key}}
+
+    def parse(self, data, locale, top_k):
+        rows = _items(data, "results", "web")[:top_k]
+        out = []
+        for i, r in enumerate(rows):
+            snippets = r.get("snippets") or []
+            text = " ".join(s for s in snippets if isinstance(s, str)) or r.get("description")
+            out.append(make_hit(r.get("title"), r.get("url"), text, i + 1, self.name, locale))
+        return out
+
+
+HTTP_PROVIDERS: dict[str, type[HttpProvider]] = {
+    c.name: c for c in (SearXNG, Brave, Serper, Tavily, You)}
+PROVIDERS = ("bm25", *HTTP_PROVIDERS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline BM25 over a passage corpus.
+
+_CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+_TOKEN = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+", re.UNICODE)
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased words; CJK text has no spaces, so each CJK character is a token."""
+    return [t for t in _TOKEN.findall(text.lower()) if len(t) > 1 or not t.isascii()]
+
+
+def load_corpus(uri: str | None = None) -> list[dict]:
+    """Passages (id, title, url, text, culture, lang) from JSONL or Parquet, local or s3://.
+
+    ``None`` loads the corpus shipped with cm_ray (``cm_ray/corpus/*.jsonl``).
+    """
+    if uri is None:
+        rows = []
+        for f in sorted(resources.files("cm_ray.corpus").iterdir(), key=lambda p: p.name):
+            if f.name.endswith(".jsonl"):
+                rows += [json.loads(line) for line in f.read_text("utf-8").splitlines() if line.strip()]
+    else:
+        from cm_ray.storage import filesystem_and_path
+
+        fs, path = filesystem_and_path(uri)
+        if uri.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path, filesystem=fs).to_pylist()
+        else:
+            with fs.open_input_stream(path) as f:
+                text = f.read().decode("utf-8")
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not r.get("text"):
+            raise ValueError(f"search.corpus: passage {i} of {uri or 'the shipped corpus'} "
+                             f"has no 'text'")
+    return rows
+
+
+class BM25Provider:
+    """BM25 (rank-bm25) over passages of the query's culture plus culture-free ones.
+
+    A culture with no passages of its own is searched over the whole corpus.
+    """
+
+    name = "bm25"
+
+    def __init__(self, corpus: str | None = None):
+        self.passages = load_corpus(corpus)
+        self._indexes: dict[str, tuple[Any, list[dict]]] = {}
+
+    def _index(self, culture: str):
+        if culture not in self._indexes:
+            from rank_bm25 import BM25Okapi
+
+            own = [p for p in self.passages if (p.get("culture") or "").upper() == culture]
+            general = [p for p in self.passages if not p.get("culture")]
+            docs = own + general if own else self.passages
+            bm25 = BM25Okapi([tokenize(f"{p.get('title', '')} {p['text']}") or ["_"] for p in docs])
+            self._indexes[culture] = (bm25, docs)
+        return self._indexes[culture]
+
+    def search(self, query: str, culture: str, locale: str, top_k: int) -> list[dict]:
+        bm25, docs = self._index(culture.upper())
+        scores = bm25.get_scores(tokenize(query))
+        order = sorted(range(len(docs)), key=lambda i: -scores[i])
+        best = [i for i in order if scores[i] > 0][:top_k]
+        return [make_hit(docs[i].get("title"), docs[i].get("url") or f"corpus://{docs[i].get('id', i)}",
+                         docs[i]["text"], r + 1, self.name, locale) for r, i in enumerate(best)]
+
+
+def make_provider(name: str, endpoint: str | None = None, corpus: str | None = None):
+    """The provider called ``name`` (raises ProviderError for a missing API key)."""
+    if name == "bm25":
+        return BM25Provider(corpus)
+    if name not in HTTP_PROVIDERS:
+        raise ValueError(f"unknown search provider {name!r} (known: {', '.join(PROVIDERS)})")
+    return HTTP_PROVIDERS[name](endpoint)
