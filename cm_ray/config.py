@@ -70,6 +70,8 @@ class SearchConfig:
     """Providers tried in order when the primary fails a query."""
     endpoint: str | None = None
     """Override the provider's API URL (self-hosted SearXNG, loopback tests)."""
+    endpoints: dict = field(default_factory=dict)
+    """Per-provider URL overrides, e.g. {searxng: http://host/search}; beats `endpoint`."""
     corpus: str | None = None
     """JSONL/Parquet passages for bm25; None = the corpus shipped with cm_ray."""
     top_k: int = 5
@@ -90,6 +92,34 @@ class SearchConfig:
     fetch_max_bytes: int = 2_000_000
     allow_private_urls: bool = False
     """Allow page fetches to private/loopback/link-local addresses (tests only)."""
+    fetch_timeout_s: float = 10.0
+    """Wall-clock limit for one page fetch (all redirects included)."""
+    cache: bool = True
+    """Reuse cached provider answers (search/cache/ under the root); false = always ask."""
+    cache_flush_rows: int = 256
+    """Cache entries written per shard while a culture is still running (resume granularity)."""
+    actor_cpus: float = 0.25
+    """CPUs reserved per searcher actor (I/O bound)."""
+
+    def __post_init__(self):
+        from cm_ray.data.providers import PROVIDERS
+
+        for where, name in [("search.provider", self.provider),
+                            *((f"search.fallback[{i}]", n) for i, n in enumerate(self.fallback)),
+                            *((f"search.endpoints.{n}", n) for n in self.endpoints)]:
+            _check(name in PROVIDERS, where,
+                   f"unknown provider {name!r} (known: {', '.join(PROVIDERS)})")
+        _check(self.provider not in self.fallback, "search.fallback",
+               f"must not repeat the primary provider {self.provider!r}")
+        _check(self.qps is None or self.qps > 0, "search.qps", f"must be > 0 or null, got {self.qps}")
+        for name in ("top_k", "max_in_flight", "concurrency", "batch_size", "fetch_top_k",
+                     "fetch_max_bytes", "cache_flush_rows"):
+            _check(getattr(self, name) > 0, f"search.{name}",
+                   f"must be positive, got {getattr(self, name)}")
+        _check(self.max_retries >= 0, "search.max_retries", f"must be >= 0, got {self.max_retries}")
+        for name in ("backoff_base_s", "backoff_max_s", "timeout_s", "fetch_timeout_s", "actor_cpus"):
+            _check(getattr(self, name) > 0, f"search.{name}",
+                   f"must be positive, got {getattr(self, name)}")
 
 
 @dataclass
@@ -110,15 +140,62 @@ class SynthesisConfig:
     """auto = float32 on CPU, bfloat16 on GPU."""
     guided_json: bool = True
     """Structured decoding where the engine supports it."""
+    guided_max_string_chars: int | None = 300
+    """Under guided decoding, cap free JSON strings at this many characters (None = no cap)."""
+    guided_max_items: int | None = 10
+    """Under guided decoding, cap JSON arrays at this many items (None = no cap)."""
+    vllm_max_model_len: int = 2048
+    vllm_max_num_seqs: int = 16
+    """Concurrent sequences per vLLM engine (KV cache is sized for this on CPU)."""
+    vllm_enforce_eager: bool | None = None
+    """None = eager on CPU (no compile warm-up), CUDA graphs on GPU."""
+    vllm_engine_kwargs: dict = field(default_factory=dict)
+    """Extra vLLM engine arguments, merged last (e.g. {gpu_memory_utilization: 0.8})."""
     openai_base_url: str | None = None
+    """OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1; None = https://api.openai.com/v1."""
     openai_model: str | None = None
+    """Model name sent to the endpoint; None = models.generator."""
+    openai_api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key (never logged); unset = no Authorization header."""
     openai_qps: float | None = None
+    """Requests per second across all engine replicas; None = unthrottled."""
+    openai_max_in_flight: int = 8
+    """Concurrent requests per replica."""
+    openai_max_retries: int = 4
+    """Retries on 429/5xx/network errors (Retry-After honoured, else exponential backoff)."""
+    openai_backoff_base_s: float = 0.5
+    openai_backoff_max_s: float = 30.0
+    openai_timeout_s: float = 120.0
+    openai_price_in_per_1m: float = 0.0
+    """USD per 1M prompt tokens, for the cost counter."""
+    openai_price_out_per_1m: float = 0.0
+    """USD per 1M completion tokens, for the cost counter."""
     relevance_filter: str = "embedding"
     """embedding, judge or none."""
     relevance_threshold: float = 0.15
     near_dup_threshold: float = 0.85
     validation_fraction: float = 0.2
     balance_labels: bool = True
+
+    def __post_init__(self):
+        _check(self.engine in ("transformers", "vllm", "openai"), "synthesis.engine",
+               f"must be transformers, vllm or openai, got {self.engine!r}")
+        _check(self.batch_size > 0, "synthesis.batch_size", f"must be positive, got {self.batch_size}")
+        _check(self.concurrency > 0, "synthesis.concurrency", f"must be positive, got {self.concurrency}")
+        _check(self.max_new_tokens > 0, "synthesis.max_new_tokens",
+               f"must be positive, got {self.max_new_tokens}")
+        _check(self.temperature >= 0, "synthesis.temperature", f"must be >= 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, "synthesis.top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "synthesis.dtype",
+               f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        _check(self.openai_qps is None or self.openai_qps > 0, "synthesis.openai_qps",
+               f"must be positive or null, got {self.openai_qps}")
+        _check(self.openai_max_retries >= 0, "synthesis.openai_max_retries",
+               f"must be >= 0, got {self.openai_max_retries}")
+        _check(self.openai_max_in_flight > 0, "synthesis.openai_max_in_flight",
+               f"must be positive, got {self.openai_max_in_flight}")
+        _check(self.vllm_max_model_len > 0, "synthesis.vllm_max_model_len",
+               f"must be positive, got {self.vllm_max_model_len}")
 
 
 @dataclass
@@ -151,12 +228,58 @@ class TrainConfig:
     """0 = once per epoch."""
     joint_baseline: bool = True
     """Also train the all-culture adapter (paper ablation) next to the per-culture ones."""
+    tasks: list[str] | None = None
+    """Task partitions to train on (per_culture, joint); None = the run's `tasks`. multitask
+    mode always mixes every task partition of the culture."""
+    continual_first: list[str] = field(default_factory=list)
+    """continual mode: tasks of the first phase (culture SFT on general / task-agnostic data);
+    the remaining `tasks` form the second phase (task adaptation)."""
+    joint_system_prompt: str | None = "You are a person from {culture_name}."
+    """joint adapters: system prompt naming each sample's culture (CultureSPA culture-joint);
+    used when a conversation has no system message. None = none added."""
+    cpus_per_worker: float = 1.0
+    """Logical CPUs per Train worker."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = the epochs decide); for smoke runs and benches."""
+    shuffle_buffer: int = 256
+    """Rows in each worker's local shuffle buffer (0 = data order)."""
+    max_grad_norm: float = 1.0
 
     def __post_init__(self):
         _check(self.lora_r > 0, "train.lora_r", f"must be positive, got {self.lora_r}")
+        _check(self.lora_alpha > 0, "train.lora_alpha", f"must be positive, got {self.lora_alpha}")
+        _check(0 <= self.lora_dropout < 1, "train.lora_dropout",
+               f"must be in [0, 1), got {self.lora_dropout}")
+        _check(len(self.target_modules) > 0, "train.target_modules", "must name at least one module")
         _check(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
+        _check(self.epochs > 0, "train.epochs", f"must be positive, got {self.epochs}")
+        _check(self.batch_size > 0, "train.batch_size", f"must be positive, got {self.batch_size}")
+        _check(self.grad_accum > 0, "train.grad_accum", f"must be positive, got {self.grad_accum}")
+        _check(self.max_seq_len >= 16, "train.max_seq_len", f"must be >= 16, got {self.max_seq_len}")
+        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio",
+               f"must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.scheduler in ("cosine", "linear", "constant", "constant_with_warmup"),
+               "train.scheduler", f"must be cosine, linear, constant or constant_with_warmup, "
+               f"got {self.scheduler!r}")
+        _check(self.num_workers > 0, "train.num_workers", f"must be positive, got {self.num_workers}")
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker",
+               f"must be positive, got {self.cpus_per_worker}")
+        _check(self.max_parallel_trials is None or self.max_parallel_trials > 0,
+               "train.max_parallel_trials", f"must be positive, got {self.max_parallel_trials}")
+        _check(self.max_failures >= 0, "train.max_failures", f"must be >= 0, got {self.max_failures}")
+        _check(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps",
+               f"must be >= 0, got {self.checkpoint_every_steps}")
+        _check(self.max_steps >= 0, "train.max_steps", f"must be >= 0, got {self.max_steps}")
+        _check(self.preset in (None, "culturespa", "clca"), "train.preset",
+               f"must be culturespa, clca or null, got {self.preset!r}")
         _check(self.mode in ("per_culture", "joint", "continual", "multitask"), "train.mode",
                f"must be per_culture, joint, continual or multitask, got {self.mode!r}")
+        _check(self.mode != "continual" or bool(self.continual_first), "train.continual_first",
+               "continual mode needs the tasks of its first phase (culture SFT data)")
+        if self.deepspeed is not None:
+            stage = (self.deepspeed.get("zero_optimization") or {}).get("stage", 2)
+            _check(stage in (0, 1, 2, 3), "train.deepspeed.zero_optimization.stage",
+                   f"must be 0, 1, 2 or 3, got {stage!r}")
 
 
 @dataclass
@@ -167,6 +290,15 @@ class RouterConfig:
     """Below this calibrated probability the request goes to the base model (`none`)."""
     use_metadata: bool = True
     """Use a declared country / language when the request carries one."""
+    c: float = 10.0
+    """Inverse L2 strength of the logistic-regression head (sklearn's C)."""
+
+    def __post_init__(self):
+        _check(self.kind in ("embedding", "header"), "router.kind",
+               f"must be embedding or header, got {self.kind!r}")
+        _check(0.0 <= self.threshold <= 1.0, "router.threshold",
+               f"must be a probability in [0, 1], got {self.threshold}")
+        _check(self.c > 0, "router.c", f"must be positive, got {self.c}")
 
 
 @dataclass
@@ -187,6 +319,31 @@ class ServeConfig:
     api_key_env: str | None = None
     """Name of the env var holding a Bearer key; None = no auth."""
     ray_actor_cpus: float = 1.0
+    """CPUs reserved per adapter-server replica."""
+    max_ongoing_requests: int = 32
+    """Requests one adapter-server replica accepts at once (must cover max_batch_size)."""
+    app_name: str = "cm_ray"
+    """Serve application name (several apps can share one Serve instance)."""
+    demo_prompt: str | None = None
+    """Prompt of the demo request `cm-ray serve` sends; None = a validation input from synth/."""
+    request_timeout_s: float = 120.0
+    """Client timeout of the demo request."""
+
+    def __post_init__(self):
+        _check(isinstance(self.num_replicas, int) and self.num_replicas >= 1
+               or self.num_replicas == "auto", "serve.num_replicas",
+               f"must be a positive integer or 'auto', got {self.num_replicas!r}")
+        _check(1 <= self.min_replicas <= self.max_replicas, "serve.min_replicas",
+               f"must be >= 1 and <= serve.max_replicas, got {self.min_replicas}")
+        for name in ("max_adapters_per_replica", "max_batch_size", "max_prompt_chars",
+                     "max_new_tokens", "target_ongoing_requests"):
+            _check(getattr(self, name) >= 1, f"serve.{name}",
+                   f"must be >= 1, got {getattr(self, name)}")
+        _check(self.max_ongoing_requests >= self.max_batch_size, "serve.max_ongoing_requests",
+               f"must be >= serve.max_batch_size ({self.max_batch_size}) or batches never fill")
+        _check(0 < self.port < 65536, "serve.port", f"must be a TCP port, got {self.port}")
+        _check(self.route_prefix.startswith("/"), "serve.route_prefix",
+               f"must start with '/', got {self.route_prefix!r}")
 
 
 @dataclass

@@ -207,20 +207,23 @@ class BM25Provider:
 
     def _index(self, culture: str):
         if culture not in self._indexes:
-            from rank_bm25 import BM25Okapi
+            from rank_bm25 import BM25Plus
 
             own = [p for p in self.passages if (p.get("culture") or "").upper() == culture]
             general = [p for p in self.passages if not p.get("culture")]
             docs = own + general if own else self.passages
-            bm25 = BM25Okapi([tokenize(f"{p.get('title', '')} {p['text']}") or ["_"] for p in docs])
-            self._indexes[culture] = (bm25, docs)
+            tokens = [tokenize(f"{p.get('title', '')} {p['text']}") or ["_"] for p in docs]
+            # BM25+ keeps idf positive in small corpora (Okapi's is 0 for a term in half the docs).
+            self._indexes[culture] = (BM25Plus(tokens), docs, [set(t) for t in tokens])
         return self._indexes[culture]
 
     def search(self, query: str, culture: str, locale: str, top_k: int) -> list[dict]:
-        bm25, docs = self._index(culture.upper())
-        scores = bm25.get_scores(tokenize(query))
-        order = sorted(range(len(docs)), key=lambda i: -scores[i])
-        best = [i for i in order if scores[i] > 0][:top_k]
+        bm25, docs, vocab = self._index(culture.upper())
+        terms = tokenize(query)
+        scores = bm25.get_scores(terms)
+        # Only passages sharing a term with the query (BM25+ gives every passage a floor score).
+        matching = [i for i in range(len(docs)) if vocab[i].intersection(terms)]
+        best = sorted(matching, key=lambda i: -scores[i])[:top_k]
         return [make_hit(docs[i].get("title"), docs[i].get("url") or f"corpus://{docs[i].get('id', i)}",
                          docs[i]["text"], r + 1, self.name, locale) for r, i in enumerate(best)]
 
