@@ -285,7 +285,8 @@ class TrainConfig:
 @dataclass
 class RouterConfig:
     kind: str = "embedding"
-    """embedding (MiniLM + linear head), llm (zero-shot) or header (explicit only)."""
+    """embedding (MiniLM + linear head) or header (explicit model / X-Culture / culture field only;
+    everything else goes to the base model)."""
     threshold: float = 0.4
     """Below this calibrated probability the request goes to the base model (`none`)."""
     use_metadata: bool = True

@@ -1,0 +1,174 @@
+"""Culture router: training, calibration, plain-data artifact, metadata, the `route` stage.
+
+python -m pytest tests/cpu/test_router.py -q
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cm_ray.config import load_config
+from cm_ray.serve.router import NONE, CultureRouter, Encoder, load_router, run_router_training, train_router
+from cm_ray.storage import ArtifactStore
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Small in-language, culture-flavoured texts (also used by the serve tests).
+TEXTS = {
+    "GB": [
+        "I queued for the bus in the rain and then had a cup of tea with biscuits.",
+        "Is it rude to skip the queue at the post office in London?",
+        "We watched the football at the pub on Saturday and had fish and chips.",
+        "My mum always makes a Sunday roast with Yorkshire pudding.",
+        "Should I tip the waiter at a restaurant in Manchester?",
+        "The weather in Scotland is grey and drizzly again today.",
+        "Guy Fawkes night is on the fifth of November with bonfires and fireworks.",
+        "I'm knackered after the commute on the Tube this morning.",
+        "The village fete had a cake stall and a tombola.",
+        "Cricket at Lord's is a proper summer tradition.",
+        "We had a cream tea with scones, jam and clotted cream in Devon.",
+        "The NHS waiting list for my GP appointment is two weeks.",
+        "Boxing Day is for leftovers, long walks and the football.",
+        "She apologised when I bumped into her, which is very British.",
+    ],
+    "CN": [
+        "春节的时候我们全家一起包饺子，看春晚。",
+        "在中国，送礼物的时候不能送钟，这是为什么？",
+        "中秋节我们会吃月饼，一起赏月。",
+        "长辈给晚辈发红包是过年的习俗。",
+        "在北京坐地铁上班，早高峰人非常多。",
+        "请问在饭桌上筷子可以插在米饭里吗？",
+        "我奶奶每天早上都去公园打太极拳。",
+        "端午节要吃粽子，还有赛龙舟比赛。",
+        "考大学的高考对学生来说压力非常大。",
+        "我们周末去茶馆喝茶聊天。",
+        "清明节的时候人们会去扫墓祭祖。",
+        "上海的小笼包非常有名，你吃过吗？",
+        "结婚的时候新娘常常穿红色的衣服。",
+        "他用微信支付买了一杯奶茶。",
+    ],
+    "MX": [
+        "En el Día de Muertos ponemos una ofrenda con pan de muerto y cempasúchil.",
+        "¿Es de mala educación llegar puntual a una fiesta en la Ciudad de México?",
+        "Mi abuela prepara tamales y atole para la Candelaria.",
+        "Fuimos a comer tacos al pastor después del partido.",
+        "En las posadas rompemos la piñata y cantamos villancicos.",
+        "El mariachi tocó las mañanitas en el cumpleaños de mi tía.",
+        "Para la quinceañera de mi prima hubo vals y chambelanes.",
+        "¿Cuánta propina se deja en un restaurante en Guadalajara?",
+        "El tianguis de los domingos vende fruta, ropa y antojitos.",
+        "Celebramos el grito de independencia el quince de septiembre.",
+        "Mi familia come chiles en nogada en septiembre.",
+        "La lucha libre en la Arena México es muy divertida.",
+        "Compramos una rosca de reyes el seis de enero.",
+        "El metro de la Ciudad de México cuesta cinco pesos.",
+    ],
+}
+
+
+def split_pairs(n_train: int = 10):
+    """(train, validation) lists of (text, culture)."""
+    train = [(t, c) for c, ts in TEXTS.items() for t in ts[:n_train]]
+    val = [(t, c) for c, ts in TEXTS.items() for t in ts[n_train:]]
+    return train, val
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return Encoder("embedded:all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="module")
+def trained(encoder):
+    train, val = split_pairs()
+    return train_router(train, val, encoder, threshold=0.4)
+
+
+def test_router_learns_cultures_and_reports_confusion(trained):
+    router, metrics = trained
+    assert router.cultures == ["CN", "GB", "MX"]
+    assert metrics["accuracy"] >= 0.8, metrics
+    assert metrics["n_validation"] == 12
+    # every validation input lands in exactly one confusion cell (a culture or "none")
+    assert sum(sum(row.values()) for row in metrics["confusion"].values()) == 12
+    assert set(metrics["confusion"]["MX"]) == {"CN", "GB", "MX", NONE}
+    assert metrics["temperature"] > 0 and 0 <= metrics["ece"] <= 1
+
+
+def test_predictions_are_calibrated_probabilities(trained):
+    router, _ = trained
+    texts = ["Vamos a comer pozole en la fiesta patria.", "我们一起去吃火锅吧。",
+             "Fancy a cuppa and a chat down the pub?"]
+    probs = router.probabilities(texts)
+    assert probs.shape == (3, 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert [c for c, _ in router.predict(texts)] == ["MX", "CN", "GB"]
+    assert all(0.4 <= p <= 1.0 for _, p in router.predict(texts))
+
+
+def test_low_confidence_routes_to_base_model(trained):
+    router, _ = trained
+    text = "12345 67890"
+    culture, conf = router.predict([text])[0]
+    assert conf < 0.9  # nothing culture-specific in it
+    strict = CultureRouter(router.cultures, router.weight, router.bias, router.temperature,
+                           threshold=conf + 0.05, encoder=router.encoder)
+    assert strict.predict([text])[0] == (NONE, conf)
+
+
+def test_declared_country_wins_and_language_reweights(trained):
+    router, _ = trained
+    text = "What do people eat at a birthday party?"
+    assert router.predict([text], [{"country": "Mexico"}])[0] == ("MX", 1.0)
+    assert router.predict([text], [{"country": "MEX"}])[0] == ("MX", 1.0)
+    # a declared country the router has no culture for is ignored, not an error
+    assert router.predict([text], [{"country": "Atlantis"}])[0][0] in {"CN", "GB", "MX", NONE}
+    p_plain = router.probabilities([text])[0]
+    p_zh = router.probabilities([text], [{"language": "zh"}])[0]
+    i = router.cultures.index("CN")
+    assert p_zh[i] > p_plain[i]
+
+
+def test_artifact_is_plain_npz_and_json_and_reloads_identically(trained, encoder, tmp_path):
+    router, _ = trained
+    store = ArtifactStore(str(tmp_path))
+    router.save(store, "router")
+    assert sorted(store.listdir("router")) == ["head.npz", "router.json"]
+    with np.load(tmp_path / "router" / "head.npz", allow_pickle=False) as npz:
+        assert set(npz.files) == {"weight", "bias"}
+    again = load_router(store, encoder=encoder)
+    texts = [t for t, _ in split_pairs()[1]]
+    assert again.predict(texts) == router.predict(texts)
+    assert load_router(tmp_path / "router", encoder=encoder).cultures == router.cultures
+
+
+def test_missing_router_raises_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cm-ray route"):
+        load_router(ArtifactStore(str(tmp_path)))
+
+
+def test_route_stage_trains_from_synth_rows_on_s3(s3_root):
+    store = ArtifactStore(s3_root)
+    for culture, texts in TEXTS.items():
+        rows = [{"id": f"{culture}-{i}", "culture": culture, "task": "offensive",
+                 "split": "validation" if i >= 10 else "train", "input": t, "output": "0",
+                 "messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "0"}]}
+                for i, t in enumerate(texts)]
+        store.write_table(rows, "synth", f"culture={culture}", "task=offensive", "part-0.parquet")
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"root={s3_root}"])
+    summary = run_router_training(cfg, store)
+    assert summary["cultures"] == 3 and summary["n_validation"] == 12
+    assert summary["accuracy"] >= 0.8 and "router accuracy" in summary["headline"]
+    metrics = store.read_json("router", "metrics.json")
+    assert metrics["n_train"] == 30 and "confusion" in metrics
+    assert load_router(store).predict(["Comimos tacos en el tianguis."])[0][0] == "MX"
+
+
+def test_router_module_imports_without_ray():
+    code = "import sys, cm_ray.serve.router; print('ray' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.check_output([sys.executable, "-c", code], cwd=REPO, text=True)
+    assert out.split() == ["False", "False"]
