@@ -1,0 +1,108 @@
+"""AdapterPool without Ray: mixed-adapter batches, unique adapter names, deferred unloads.
+
+python -m pytest tests/cpu/test_serve_adapters.py -q
+"""
+
+from pathlib import Path
+
+import pytest
+
+from cm_ray.serve.adapters import BASE_ADAPTER, AdapterPool, LoadedAdapter
+
+
+def make_adapter(base_dir: str, out_dir: Path, seed: int, r: int = 4) -> Path:
+    """A LoRA adapter on the tiny model with random lora_B (so adapters really differ)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {c: make_adapter(tiny_model_dir, root / c, seed) for seed, c in enumerate(["GB", "CN", "MX"])}
+
+
+@pytest.fixture
+def pool(tiny_model_dir):
+    return AdapterPool(tiny_model_dir)
+
+
+def _item(prompt, adapter, n=8, **kw):
+    return {"prompt": prompt, "adapter": adapter, "max_new_tokens": n, "temperature": 0.0,
+            "top_p": 1.0, "stop": None, **kw}
+
+
+def test_mixed_adapter_batch_matches_each_adapter_alone(pool, adapter_dirs):
+    names = {c: pool.load(str(d), c) for c, d in adapter_dirs.items()}
+    prompts = ["Hello there, how are", "What do people eat at a wedding in",
+               "Tea or coffee?", "Tell me about a festival", "Hello there, how are"]
+    adapters = [names["GB"], names["CN"], names["MX"], BASE_ADAPTER, names["MX"]]
+    items = [_item(p, a) for p, a in zip(prompts, adapters)]
+    mixed = pool.generate(items)
+    alone = [pool.generate([it])[0] for it in items]
+    assert [m["text"] for m in mixed] == [a["text"] for a in alone]
+    assert {m["batch_size"] for m in mixed} == {5} and mixed[0]["batch_adapters"] == 4
+    # the adapters really differ: one prompt, four answers
+    same_prompt = pool.generate([_item(prompts[0], a) for a in [*names.values(), BASE_ADAPTER]])
+    assert len({r["text"] for r in same_prompt}) == 4
+
+
+def test_each_load_gets_a_unique_adapter_name(pool, adapter_dirs):
+    a = pool.load(str(adapter_dirs["MX"]), "MX")
+    b = pool.load(str(adapter_dirs["MX"]), "MX")
+    assert a != b and {a, b} <= set(pool.loaded)
+
+
+def test_eviction_del_is_idempotent_and_waits_for_running_requests(pool, adapter_dirs):
+    gb = LoadedAdapter(pool, "GB", pool.load(str(adapter_dirs["GB"]), "GB"), 1.0)
+    cn = LoadedAdapter(pool, "CN", pool.load(str(adapter_dirs["CN"]), "CN"), 1.0)
+    gb.__del__()
+    gb.__del__()  # Serve calls it on eviction, Python may call it again
+    assert pool.loaded == [cn.name]
+    mx = pool.load(str(adapter_dirs["MX"]), "MX")
+    pool.acquire(cn.name)  # a batch still uses CN
+    cn.__del__()
+    assert cn.name in pool.loaded
+    pool.release(cn.name)
+    pool.generate([_item("hi", mx, 2)])  # the next batch reaps it
+    assert pool.loaded == [mx]
+
+
+def test_last_adapter_stays_loaded_until_another_replaces_it(pool, adapter_dirs):
+    gb = pool.load(str(adapter_dirs["GB"]), "GB")
+    pool.unload(gb)
+    assert pool.loaded == [gb]  # PEFT cannot run with zero adapters
+    assert pool.generate([_item("hi", BASE_ADAPTER, 2)])[0]["completion_tokens"] == 2
+    cn = pool.load(str(adapter_dirs["CN"]), "CN")
+    assert pool.loaded == [cn]
+
+
+def test_base_only_before_any_adapter_and_per_request_lengths(pool):
+    out = pool.generate([_item("Hello", BASE_ADAPTER, 3), _item("Hello", BASE_ADAPTER, 6)])
+    assert [o["completion_tokens"] for o in out] == [3, 6]
+    assert out[1]["text"].startswith(out[0]["text"])  # greedy: the short one is a prefix
+    assert all(o["finish_reason"] == "length" for o in out)
+
+
+def test_stop_strings_cut_the_answer(pool):
+    full = pool.generate([_item("Hello", BASE_ADAPTER, 6)])[0]["text"]
+    stop = full[len(full) // 2:][:2]
+    cut = pool.generate([_item("Hello", BASE_ADAPTER, 6, stop=[stop])])[0]
+    assert cut["finish_reason"] == "stop" and stop not in cut["text"]
+
+
+def test_chat_payload_uses_the_chat_template(pool):
+    text = pool.prompt_text({"messages": [{"role": "user", "content": "Hola"}]})
+    assert "Hola" in text and text != "Hola"
+    assert pool.prompt_text({"prompt": "raw"}) == "raw"
