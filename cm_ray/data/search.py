@@ -280,6 +280,13 @@ class WebSearcher:
         out = await asyncio.gather(*(self.searcher.search_row(r) for r in rows))
         yield pa.Table.from_pylist(out, schema=result_schema())
 
+    def __del__(self):
+        # The session lives on Ray Data's UDF event loop; close it there when the actor goes.
+        session = getattr(self.searcher, "session", None)
+        loop = getattr(session, "_loop", None)
+        if loop is not None and loop.is_running() and not loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self.searcher.close(), loop)
+
 
 def shared_bucket(provider: str, qps: float):
     """The cluster-wide token bucket actor for ``provider`` (created once, reconfigured)."""

@@ -9,6 +9,7 @@ python -m pytest tests/cpu/test_search.py -v
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -43,6 +44,14 @@ class SearxServer:
         threading.Thread(target=self._run, args=(ready,), daemon=True).start()
         ready.wait(10)
 
+    async def _brave(self, request):
+        q = request.query["q"]
+        self.calls.append((time.monotonic(), q))
+        if request.headers.get("X-Subscription-Token") != "key-from-env":
+            return web.Response(status=401, text="bad key")
+        return web.json_response({"web": {"results": [
+            {"title": q, "url": "https://example.org/b", "description": f"brave {request.query['country']}"}]}})
+
     async def _handle(self, request):
         q = request.query["q"]
         self.calls.append((time.monotonic(), q))
@@ -57,6 +66,7 @@ class SearxServer:
         asyncio.set_event_loop(self.loop)
         app = web.Application()
         app.router.add_get("/search", self._handle)
+        app.router.add_get("/res/v1/web/search", self._brave)
         self.runner = web.AppRunner(app)
         self.loop.run_until_complete(self.runner.setup())
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -173,3 +183,18 @@ def test_rate_limit_holds_across_all_actors(ray_local, tmp_path):
         assert times[-1] - times[0] >= (60 - 2) / 20 * 0.95
     finally:
         server.close()
+
+
+def test_api_key_reaches_the_actors_from_the_driver_environment(ray_local, tmp_path, searx, monkeypatch):
+    # Set after Ray started, so only the stage's own forwarding can bring it to the actors.
+    monkeypatch.setenv("BRAVE_API_KEY", "key-from-env")
+    cfg = load_config("configs/demo.yaml", [
+        f"root={tmp_path / 'run'}", "search.provider=brave", "cultures=[MX]",
+        f"search.endpoint={searx.url.replace('/search', '/res/v1/web/search')}"])
+    store = ArtifactStore(cfg.root)
+    write_queries(store, "MX", "es-MX", ["cortesía", "familia"])
+    summary = run_search(cfg, store)
+    assert summary["ok"] == 2 and len(searx.calls) == 2
+    rows = store.read_rows("search", "results")
+    assert {r["hits"][0]["snippet"] for r in rows} == {"brave MX"}
+    assert "key-from-env" not in json.dumps(summary) + json.dumps(rows, default=str)
