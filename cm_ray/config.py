@@ -356,6 +356,39 @@ class EvalConfig:
     max_questions: int | None = 50
     """Per culture and benchmark; None = all."""
     bootstrap: int = 1000
+    """Bootstrap resamples for the 95% confidence intervals (0 = none)."""
+    benchmarks: list[str] = field(default_factory=lambda: ["wvs", "culture_tasks", "blend", "router"])
+    """wvs (WVS alignment), culture_tasks (offensive-style classification), blend (short answers),
+    router (routing accuracy on held-out culture-marked text)."""
+    wvs_subset: str = "auto"
+    """all (every WVS question with answers), clca (Q1-Q45 without Q42) or auto (clca for the
+    clca recipe, else all)."""
+    max_new_tokens: int = 24
+    """Greedy tokens for short answers (BLEnD)."""
+    batch_size: int = 8
+    ablation: bool = False
+    """`cm-ray evaluate CONFIG evaluate.ablation=true`: run the ablation variants, each in its own
+    root under <root>/ablation/<variant>, evaluate each and write one comparison table."""
+    ablation_variants: list[str] = field(default_factory=lambda: [
+        "both", "specific_only", "agnostic_only", "all_culture", "sft_adaptation"])
+    """Subset of: both (TaskSFT, per-culture adapters), specific_only, agnostic_only,
+    all_culture (one joint adapter), sft_adaptation (train.mode=continual)."""
+
+    def __post_init__(self):
+        known = {"wvs", "culture_tasks", "blend", "router"}
+        for b in self.benchmarks:
+            _check(b in known, "evaluate.benchmarks", f"unknown benchmark {b!r} (known: {sorted(known)})")
+        systems = {"base", "prompted", "joint", "culturemanager", "oracle"}
+        for s in self.systems:
+            _check(s in systems, "evaluate.systems", f"unknown system {s!r} (known: {sorted(systems)})")
+        _check(self.wvs_subset in ("auto", "all", "clca"), "evaluate.wvs_subset",
+               f"must be auto, all or clca, got {self.wvs_subset!r}")
+        _check(self.max_questions is None or self.max_questions > 0, "evaluate.max_questions",
+               f"must be positive or null, got {self.max_questions}")
+        variants = {"both", "specific_only", "agnostic_only", "all_culture", "sft_adaptation"}
+        for v in self.ablation_variants:
+            _check(v in variants, "evaluate.ablation_variants",
+                   f"unknown variant {v!r} (known: {sorted(variants)})")
 
 
 @dataclass
