@@ -60,6 +60,25 @@ class QueryConfig:
     """Jaccard similarity (word 3-grams) above which two queries count as duplicates."""
     max_new_tokens: int = 160
     temperature: float = 0.7
+    min_chars: int = 8
+    """Shorter generated queries are rejected (counted as too_short)."""
+    max_chars: int = 200
+    """Longer generated queries are rejected (counted as too_long)."""
+    template_fill: bool = True
+    """Top each (culture, task, kind) up to its count with deterministic template queries built
+    from the task spec and culture (source "template"), after the LLM's queries."""
+
+    def __post_init__(self):
+        for k in self.kinds:
+            _check(k in ("specific", "agnostic"), "queries.kinds",
+                   f"must list specific and/or agnostic, got {k!r}")
+        _check(bool(self.kinds), "queries.kinds", "must list at least one kind")
+        _check(self.n_specific >= 0 and self.n_agnostic >= 0, "queries.n_specific",
+               "query counts must be >= 0")
+        _check(0 < self.near_dup_threshold <= 1, "queries.near_dup_threshold",
+               f"must be in (0, 1], got {self.near_dup_threshold}")
+        _check(0 < self.min_chars <= self.max_chars, "queries.min_chars",
+               f"must be positive and <= max_chars, got {self.min_chars}")
 
 
 @dataclass
@@ -136,6 +155,8 @@ class SynthesisConfig:
     batch_size: int = 8
     concurrency: int = 1
     """Engine replicas."""
+    threads_per_replica: int | None = None
+    """torch threads of a transformers replica; None = CPU cores // concurrency."""
     dtype: str = "auto"
     """auto = float32 on CPU, bfloat16 on GPU."""
     guided_json: bool = True
@@ -174,8 +195,28 @@ class SynthesisConfig:
     """embedding, judge or none."""
     relevance_threshold: float = 0.15
     near_dup_threshold: float = 0.85
+    """Word 3-gram Jaccard (MinHash above a few hundred rows) at which two samples' inputs are
+    near duplicates; copies of the task's seed examples are dropped the same way."""
     validation_fraction: float = 0.2
     balance_labels: bool = True
+    """Cap the majority label (classification and multiple-choice tasks)."""
+    label_balance_ratio: float = 1.5
+    """A label keeps at most ceil(ratio x the second most frequent label's count) rows."""
+    require_sources: bool = True
+    """A sample must cite at least one of its prompt's snippet ids (grounding)."""
+
+    def __post_init__(self):
+        _check(self.relevance_filter in ("embedding", "judge", "none"), "synthesis.relevance_filter",
+               f"must be embedding, judge or none, got {self.relevance_filter!r}")
+        _check(0 <= self.validation_fraction < 1, "synthesis.validation_fraction",
+               f"must be in [0, 1), got {self.validation_fraction}")
+        _check(0 < self.near_dup_threshold <= 1, "synthesis.near_dup_threshold",
+               f"must be in (0, 1], got {self.near_dup_threshold}")
+        _check(self.label_balance_ratio >= 1, "synthesis.label_balance_ratio",
+               f"must be >= 1, got {self.label_balance_ratio}")
+        for name in ("samples_per_prompt", "prompts_per_pair", "snippets_per_prompt"):
+            _check(getattr(self, name) > 0, f"synthesis.{name}",
+                   f"must be positive, got {getattr(self, name)}")
 
     def __post_init__(self):
         _check(self.engine in ("transformers", "vllm", "openai"), "synthesis.engine",

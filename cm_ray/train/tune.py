@@ -1,0 +1,215 @@
+"""The train stage: one Ray Tune trial per culture, each a Ray Train ``TorchTrainer`` (DeepSpeed + LoRA).
+
+Modes (``train.mode``):
+  per_culture  one adapter per culture on its ``train.tasks`` partitions (CultureManager;
+               CultureSPA culture-specific). ``train.joint_baseline`` adds ``_joint`` beside them.
+  joint        only ``adapters/_joint``: every culture's data, a system prompt naming the culture
+               (the paper's all-culture ablation; CultureSPA culture-joint).
+  continual    per culture, first ``train.continual_first`` tasks (culture SFT), then the remaining
+               tasks (task adaptation), in one run with one LR schedule ("SFT+Adaptation").
+  multitask    per culture, every task partition found (e.g. CLCA's dialogue + intent views) mixed.
+
+Each trial reads its partitions through Ray Data, tokenizes them (loss on assistant tokens only),
+materializes the token rows (on 2 cores a Data stage feeding running Train workers can starve) and
+hands them to the trainer, whose workers stream them with ``ray.train.get_dataset_shard``.
+Checkpoints live under ``<root>/checkpoints/``; a failed worker group restarts from the last one.
+A failing culture fails only its own trial; a rerun skips adapters that are complete unless forced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+
+from cm_ray.config import Config
+
+JOINT = "_joint"
+
+
+def _fs_path(store, *parts: str) -> str:
+    """Path inside ``store.fs`` (Ray's storage_path with an explicit storage_filesystem)."""
+    from cm_ray.storage import filesystem_and_path
+
+    return filesystem_and_path(store.uri(*parts))[1]
+
+
+def adapter_complete(store, name: str) -> bool:
+    return all(store.exists("adapters", name, f) for f in
+               ("adapter_config.json", "adapter_model.safetensors", "metrics.json"))
+
+
+def adapter_names(cfg: Config) -> list[str]:
+    """Adapters this config trains: cultures (+ ``_joint``), or only ``_joint`` in joint mode."""
+    if cfg.train.mode == "joint":
+        return [JOINT]
+    return list(cfg.cultures) + ([JOINT] if cfg.train.joint_baseline else [])
+
+
+def _phase_sources(cfg: Config, store, adapter: str) -> list[list[tuple[str, list[str]]]]:
+    """Per training phase, the (culture, tasks) partitions it reads."""
+    from cm_ray.train.data import synth_tasks
+
+    tc = cfg.train
+    tasks = list(tc.tasks or cfg.tasks)
+    if adapter == JOINT:
+        return [[(c, tasks) for c in cfg.cultures]]
+    if tc.mode == "multitask":
+        return [[(adapter, synth_tasks(store, adapter))]]
+    if tc.mode == "continual":
+        rest = [t for t in tasks if t not in tc.continual_first]
+        return [[(adapter, list(tc.continual_first))], [(adapter, rest)]] if rest else \
+            [[(adapter, list(tc.continual_first))]]
+    return [[(adapter, tasks)]]
+
+
+def build_datasets(cfg: Config, store, adapter: str) -> tuple[dict, list[tuple[str, int]]]:
+    """Tokenized, materialized Ray Datasets for one adapter: ``train_<i>`` per phase + ``validation``.
+
+    Returns (datasets, [(train dataset name, rows)]). Raises when a phase has no usable rows.
+    """
+    from cm_ray.cultures import get_culture
+    from cm_ray.models import resolve_model
+    from cm_ray.train.data import pack_rows, read_synth, tokenize_batch
+
+    tc = cfg.train
+    model_path = resolve_model(cfg.models.base or cfg.models.generator, cfg.models.cache_dir)
+    datasets, phase_rows, val = {}, [], []
+    for i, sources in enumerate(_phase_sources(cfg, store, adapter)):
+        parts = []
+        for culture, tasks in sources:
+            system = (tc.joint_system_prompt.format(culture_name=get_culture(culture).name, culture=culture)
+                      if adapter == JOINT and tc.joint_system_prompt else None)
+            parts.append(read_synth(store, culture, tasks).map_batches(
+                tokenize_batch, batch_format="numpy", batch_size=64, num_cpus=0.25,
+                fn_kwargs={"model_path": model_path, "max_seq_len": tc.max_seq_len,
+                           "system_prompt": system}))
+        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        if tc.packing:
+            ds = ds.map_batches(pack_rows, batch_format="numpy", batch_size=256, num_cpus=0.25,
+                                fn_kwargs={"max_seq_len": tc.max_seq_len})
+        ds = ds.materialize()
+        train = ds.filter(lambda r: r["split"] != "validation").materialize()
+        rows = train.count()
+        if rows == 0:
+            raise ValueError(f"adapter {adapter}: no usable training rows in phase {i} ({sources})")
+        datasets[f"train_{i}"] = train
+        phase_rows.append((f"train_{i}", rows))
+        val.append(ds.filter(lambda r: r["split"] == "validation"))
+    validation = (val[0].union(*val[1:]) if len(val) > 1 else val[0]).materialize()
+    if validation.count() >= tc.num_workers:
+        datasets["validation"] = validation
+    return datasets, phase_rows
+
+
+def _trial(params: dict, cfg_dict: dict, run_id: str, fault: dict | None) -> None:
+    """Tune trial (``{"CPU": 0.01}``): build the adapter's data, run its TorchTrainer to the end."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cm_ray.config import config_from_dict
+    from cm_ray.storage import ArtifactStore
+    from cm_ray.train.worker import steps_plan, train_fn_per_worker
+
+    cfg = config_from_dict(cfg_dict)
+    tc, adapter = cfg.train, params["adapter"]
+    store = ArtifactStore(cfg.root)
+    datasets, phase_rows = build_datasets(cfg, store, adapter)
+    phases, total_steps = steps_plan(phase_rows, tc, tc.num_workers)
+    loop_config = {"cfg": cfg_dict, "adapter": adapter, "model_ref": cfg.models.base or cfg.models.generator,
+                   "phases": phases, "total_steps": total_steps, "rows": dict(phase_rows),
+                   "has_validation": "validation" in datasets, "run_name": f"{adapter}-{run_id}",
+                   "fault": (fault or {}).get(adapter)}
+    trainer = TorchTrainer(
+        train_fn_per_worker, train_loop_config=loop_config, datasets=datasets,
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                               resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=f"{adapter}-{run_id}",  # unique per run: reusing a name resumes that run
+            storage_path=_fs_path(store, "checkpoints"), storage_filesystem=store.fs,
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()]))
+    trainer.fit()
+
+
+def max_concurrent_trials(cfg: Config, n_trials: int) -> int:
+    """``train.max_parallel_trials``, or as many trials as the cluster's CPUs/GPUs hold at once.
+
+    One logical CPU stays free for the Ray Data tokenization of the next trial.
+    """
+    import ray
+
+    tc = cfg.train
+    if tc.max_parallel_trials:
+        return max(1, min(tc.max_parallel_trials, n_trials))
+    res = ray.cluster_resources()
+    n = int(max(1.0, res.get("CPU", 1.0) - 1.0) // (tc.num_workers * tc.cpus_per_worker))
+    if tc.use_gpu:
+        n = min(n, int(res.get("GPU", 0)) // tc.num_workers)
+    return max(1, min(n, n_trials))
+
+
+def run_culture_trials(cfg: Config, store, names: list[str], fault: dict | None = None) -> dict[str, dict]:
+    """Train ``names`` (culture keys / ``_joint``) as parallel Tune trials.
+
+    Args:
+        fault: test hook, ``{adapter: {"at_step": k, "marker": path}}``: that adapter's worker exits
+            hard once at step k (marker file), so the resume path is exercised for real.
+    Returns:
+        ``{name: {"status": "ok", "metrics": {...}} | {"status": "failed", "error": str}}``.
+    """
+    from ray import tune
+
+    from cm_ray.train.lora import apply_preset
+
+    cfg = dataclasses.replace(cfg, train=apply_preset(cfg.train))
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, cfg_dict=cfg.to_dict(), run_id=run_id, fault=fault), {"CPU": 0.01})
+    tuner = tune.Tuner(
+        trainable, param_space={"adapter": tune.grid_search(names)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials(cfg, len(names))),
+        run_config=tune.RunConfig(name=f"tune-{run_id}", storage_path=_fs_path(store, "checkpoints"),
+                                  storage_filesystem=store.fs, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+    grid = tuner.fit()
+    out: dict[str, dict] = {}
+    for result in grid:
+        name = result.config["adapter"]
+        if result.error is None and adapter_complete(store, name):
+            out[name] = {"status": "ok", "metrics": store.read_json("adapters", name, "metrics.json")}
+        else:
+            err = result.error or RuntimeError("trial ended without a complete adapter")
+            out[name] = {"status": "failed", "error": f"{type(err).__name__}: {str(err).strip()[-500:]}"}
+    return out
+
+
+def run_training(cfg: Config, store, force: bool = False, fault: dict | None = None) -> dict:
+    """The train stage: adapters for every culture (and ``_joint``); summary for the CLI."""
+    from cm_ray.ray_utils import init_ray
+
+    names = adapter_names(cfg)
+    skipped = [n for n in names if not force and adapter_complete(store, n)]
+    todo = [n for n in names if n not in skipped]
+    results = {}
+    if todo:
+        init_ray(cfg)
+        results = run_culture_trials(cfg, store, todo, fault=fault)
+    ok = {n: r["metrics"] for n, r in results.items() if r["status"] == "ok"}
+    failed = {n: r["error"] for n, r in results.items() if r["status"] == "failed"}
+    per = {n: {k: m.get(k) for k in ("first_loss", "final_loss", "val_loss", "steps", "tokens_per_s",
+                                     "resumed_from")} for n, m in ok.items()}
+    tps = [m["tokens_per_s"] for m in ok.values() if m.get("tokens_per_s")]
+    headline = f"{len(ok)} trained, {len(skipped)} skipped, {len(failed)} failed"
+    if ok:
+        headline += "; loss " + ", ".join(f"{n} {m['first_loss']:.2f}->{m['final_loss']:.2f}"
+                                         for n, m in sorted(ok.items()) if m.get("final_loss") is not None)
+    if tps:
+        headline += f"; {sum(tps) / len(tps):.0f} tok/s/trial"
+    if failed:
+        headline += f"; FAILED: {', '.join(sorted(failed))}"
+    return {"mode": cfg.train.mode, "adapters": names, "trained": sorted(ok), "skipped": skipped,
+            "failed": failed, "per_adapter": per, "tokens_per_s_mean": (sum(tps) / len(tps)) if tps else None,
+            "complete": not failed, "headline": headline}
