@@ -190,7 +190,7 @@ def main() -> None:
           f"{LATENCY_S * 1000:g} ms server latency")
     print(f"{'figure':<28}{'value':>12}   goal")
     for key, goal in [("qps_ratio", ">= 0.95"), ("qps", ""), ("p50_ms", ""), ("p99_ms", ""),
-                      ("over_limit_429", "0"), ("lost", "0"), ("failed", ""), ("retried", ""),
+                      ("over_limit_429", "~0"), ("lost", "0"), ("failed", ""), ("retried", ""),
                       ("faults_injected", ""), ("rerun_calls", "0"), ("rerun_cached", ""),
                       ("clean_wall_s", ""), ("faults_wall_s", "")]:
         print(f"{key:<28}{out[key]!s:>12}   {goal}")
