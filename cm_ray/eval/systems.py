@@ -1,0 +1,220 @@
+"""The five evaluated systems over one base model and its PEFT adapters, in-process.
+
+- ``base``: the base model, the task prompt only.
+- ``prompted``: the base model with a culture-aware system prompt.
+- ``joint``: the all-culture adapter (``adapters/_joint``) with the culture system prompt.
+- ``culturemanager``: the router reads the request (system prompt + user text) and picks a
+  culture adapter; ``none`` or a culture without an adapter falls back to the base model.
+- ``oracle``: the true culture's adapter (perfect routing: CultureManager's upper bound).
+
+Closed-form answers (labels, option numbers) are scored by the log-probability of each full answer
+(answer tokens + end of turn) after the chat prompt, so the model's whole answer distribution is
+exact rather than sampled; free-form answers are greedy generations.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+SYSTEMS = ("base", "prompted", "joint", "culturemanager", "oracle")
+JOINT = "_joint"
+
+
+def culture_system_prompt(culture: str) -> str:
+    """The culture-aware system prompt (CultureSPA's culture-aware persona)."""
+    from cm_ray.cultures import get_culture
+
+    c = get_culture(culture)
+    return (f"You are a person with a {c.name} cultural background, living in {c.name}. "
+            f"Answer as a typical person from {c.name} would.")
+
+
+@dataclass
+class Route:
+    adapter: str | None
+    """Adapter name (culture key or ``_joint``); None = the base model."""
+    system: str | None
+    """System prompt; None = none."""
+
+
+class EvalModel:
+    """A base causal LM with named LoRA adapters that can be switched per batch."""
+
+    def __init__(self, model_dir: str, adapters: dict[str, str] | None = None, batch_size: int = 8):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.batch_size = batch_size
+        self.adapters: list[str] = []
+        for name, path in (adapters or {}).items():
+            self.add_adapter(name, path)
+
+    def add_adapter(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        if not self.adapters:
+            self.lm = PeftModel.from_pretrained(self.lm, path, adapter_name=name).eval()
+        else:
+            self.lm.load_adapter(path, adapter_name=name)
+        self.adapters.append(name)
+
+    @contextmanager
+    def using(self, adapter: str | None):
+        if adapter is None:
+            if self.adapters:
+                with self.lm.disable_adapter():
+                    yield
+            else:
+                yield
+            return
+        if adapter not in self.adapters:
+            raise KeyError(f"adapter {adapter!r} not loaded (have {self.adapters})")
+        self.lm.set_adapter(adapter)
+        yield
+
+    def prompt_ids(self, conversation: list[dict]) -> list[int]:
+        text = self.tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def score(self, conversations: list[list[dict]], choices: list[list[str]],
+              adapter: str | None = None) -> list[list[float]]:
+        """Log-probability of each complete answer (answer + end of turn) per conversation.
+
+        The prompt is encoded once and its key/value cache shared by all of its choices.
+        """
+        import torch
+
+        end = [self.tok.eos_token_id]
+        out = []
+        with self.using(adapter), torch.inference_mode():
+            for conv, opts in zip(conversations, choices):
+                prompt = torch.tensor([self.prompt_ids(conv)])
+                first = self.lm(input_ids=prompt, use_cache=True)
+                last_lp = torch.log_softmax(first.logits[0, -1].float(), -1)
+                conts = [self.tok(o, add_special_tokens=False)["input_ids"] + end for o in opts]
+                width = max(len(c) for c in conts)
+                ids = torch.full((len(conts), width), self.tok.pad_token_id)
+                mask = torch.zeros((len(conts), prompt.shape[1] + width), dtype=torch.long)
+                mask[:, :prompt.shape[1]] = 1
+                for i, c in enumerate(conts):
+                    ids[i, :len(c)] = torch.tensor(c)
+                    mask[i, prompt.shape[1]:prompt.shape[1] + len(c)] = 1
+                cache = first.past_key_values
+                cache.batch_repeat_interleave(len(conts))
+                nxt = self.lm(input_ids=ids, attention_mask=mask, past_key_values=cache)
+                lps = torch.log_softmax(nxt.logits.float(), -1)
+                scores = []
+                for i, c in enumerate(conts):
+                    s = float(last_lp[c[0]])
+                    for j in range(1, len(c)):
+                        s += float(lps[i, j - 1, c[j]])
+                    scores.append(s)
+                out.append(scores)
+        return out
+
+    def generate(self, conversations: list[list[dict]], adapter: str | None = None,
+                 max_new_tokens: int = 24) -> list[str]:
+        """Greedy answers (left-padded batches)."""
+        import torch
+
+        self.tok.padding_side = "left"
+        texts = [self.tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                 for c in conversations]
+        out: list[str] = []
+        with self.using(adapter), torch.inference_mode():
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tok(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
+                               add_special_tokens=False)
+                ids = self.lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=self.tok.pad_token_id)
+                out += self.tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [o.strip() for o in out]
+
+
+Router = Callable[[list[str]], list[tuple[str, float]]]
+
+
+def plan_routes(system: str, culture: str, request_texts: Sequence[str], adapters: Sequence[str],
+                router: Router | None = None, joint_prompt: str | None = None) -> list[Route]:
+    """Which adapter and system prompt answer each request of ``culture`` under ``system``.
+
+    ``joint_prompt`` is the template the joint adapter was trained with (``train.joint_system_prompt``,
+    fields ``{culture_name}``, ``{culture}``); None = the culture-aware prompt.
+    """
+    from cm_ray.cultures import get_culture
+
+    sysp = culture_system_prompt(culture)
+    n = len(request_texts)
+    if system == "base":
+        return [Route(None, None)] * n
+    if system == "prompted":
+        return [Route(None, sysp)] * n
+    if system == "joint":
+        jp = joint_prompt.format(culture_name=get_culture(culture).name, culture=culture) if joint_prompt else sysp
+        return [Route(JOINT, jp)] * n
+    if system == "oracle":
+        return [Route(culture, sysp)] * n
+    if system == "culturemanager":
+        if router is None:
+            raise ValueError("culturemanager needs a router")
+        picks = router([f"{sysp}\n{t}" for t in request_texts])
+        return [Route(c if c in adapters else None, sysp) for c, _ in picks]
+    raise ValueError(f"unknown system {system!r} (known: {', '.join(SYSTEMS)})")
+
+
+def missing_artifact(system: str, cultures: Sequence[str], adapters: Sequence[str],
+                     router: Any) -> str | None:
+    """Why a system cannot run with these artifacts, or None when it can."""
+    if system == "joint" and JOINT not in adapters:
+        return "no adapters/_joint (train.joint_baseline=false or train.mode without a joint adapter)"
+    if system in ("oracle", "culturemanager"):
+        have = [c for c in cultures if c in adapters]
+        if not have:
+            return "no per-culture adapters under adapters/"
+    if system == "culturemanager" and router is None:
+        return "no router artifact under router/"
+    return None
+
+
+def load_adapters(store: Any, names: Sequence[str]) -> tuple[dict[str, str], Path | None]:
+    """Local dirs of the adapters that exist in the store (S3 ones are downloaded to a temp dir).
+
+    Returns ``({name: dir}, temp_dir_to_remove_or_None)``.
+    """
+    found: dict[str, str] = {}
+    tmp: Path | None = None
+    for name in names:
+        if not store.exists("adapters", name, "adapter_config.json"):
+            continue
+        local = store.local_path("adapters", name)
+        if local is None:
+            tmp = tmp or Path(tempfile.mkdtemp(prefix="cm_ray_eval_"))
+            local = store.download_dir(tmp / name, "adapters", name)
+        found[name] = str(local)
+    return found, tmp
+
+
+def load_router_fn(store: Any) -> Router | None:
+    """The trained router as a function of texts, or None when there is no router artifact."""
+    if not store.exists("router", "router.json"):
+        return None
+    try:
+        from cm_ray.serve.router import load_router
+    except ImportError:
+        return None
+    router = load_router(store)
+    return lambda texts: router.predict(list(texts))
+
+
+def cleanup(tmp: Path | None) -> None:
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
