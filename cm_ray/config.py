@@ -205,7 +205,7 @@ class SynthesisConfig:
     require_sources: bool = True
     """A sample must cite at least one of its prompt's snippet ids (grounding)."""
 
-    def __post_init__(self):
+    def _check_filters(self):
         _check(self.relevance_filter in ("embedding", "judge", "none"), "synthesis.relevance_filter",
                f"must be embedding, judge or none, got {self.relevance_filter!r}")
         _check(0 <= self.validation_fraction < 1, "synthesis.validation_fraction",
@@ -237,6 +237,7 @@ class SynthesisConfig:
                f"must be positive, got {self.openai_max_in_flight}")
         _check(self.vllm_max_model_len > 0, "synthesis.vllm_max_model_len",
                f"must be positive, got {self.vllm_max_model_len}")
+        self._check_filters()
 
 
 @dataclass

@@ -44,6 +44,8 @@ class Generation:
     """Retried HTTP attempts (openai engine)."""
     cost_usd: float = 0.0
     error: str | None = None
+    latency_s: float = 0.0
+    """Seconds the engine spent on this row's request (its batch's call for batched engines)."""
 
 
 class Engine(Protocol):
@@ -114,12 +116,14 @@ class TransformersEngine:
     name = "transformers"
 
     def __init__(self, model: str, dtype: str = "auto", device: str | None = None,
-                 cache_dir: str | None = None, batch_size: int = 8):
+                 cache_dir: str | None = None, batch_size: int = 8, num_threads: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from cm_ray.models import default_dtype, resolve_model
 
+        if num_threads:  # Ray workers get OMP_NUM_THREADS=1 (ray_utils); a generator wants its cores
+            torch.set_num_threads(num_threads)
         self.model = model
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype == "auto":
@@ -162,8 +166,11 @@ class TransformersEngine:
         return self._grammars[key]
 
     def _generate_batch(self, conversations: list[list[dict]], params: GenerationParams) -> list[Generation]:
+        import time
+
         import torch
 
+        t0 = time.perf_counter()
         texts = [self.prompt_text(c) for c in conversations]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         sample = params.temperature > 0
@@ -183,8 +190,11 @@ class TransformersEngine:
         with torch.inference_mode():
             ids = self.lm.generate(**enc, **kwargs)
         n_prompt = enc["input_ids"].shape[1]
-        return [self._result(row[n_prompt:].tolist(), int(mask.sum()), params)
-                for row, mask in zip(ids, enc["attention_mask"])]
+        out = [self._result(row[n_prompt:].tolist(), int(mask.sum()), params)
+               for row, mask in zip(ids, enc["attention_mask"])]
+        for g in out:
+            g.latency_s = time.perf_counter() - t0
+        return out
 
     def _result(self, new: list[int], n_prompt: int, params: GenerationParams) -> Generation:
         # A finished row is padded to the batch's length; its EOS (counted, as vLLM does) ends it.
@@ -266,6 +276,9 @@ class VLLMEngine:
         self.llm = vllm.LLM(model=resolve_model(self.model, cfg.models.cache_dir), **vllm_engine_kwargs(cfg))
 
     def generate(self, conversations: list[list[dict]], params: GenerationParams) -> list[Generation]:
+        import time
+
+        t0 = time.perf_counter()
         sp = vllm_sampling_dict(params)
         so = sp.pop("structured_outputs", None)
         sampling = self.vllm.SamplingParams(
@@ -273,7 +286,15 @@ class VLLMEngine:
         outs = self.llm.chat(conversations, sampling, use_tqdm=False)
         return [Generation(text=o.outputs[0].text, prompt_tokens=len(o.prompt_token_ids or []),
                            output_tokens=len(o.outputs[0].token_ids),
-                           finish_reason=o.outputs[0].finish_reason or "stop") for o in outs]
+                           finish_reason=o.outputs[0].finish_reason or "stop",
+                           latency_s=time.perf_counter() - t0) for o in outs]
+
+
+def threads_per_replica(cfg: Any) -> int:
+    """CPU threads for one engine replica: the configured number, else the cores split over replicas."""
+    import os
+
+    return cfg.synthesis.threads_per_replica or max(1, (os.cpu_count() or 1) // cfg.synthesis.concurrency)
 
 
 def make_engine(cfg: Any, engine: str | None = None) -> Engine:
@@ -281,7 +302,8 @@ def make_engine(cfg: Any, engine: str | None = None) -> Engine:
     kind = engine or cfg.synthesis.engine
     if kind == "transformers":
         return TransformersEngine(cfg.models.generator, dtype=cfg.synthesis.dtype,
-                                  cache_dir=cfg.models.cache_dir, batch_size=cfg.synthesis.batch_size)
+                                  cache_dir=cfg.models.cache_dir, batch_size=cfg.synthesis.batch_size,
+                                  num_threads=threads_per_replica(cfg))
     if kind == "vllm":
         return VLLMEngine(cfg)
     if kind == "openai":

@@ -7,7 +7,8 @@ transformers -> a ``map_batches`` actor pool (``GeneratorUDF``); openai -> an as
 Input columns:  messages (list of {role, content}), json_schema (str, optional: JSON schema text)
 Output columns: generated_text (str), prompt_tokens (int), output_tokens (int), finish_reason (str:
                 stop | length | error), retries (int), cost_usd (float), gen_error (str | None),
-                engine (str), model (str). Sum the counters for a stage summary: ``usage_totals(rows)``.
+                latency_s (float: engine seconds for the row's request or batch), finished_at (float:
+                unix time), engine (str), model (str). ``usage_totals(rows)`` sums the counters.
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ def row_schema(text: Any, cfg: Config) -> dict | None:
 
 
 def _outputs(batch: dict, gens: list, engine: Any) -> dict:
-    n = len(gens)
+    import time
+
+    n, now = len(gens), time.time()
     return {**batch, "generated_text": [g.text for g in gens], "prompt_tokens": [g.prompt_tokens for g in gens],
             "output_tokens": [g.output_tokens for g in gens], "finish_reason": [g.finish_reason for g in gens],
             "retries": [g.retries for g in gens], "cost_usd": [g.cost_usd for g in gens],
-            "gen_error": [g.error for g in gens], "engine": [engine.name] * n, "model": [engine.model] * n}
+            "gen_error": [g.error for g in gens], "latency_s": [g.latency_s for g in gens],
+            "finished_at": [now] * n, "engine": [engine.name] * n, "model": [engine.model] * n}
 
 
 def _groups(batch: dict) -> dict[Any, list[int]]:
@@ -62,12 +66,17 @@ class GeneratorUDF:
         self.GenerationParams = GenerationParams
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import time
+
+        t0 = time.perf_counter()
         convs = [[dict(m) for m in msgs] for msgs in batch["messages"]]
         gens: list = [None] * len(convs)
         for schema, idx in _groups(batch).items():
             params = self.GenerationParams(**self.params, json_schema=row_schema(schema, self.cfg))
             for i, g in zip(idx, self.engine.generate([convs[i] for i in idx], params)):
                 gens[i] = g
+        for g in gens:  # rows of a batch share its engine time (groups run one after another)
+            g.latency_s = time.perf_counter() - t0
         return _outputs(batch, gens, self.engine)
 
 
@@ -140,11 +149,14 @@ def build_vllm_processor(cfg: Config, params: dict):
                 "_cm_max_tokens": gp.max_new_tokens}
 
     def postprocess(row: dict) -> dict:
+        import time
+
         n = int(row["num_generated_tokens"])
         return {**{k: row[k] for k in row["_cm_cols"]},
                 "generated_text": row["generated_text"], "prompt_tokens": int(row["num_input_tokens"]),
                 "output_tokens": n, "finish_reason": "length" if n >= row["_cm_max_tokens"] else "stop",
-                "retries": 0, "cost_usd": 0.0, "gen_error": None, "engine": "vllm", "model": model}
+                "retries": 0, "cost_usd": 0.0, "gen_error": None, "latency_s": float(row["time_taken_llm"]),
+                "finished_at": time.time(), "engine": "vllm", "model": model}
 
     return build_processor(config, preprocess=preprocess, postprocess=postprocess)
 
@@ -175,6 +187,11 @@ def generate(ds: "ray.data.Dataset", cfg: Config, *, max_new_tokens: int, temper
         return ds.map_batches(GeneratorUDF, fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "engine": kind,
                                                                    "params": params}, **common)
     raise ValueError(f"synthesis.engine: unknown engine {kind!r} (known: transformers, vllm, openai)")
+
+
+def busy_window_s(rows: list[dict]) -> float:
+    """Seconds from the first request's start to the last row's finish (engine start excluded)."""
+    return max(r["finished_at"] for r in rows) - min(r["finished_at"] - r["latency_s"] for r in rows)
 
 
 def usage_totals(rows: Iterable[dict]) -> dict:

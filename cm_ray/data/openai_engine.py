@@ -121,6 +121,7 @@ class OpenAIEngine:
     async def _request(self, session: Any, body: dict) -> Generation:
         import aiohttp
 
+        t0 = time.perf_counter()
         retries, error = 0, "no attempt"
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -131,7 +132,9 @@ class OpenAIEngine:
             try:
                 async with session.post(self.url, json=body) as resp:
                     if resp.status == 200:
-                        return self._parse(await resp.json(content_type=None), retries)
+                        g = self._parse(await resp.json(content_type=None), retries)
+                        g.latency_s = time.perf_counter() - t0
+                        return g
                     text = (await resp.text())[:300]
                     error = f"HTTP {resp.status}: {text}"
                     if resp.status not in RETRY_STATUS:
@@ -144,7 +147,8 @@ class OpenAIEngine:
                 await asyncio.sleep(min(self.backoff_max_s, wait) if wait is not None else backoff)
         self.usage["retries"] += retries
         self.usage["errors"] += 1
-        return Generation(text="", finish_reason="error", retries=retries, error=error)
+        return Generation(text="", finish_reason="error", retries=retries, error=error,
+                          latency_s=time.perf_counter() - t0)
 
     def _parse(self, data: dict, retries: int) -> Generation:
         choice = data["choices"][0]
