@@ -47,6 +47,10 @@ class TaskSpec:
     examples: list[dict] = field(default_factory=list)
     """Seed samples: dicts with every input field and the answer field."""
     max_answer_chars: int = 600
+    search_topics: list[str] = field(default_factory=list)
+    """What about a culture bears on this task (for task-specific search queries)."""
+    synthesis_guidance: str = ""
+    """Extra instruction for the synthesizer (what good samples of this task look like)."""
 
     def __post_init__(self):
         where = f"task {self.name}"
@@ -112,6 +116,20 @@ class TaskSpec:
         ans = sample[self.answer_field]
         out[self.answer_field] = str(int(ans)) if isinstance(ans, (int, float)) else ans.strip()
         return out
+
+    def label_of(self, sample: dict) -> str | None:
+        """The sample's answer as a label (classification, survey, multiple choice), else None."""
+        if self.kind in ("short_answer", "open_ended"):
+            return None
+        return self.render_output(sample)
+
+    def input_text(self, sample: dict) -> str:
+        """The sample's inputs as plain text (for deduplication and relevance scoring)."""
+        parts = []
+        for f in self.inputs:
+            v = sample[f.name]
+            parts.append(" | ".join(v) if isinstance(v, list) else str(v))
+        return "\n".join(parts)
 
     def _options(self, sample: dict) -> list[str]:
         for f in self.inputs:

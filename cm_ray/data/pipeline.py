@@ -1,0 +1,242 @@
+"""The synthesis stage: search results -> task-format training samples, one partition per
+(culture, task), on Ray Data.
+
+    pairs (culture, task) ─flat_map(build_prompt_rows)─> generate() ─map_batches(parse_generations)─>
+    [RelevanceScorer | judge] ─> driver: dedup, relevance, label balance, split ─> one Parquet file
+    per synth/culture=XX/task=T/
+
+Rows reach the driver in input order, so a partition is complete when a row of a later pair
+arrives; it is filtered, written (one atomic file) and dropped from memory before the next one
+finishes. Driver memory is one partition, whatever the number of cultures. A partition whose file
+exists is done and skipped on rerun, so a killed run resumes without duplicates or lost rows.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from cm_ray.config import Config
+from cm_ray.data import filters as F
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+SYNTH_COLUMNS = ["id", "culture", "task", "split", "sample_json", "input", "output", "messages",
+                 "label", "query_ids", "snippet_urls", "engine", "model", "prompt_hash", "relevance"]
+
+
+def _schema():
+    import pyarrow as pa
+
+    msg = pa.struct([("role", pa.string()), ("content", pa.string())])
+    return pa.schema([("id", pa.string()), ("culture", pa.string()), ("task", pa.string()),
+                      ("split", pa.string()), ("sample_json", pa.string()), ("input", pa.string()),
+                      ("output", pa.string()), ("messages", pa.list_(msg)), ("label", pa.string()),
+                      ("query_ids", pa.list_(pa.string())), ("snippet_urls", pa.list_(pa.string())),
+                      ("engine", pa.string()), ("model", pa.string()), ("prompt_hash", pa.string()),
+                      ("relevance", pa.float64())])
+
+
+def partition_parts(culture: str, task: str) -> tuple[str, ...]:
+    return ("synth", f"culture={culture}", f"task={task}")
+
+
+def finalize_partition(cfg: Config, culture: str, task: str, rows: list[dict]) -> tuple[list[dict], dict]:
+    """Filter one partition's candidate rows and build its output rows.
+
+    Returns:
+        (output rows in the synth contract, FilterLog dict for this partition).
+    """
+    from cm_ray.tasks import load_task
+
+    scfg = cfg.synthesis
+    spec = load_task(task)
+    log = F.FilterLog()
+    log.record("parse_validate", len(rows), [r["status"] for r in rows if r["status"] != "ok"])
+    ok = []
+    for r in rows:
+        if r["status"] == "ok":
+            r["id"] = F.stable_hash(culture, spec.name, r["sample_json"])
+            ok.append(r)
+    kept, why = F.dedup(ok, lambda r: r["sample_text"], scfg.near_dup_threshold,
+                        seen=[spec.input_text(ex) for ex in spec.examples])
+    log.record("dedup", len(ok), why)
+    if scfg.relevance_filter != "none":
+        n = len(kept)
+        kept, why = F.threshold_filter(kept, "relevance", scfg.relevance_threshold)
+        log.record("relevance", n, why)
+    if scfg.balance_labels and spec.kind in ("classification", "multiple_choice"):
+        n = len(kept)
+        kept, why = F.balance_labels(kept, scfg.label_balance_ratio)
+        log.record("label_balance", n, why)
+    splits = F.split_of([r["id"] for r in kept], scfg.validation_fraction)
+    out = []
+    for r in kept:
+        sample = json.loads(r["sample_json"])
+        rel = r.get("relevance")
+        out.append({"id": r["id"], "culture": culture, "task": spec.name, "split": splits[r["id"]],
+                    "sample_json": r["sample_json"], "input": spec.render_input(sample),
+                    "output": spec.render_output(sample), "messages": spec.messages(sample),
+                    "label": r["label"], "query_ids": list(r["query_ids"]),
+                    "snippet_urls": list(r["snippet_urls"]), "engine": r["engine"],
+                    "model": r["model"], "prompt_hash": r["prompt_hash"],
+                    "relevance": None if rel is None or rel != rel else float(rel)})
+    return out, log.to_dict()
+
+
+def _judge(ds, cfg: Config):
+    """Relevance by the generator itself: yes/no 'is this typical of <culture>?' -> 1.0 / 0.0."""
+    from cm_ray.cultures import get_culture
+    from cm_ray.data.generate import generate
+
+    def to_prompt(batch):
+        msgs = [[{"role": "user", "content": f"Is the following text relevant to the culture of "
+                  f"{get_culture(str(c)).name}? Answer yes or no.\n\n{t}"}]
+                for c, t in zip(batch["culture"], batch["sample_text"])]
+        return {**batch, "messages": msgs, "json_schema": [""] * len(msgs)}
+
+    def from_answer(batch):
+        rel = [(1.0 if str(t).strip().lower().startswith("yes") else 0.0) if s == "ok" else float("nan")
+               for s, t in zip(batch["status"], batch["generated_text"])]
+        keep = {k: v for k, v in batch.items() if k not in ("messages", "json_schema", "generated_text",
+                                                              "prompt_tokens", "output_tokens")}
+        keep["engine"], keep["model"] = batch["engine_orig"], batch["model_orig"]
+        return {**keep, "relevance": rel}
+
+    ds = ds.map_batches(lambda b: {**b, "engine_orig": b["engine"], "model_orig": b["model"]},
+                        batch_format="numpy").map_batches(to_prompt, batch_format="numpy")
+    ds = generate(ds, cfg, max_new_tokens=3, temperature=0.0, seed=cfg.seed)
+    return ds.map_batches(from_answer, batch_format="numpy").drop_columns(["engine_orig", "model_orig"])
+
+
+def build_synthesis_dataset(cfg: Config, pairs: list[tuple[str, str]]):
+    """The lazy Ray Dataset of candidate rows for ``pairs`` (nothing runs until consumed)."""
+    import ray.data
+
+    from cm_ray.data.generate import generate
+    from cm_ray.data.synthesize import build_prompt_rows, parse_generations
+
+    scfg = cfg.synthesis
+    items = [{"culture": c, "task": t, "pair_idx": i} for i, (c, t) in enumerate(pairs)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
+    ds = ds.flat_map(build_prompt_rows, fn_kwargs={"cfg_dict": cfg.to_dict()})
+    ds = generate(ds, cfg, max_new_tokens=scfg.max_new_tokens, temperature=scfg.temperature,
+                  top_p=scfg.top_p, seed=cfg.seed)
+    ds = ds.map_batches(parse_generations, fn_kwargs={"require_sources": scfg.require_sources},
+                        batch_format="numpy")
+    if scfg.relevance_filter == "embedding":
+        ds = ds.map_batches(F.RelevanceScorer, batch_format="numpy", concurrency=1,
+                            fn_constructor_kwargs={"encoder": cfg.models.encoder,
+                                                   "cache_dir": cfg.models.cache_dir})
+    elif scfg.relevance_filter == "judge":
+        ds = _judge(ds, cfg)
+    ds.context.execution_options.preserve_order = True  # partitions arrive one after another
+    return ds
+
+
+def run_synthesis(cfg: Config, store: Any, force: bool = False) -> dict:
+    """Synthesize samples for every (culture, task) whose partition is not written yet.
+
+    Args:
+        cfg: run config (cultures, tasks, ``synthesis`` section).
+        store: the ArtifactStore to read search results from and write ``synth/`` to.
+        force: regenerate every partition (deleting the old ones first).
+
+    Returns:
+        Summary: rows kept, per-culture filter counts, partitions written / skipped, ``headline``.
+    """
+    from cm_ray.ray_utils import init_ray
+
+    t0 = time.time()
+    pairs = [(c, t) for c in cfg.cultures for t in cfg.tasks]
+    names = {t: _task_name(t) for t in cfg.tasks}
+    todo, skipped = [], []
+    for c, t in pairs:
+        done = store.exists(*partition_parts(c, names[t]), "part-0.parquet")
+        if done and not force:
+            skipped.append((c, t))
+        else:
+            store.delete(*partition_parts(c, names[t]))
+            todo.append((c, t))
+    if todo:
+        init_ray(cfg)
+        ds = build_synthesis_dataset(cfg, todo)
+        buffers: dict[int, list[dict]] = {i: [] for i in range(len(todo))}
+        next_idx = 0
+
+        def flush(upto: int):
+            nonlocal next_idx
+            while next_idx < upto:
+                c, t = todo[next_idx]
+                _write_partition(cfg, store, c, names[t], buffers.pop(next_idx))
+                next_idx += 1
+
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for r in batch.to_pylist():
+                i = int(r["pair_idx"])
+                flush(i)  # rows arrive in pair order: every earlier pair is complete
+                buffers[i].append(r)
+        flush(len(todo))
+    return summarize(cfg, store, pairs, names, n_written=len(todo), n_skipped=len(skipped),
+                     seconds=time.time() - t0)
+
+
+def read_synth(store: Any, culture: str | None = None, task: str | None = None) -> "pa.Table":
+    """The synthesized rows (all, one culture, or one partition) from the Parquet files only
+    (``synth/`` also holds summary.json and _stats/, which a plain directory read would trip on)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = ["synth"] + ([f"culture={culture}"] if culture else []) + ([f"task={task}"] if task else [])
+    tables = []
+    for rel in store.files(*parts, suffix=".parquet"):
+        if rel.startswith("_") or "/_" in rel:
+            continue
+        with store.fs.open_input_file(store._p(*parts, rel)) as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables) if tables else _schema().empty_table()
+
+
+def _task_name(task: str) -> str:
+    from cm_ray.tasks import load_task
+
+    return load_task(task).name
+
+
+def _write_partition(cfg: Config, store: Any, culture: str, task: str, rows: list[dict]) -> None:
+    import pyarrow as pa
+
+    out, log = finalize_partition(cfg, culture, task, rows)
+    # Stats first, data file last: the data file is the partition's completion marker.
+    stats = {"culture": culture, "task": task, "filters": log, "rows_out": len(out),
+             "generations": len({r["prompt_hash"] for r in rows})}
+    if not rows:
+        stats["note"] = "no search snippets"
+    store.write_json(stats, "synth", "_stats", f"{culture}.{task}.json")
+    table = pa.Table.from_pylist(out, schema=_schema())
+    store.write_table(table, *partition_parts(culture, task), "part-0.parquet")
+
+
+def summarize(cfg: Config, store: Any, pairs, names, **extra) -> dict:
+    """Merge the per-partition stats into ``synth/summary.json`` (rows in/out per filter per culture)."""
+    per_culture: dict[str, dict] = {}
+    for c, t in pairs:
+        parts = ("synth", "_stats", f"{c}.{names[t]}.json")
+        stats = store.read_json(*parts) if store.exists(*parts) else None
+        entry = per_culture.setdefault(c, {"rows_out": 0, "tasks": {}, "filters": {}})
+        if stats:
+            entry["rows_out"] += stats["rows_out"]
+            entry["tasks"][names[t]] = stats["rows_out"]
+            entry["filters"] = F.FilterLog.merge([entry["filters"], stats["filters"]])
+    total = sum(e["rows_out"] for e in per_culture.values())
+    candidates = sum(e["filters"].get("parse_validate", {}).get("in", 0) for e in per_culture.values())
+    summary = {"rows": total, "candidates": candidates,
+               "kept_fraction": round(total / candidates, 3) if candidates else 0.0,
+               "partitions": len(pairs), "per_culture": per_culture,
+               **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in extra.items()}}
+    summary["headline"] = (f"{total} samples kept of {candidates} candidates over {len(pairs)} "
+                           f"(culture, task) partitions ({extra.get('n_skipped', 0)} skipped)")
+    store.write_json(summary, "synth", "summary.json")
+    return summary
