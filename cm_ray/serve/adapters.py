@@ -225,8 +225,12 @@ class AdapterServer:
         self._batched.set_max_batch_size(s.max_batch_size)
         self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         # max_num_models_per_replica is fixed at decoration: wrap per instance to take the config.
+        # (Serve keeps its LRU cache on the decorated object, so decorate a plain function.)
+        async def load(culture: str) -> LoadedAdapter:
+            return await self._load_adapter(culture)
+
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=s.max_adapters_per_replica)(
-            self._load_adapter)
+            load)
 
     async def _load_adapter(self, culture: str) -> LoadedAdapter:
         culture = check_adapter_id(culture)

@@ -1,0 +1,239 @@
+"""The Serve app over real HTTP on 127.0.0.1: routing, LRU, mixed batches, hot-load, bad input.
+
+python -m pytest tests/cpu/test_serve.py -q -x
+"""
+
+import concurrent.futures as cf
+import json
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from cm_ray.config import load_config
+from cm_ray.storage import ArtifactStore, ensure_bucket
+from tests.conftest import free_port
+
+from test_router import TEXTS, split_pairs
+from test_serve_adapters import make_adapter
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "sk-test-" + uuid.uuid4().hex
+
+
+@pytest.fixture(scope="module")
+def store(s3_endpoint, tiny_model_dir, tmp_path_factory):
+    """An S3 store with a trained router, adapters GB/CN/MX and one broken adapter (FR)."""
+    from cm_ray.serve.router import Encoder, train_router
+
+    ensure_bucket("s3://cm-ray-test")
+    store = ArtifactStore(f"s3://cm-ray-test/serve-{uuid.uuid4().hex[:8]}")
+    local = tmp_path_factory.mktemp("adapters")
+    for seed, culture in enumerate(["GB", "CN", "MX"]):
+        store.upload_dir(make_adapter(tiny_model_dir, local / culture, seed), "adapters", culture)
+    store.write_json({"peft_type": "LORA", "r": "not a number"}, "adapters", "FR",
+                     "adapter_config.json")
+    router, _ = train_router(*split_pairs(), Encoder("embedded:all-minilm-l6-v2"))
+    router.save(store, "router")
+    return store
+
+
+@pytest.fixture(scope="module")
+def cfg_overrides(store, tiny_model_dir):
+    return [f"root={store.root}", f"models.base={tiny_model_dir}", "serve.max_adapters_per_replica=2",
+            "serve.max_new_tokens=8", "serve.max_prompt_chars=500", "serve.batch_wait_timeout_s=0.25",
+            "serve.ray_actor_cpus=0.5"]
+
+
+@pytest.fixture(scope="module")
+def url(ray_local, cfg_overrides, monkeypatch_module):
+    from ray import serve
+
+    from cm_ray.serve.app import build_app
+
+    port = free_port()
+    monkeypatch_module.setenv("CM_RAY_TEST_KEY", KEY)
+    cfg = load_config(REPO / "configs" / "demo.yaml",
+                      [*cfg_overrides, f"serve.port={port}", "serve.api_key_env=CM_RAY_TEST_KEY"])
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name="cm_ray_test", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    yield base
+    serve.delete("cm_ray_test")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def chat(url, content, model="auto", headers=None, **kw):
+    body = {"model": model, "messages": [{"role": "user", "content": content}], **kw}
+    return requests.post(f"{url}/v1/chat/completions", json=body, headers={**AUTH, **(headers or {})},
+                         timeout=120)
+
+
+def test_models_lists_auto_base_and_every_adapter(url):
+    r = requests.get(f"{url}/v1/models", headers=AUTH, timeout=30)
+    ids = [m["id"] for m in r.json()["data"]]
+    assert ids[:2] == ["auto", "base"] and {"GB", "CN", "MX"} <= set(ids)
+    assert requests.get(f"{url}/healthz", timeout=10).json()["router"] is True
+
+
+def test_auto_routes_by_language_and_says_who_answered(url):
+    r = chat(url, "¿Qué comemos en el Día de Muertos con la familia?")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["culture"] == "MX" and body["routed_by"] == "router"
+    assert 0.4 <= body["router_confidence"] <= 1.0
+    assert r.headers["X-Culture"] == "MX" and float(r.headers["X-Router-Confidence"]) > 0.4
+    assert body["object"] == "chat.completion" and isinstance(body["choices"][0]["message"]["content"], str)
+    assert body["usage"]["completion_tokens"] <= 8
+    assert chat(url, "过年的时候我们吃饺子。").json()["culture"] == "CN"
+
+
+def test_pinned_model_header_field_metadata_and_base(url):
+    assert chat(url, "hello", model="gb").json()["culture"] == "GB"
+    r = chat(url, "hello", headers={"X-Culture": "MX"})
+    assert (r.json()["culture"], r.json()["routed_by"]) == ("MX", "header")
+    assert chat(url, "hello", culture="CHN").json()["culture"] == "CN"
+    assert chat(url, "What do we eat at parties?", metadata={"country": "Mexico"}).json()["culture"] == "MX"
+    r = chat(url, "hello", model="base")
+    assert r.json()["culture"] == "none" and r.headers["X-Culture"] == "none"
+
+
+def test_completions_and_sse_stream_match_the_plain_answer(url):
+    r = requests.post(f"{url}/v1/completions", json={"model": "MX", "prompt": "Hola, ¿cómo"},
+                      headers=AUTH, timeout=60)
+    assert r.status_code == 200 and r.json()["object"] == "text_completion"
+    plain = chat(url, "Cuéntame de las posadas", model="MX").json()["choices"][0]["message"]["content"]
+    with requests.post(f"{url}/v1/chat/completions", stream=True, headers=AUTH, timeout=60,
+                       json={"model": "MX", "stream": True,
+                             "messages": [{"role": "user", "content": "Cuéntame de las posadas"}]}) as s:
+        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in s.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["culture"] == "MX" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == plain
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_lru_eviction_reloads_the_least_recently_used_adapter(url):
+    # capacity 2: after GB, CN the replica holds exactly {GB, CN}, whatever ran before
+    chat(url, "x", model="GB"), chat(url, "x", model="CN")
+    cold = [chat(url, "x", model=m).headers["X-Adapter-Cold"] for m in ["GB", "MX", "GB", "CN"]]
+    assert cold == ["0", "1", "0", "1"]  # MX evicted CN (LRU), then CN had to come back
+    metrics = requests.get(f"{url}/metrics", timeout=10).text
+    assert 'cm_ray_adapter_loads_total{culture="CN"}' in metrics
+
+
+def test_mixed_adapter_batch_over_http_gives_each_adapters_greedy_answer(url):
+    jobs = [("GB", "Tell me about tea"), ("MX", "Háblame del mariachi"), ("base", "Hello"),
+            ("MX", "Tell me about tea"), ("GB", "Hello")]
+    alone = {j: chat(url, j[1], model=j[0]).json()["choices"][0]["message"]["content"] for j in jobs}
+    for _attempt in range(3):
+        with cf.ThreadPoolExecutor(len(jobs)) as ex:
+            rs = list(ex.map(lambda j: chat(url, j[1], model=j[0]), jobs))
+        assert [r.json()["choices"][0]["message"]["content"] for r in rs] == [alone[j] for j in jobs]
+        if max(int(r.headers["X-Batch-Adapters"]) for r in rs) >= 2:
+            break
+    else:
+        pytest.fail("concurrent requests for different adapters were never batched together")
+
+
+def test_new_culture_is_served_without_restart(url, store, tiny_model_dir, tmp_path):
+    assert chat(url, "hi", model="JP").status_code == 404
+    store.upload_dir(make_adapter(tiny_model_dir, tmp_path / "JP", 7), "adapters", "JP")
+    ids = [m["id"] for m in requests.get(f"{url}/v1/models", headers=AUTH, timeout=30).json()["data"]]
+    assert "JP" in ids
+    r = chat(url, "こんにちは", model="JP")
+    assert r.status_code == 200 and r.json()["culture"] == "JP"
+
+
+def _msgs(content):
+    return [{"role": "user", "content": content}]
+
+
+BAD = [  # (path, raw body or json, headers, status, words in the message)
+    ("/v1/chat/completions", b'{"model": "auto", "messages": [', {}, 400, "malformed JSON"),
+    ("/v1/chat/completions", b'[1, 2]', {}, 400, "JSON object"),
+    ("/v1/chat/completions", {"messages": []}, {}, 422, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, {}, 422, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, {}, 422, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "  "}]}, {}, 422, "non-empty user"),
+    ("/v1/chat/completions", {"messages": "hello"}, {}, 422, "messages"),
+    ("/v1/chat/completions", {"messages": _msgs("hi"), "max_tokens": "5"}, {}, 422, "max_tokens"),
+    ("/v1/chat/completions", {"messages": _msgs("hi"), "max_tokens": 10_000}, {}, 422, "serve.max_new_tokens"),
+    ("/v1/chat/completions", {"messages": _msgs("hi"), "temperature": 9}, {}, 422, "temperature"),
+    ("/v1/chat/completions", {"messages": _msgs("hi"), "n": 2}, {}, 422, "n"),
+    ("/v1/chat/completions", {"messages": _msgs("x" * 600)}, {}, 413, "serve.max_prompt_chars"),
+    ("/v1/chat/completions", {"model": "ZZ", "messages": _msgs("hi")}, {}, 404, "unknown culture"),
+    ("/v1/chat/completions", {"model": "DE", "messages": _msgs("hi")}, {}, 404, "no adapter"),
+    ("/v1/chat/completions", {"model": "../GB", "messages": _msgs("hi")}, {}, 400, "path separators"),
+    ("/v1/chat/completions", {"model": "GB/../../etc", "messages": _msgs("hi")}, {}, 400, "path separators"),
+    ("/v1/chat/completions", {"model": "..", "messages": _msgs("hi")}, {}, 400, "'..'"),
+    ("/v1/chat/completions", {"model": "G B", "messages": _msgs("hi")}, {}, 400, "letters, digits"),
+    ("/v1/chat/completions", {"messages": _msgs("hi")}, {"X-Culture": "..\\x"}, 400, "X-Culture"),
+    ("/v1/chat/completions", {"messages": _msgs("hi"), "culture": "Narnia"}, {}, 404, "unknown culture"),
+    ("/v1/chat/completions", {"model": "FR", "messages": _msgs("hi")}, {}, 422, "could not be loaded"),
+    ("/v1/chat/completions", {"model": "FR", "stream": True, "messages": _msgs("hi")}, {}, 422, "FR"),
+    ("/v1/chat/completions", {"model": "ZZ", "stream": True, "messages": _msgs("hi")}, {}, 404, "ZZ"),
+    ("/v1/completions", {"model": "MX"}, {}, 422, "prompt"),
+    ("/v1/completions", {"prompt": ""}, {}, 422, "prompt"),
+    ("/v1/chat/completions", {"messages": _msgs("hi")}, {"Authorization": "Bearer wrong"}, 401, "API key"),
+    ("/v1/chat/completions", {"messages": _msgs("hi")}, {"Authorization": ""}, 401, "API key"),
+]
+
+
+@pytest.mark.parametrize("path,body,headers,status,words", BAD,
+                         ids=[f"{i}-{b[3]}" for i, b in enumerate(BAD)])
+def test_bad_input_gets_a_4xx_naming_the_problem(url, path, body, headers, status, words):
+    kw = {"data": body, "headers": {**AUTH, "Content-Type": "application/json", **headers}} \
+        if isinstance(body, bytes) else {"json": body, "headers": {**AUTH, **headers}}
+    r = requests.post(f"{url}{path}", timeout=60, **kw)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"]
+
+
+def test_server_keeps_serving_after_bad_input_and_counts_per_culture(url):
+    assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
+    assert chat(url, "Fuimos a comer tacos al pastor.").status_code == 200
+    metrics = requests.get(f"{url}/metrics", timeout=10).text
+    assert 'cm_ray_requests_total{culture="MX",endpoint="chat",status="200"}' in metrics
+    assert "cm_ray_request_latency_seconds_bucket" in metrics
+    assert "cm_ray_router_latency_seconds_count" in metrics
+    assert 'status="500"' not in metrics
+    assert requests.get(f"{url}/v1/models", timeout=10).status_code == 401  # no key
+
+
+def test_run_serve_deploys_routes_one_demo_request_and_cleans_up(url, store, cfg_overrides):
+    from ray import serve
+
+    from cm_ray.serve.app import run_serve
+
+    port = int(url.rsplit(":", 1)[1])
+    cfg = load_config(REPO / "configs" / "demo.yaml",
+                      [*cfg_overrides, f"serve.port={port}", "serve.route_prefix=/demo",
+                       "serve.app_name=cm_ray_demo",
+                       f"serve.demo_prompt={TEXTS['MX'][0]}"])
+    summary = run_serve(cfg, store)
+    assert summary["culture"] == "MX" and summary["routed_by"] == "router"
+    assert isinstance(summary["answer"], str) and summary["latency_ms"] > 0
+    assert summary["adapters"] >= 3 and "MX" in summary["headline"]
+    assert "cm_ray_demo" not in serve.status().applications  # its app is gone ...
+    assert requests.get(f"{url}/healthz", timeout=10).status_code == 200  # ... the other one stays
