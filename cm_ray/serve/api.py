@@ -168,6 +168,8 @@ def route_headers(route: dict, result: dict | None = None) -> dict[str, str]:
          "X-Routed-By": route["routed_by"]}
     if result:
         h["X-Adapter-Cold"] = "1" if result.get("adapter_cold") else "0"
+        if result.get("adapter_cold"):
+            h["X-Adapter-Load-Ms"] = f"{result.get('adapter_load_ms', 0.0):.1f}"
         h["X-Batch-Size"] = str(result.get("batch_size", 1))
         h["X-Batch-Adapters"] = str(result.get("batch_adapters", 1))
     return h

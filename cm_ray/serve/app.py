@@ -257,6 +257,19 @@ class CultureIngress:
 # -- building and running -----------------------------------------------------------------------
 
 
+def adapter_server_options(s) -> dict:
+    """Deployment options of AdapterServer from ServeConfig (``num_replicas: auto`` = autoscaling)."""
+    opts: dict = {"max_ongoing_requests": s.max_ongoing_requests,
+                  "ray_actor_options": {"num_cpus": s.ray_actor_cpus}}
+    if s.num_replicas == "auto":
+        opts["autoscaling_config"] = {"min_replicas": s.min_replicas,
+                                      "max_replicas": s.max_replicas,
+                                      "target_ongoing_requests": s.target_ongoing_requests}
+    else:
+        opts["num_replicas"] = s.num_replicas
+    return opts
+
+
 def build_app(cfg) -> Any:
     """The unexecuted Serve application (ingress bound to the adapter servers) for ``cfg``."""
     s = cfg.serve
@@ -266,16 +279,8 @@ def build_app(cfg) -> Any:
         if not key:
             raise ValueError(f"serve.api_key_env: environment variable {s.api_key_env} is not set")
         key_sha256 = hashlib.sha256(key.encode()).hexdigest()  # the key itself never ships
-    opts: dict = {"max_ongoing_requests": s.max_ongoing_requests,
-                  "ray_actor_options": {"num_cpus": s.ray_actor_cpus}}
-    if s.num_replicas == "auto":
-        opts["autoscaling_config"] = {"min_replicas": s.min_replicas,
-                                      "max_replicas": s.max_replicas,
-                                      "target_ongoing_requests": s.target_ongoing_requests}
-    else:
-        opts["num_replicas"] = s.num_replicas
     cfg_dict = cfg.to_dict()
-    adapters = AdapterServer.options(**opts).bind(cfg_dict)
+    adapters = AdapterServer.options(**adapter_server_options(s)).bind(cfg_dict)
     return CultureIngress.bind(cfg_dict, adapters, key_sha256)
 
 
