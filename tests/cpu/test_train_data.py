@@ -72,3 +72,29 @@ def test_step_plan_ends_each_phase_on_an_optimizer_step():
     assert total == 3 and capped[0]["micro_per_epoch"] == 13
     with pytest.raises(ValueError, match="rows for 4 workers"):
         steps_plan([("train_0", 3)], tc, world=4)
+
+
+def test_modes_pick_their_partitions_and_phases(tmp_path):
+    from cm_ray.config import load_config
+    from cm_ray.storage import ArtifactStore
+    from cm_ray.train.tune import _phase_sources, adapter_names
+
+    store = ArtifactStore(str(tmp_path))
+    for task in ("cultural_qa", "offensive", "dialogue", "intent"):
+        store.write_table([{"x": 1}], "synth", "culture=MX", f"task={task}", "part-0.parquet")
+
+    def cfg(*o):
+        return load_config(None, ["cultures=[MX, GB]", "tasks=[cultural_qa, offensive]", *o])
+
+    assert adapter_names(cfg()) == ["MX", "GB", "_joint"]
+    assert adapter_names(cfg("train.mode=joint")) == ["_joint"]
+    assert adapter_names(cfg("train.joint_baseline=false")) == ["MX", "GB"]
+    assert _phase_sources(cfg(), store, "MX") == [[("MX", ["cultural_qa", "offensive"])]]
+    assert _phase_sources(cfg(), store, "_joint") == [[("MX", ["cultural_qa", "offensive"]),
+                                                        ("GB", ["cultural_qa", "offensive"])]]
+    # continual: culture SFT on the first tasks, then adaptation on the rest, in that order
+    assert _phase_sources(cfg("train.mode=continual", "train.continual_first=[cultural_qa]"), store, "MX") \
+        == [[("MX", ["cultural_qa"])], [("MX", ["offensive"])]]
+    # multitask: every view the culture has (e.g. CLCA dialogue + intent), mixed in one phase
+    assert _phase_sources(cfg("train.mode=multitask"), store, "MX") == \
+        [[("MX", ["cultural_qa", "dialogue", "intent", "offensive"])]]
