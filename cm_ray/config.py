@@ -57,7 +57,9 @@ class QueryConfig:
     kinds: list[str] = field(default_factory=lambda: ["specific", "agnostic"])
     """Which query kinds to generate (ablation: one of them only)."""
     near_dup_threshold: float = 0.8
-    """Jaccard similarity (word 3-grams) above which two queries count as duplicates."""
+    """Jaccard similarity of word shingles at or above which two queries count as duplicates."""
+    near_dup_shingle: int = 1
+    """Words per shingle for query near-duplicates (1 = word sets: queries are a few words long)."""
     max_new_tokens: int = 160
     temperature: float = 0.7
     min_chars: int = 8
