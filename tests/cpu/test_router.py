@@ -3,7 +3,6 @@
 python -m pytest tests/cpu/test_router.py -q
 """
 
-import json
 import subprocess
 import sys
 from pathlib import Path
