@@ -1,0 +1,63 @@
+"""Ablation command: config variants, stage reuse through run_stage, the comparison table.
+
+python -m pytest tests/cpu/test_eval_ablation.py -q
+"""
+
+import pytest
+
+from cm_ray.config import load_config
+from cm_ray.eval import ablation as A
+from cm_ray.storage import ArtifactStore
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_config("configs/demo.yaml", [f"root={tmp_path}", f"evaluate.data_dir={tmp_path / 'none'}",
+                                             "evaluate.ablation=true"])
+
+
+def test_variants_change_only_their_knob(cfg, tmp_path):
+    spec = A.variant_config(cfg, "specific_only", str(tmp_path / "v"))
+    assert spec.queries.kinds == ["specific"] and spec.train.mode == cfg.train.mode
+    assert spec.root == str(tmp_path / "v") and spec.name == "demo-specific_only" and not spec.evaluate.ablation
+    assert A.variant_config(cfg, "agnostic_only", "x").queries.kinds == ["agnostic"]
+    assert A.variant_config(cfg, "all_culture", "x").train.mode == "joint"
+    cont = A.variant_config(cfg, "sft_adaptation", "x")
+    assert cont.train.mode == "continual" and cont.train.continual_first == ["survey"]
+    assert A.variant_config(cfg, "both", "x").queries.kinds == ["specific", "agnostic"]
+
+
+def test_ablation_reuses_stages_and_copies_data_to_train_only_variants(cfg, tmp_path):
+    """Stages whose manifests say complete are skipped by run_stage; the joint variant gets both's data."""
+    store = ArtifactStore(cfg.root)
+    both = ArtifactStore(store.uri("ablation", "both"))
+    both.write_table([{"id": "1", "culture": "GB", "input": "x"}], "synth", "culture=GB", "task=offensive", "part-0.parquet")
+    for stage in ["queries", "search", "synthesize", "train", "route"]:
+        both.write_manifest(stage, {"complete": True, "marker": f"both-{stage}"})
+    joint = ArtifactStore(store.uri("ablation", "all_culture"))
+    for stage in ["train", "route"]:
+        joint.write_manifest(stage, {"complete": True, "marker": f"joint-{stage}"})
+    cfg.evaluate.ablation_variants = ["all_culture", "both"]
+    out = A.run_ablation(cfg, store)
+    assert out["variants"] == ["both", "all_culture"]  # data-changing variants run first
+    assert joint.exists("synth", "culture=GB", "task=offensive", "part-0.parquet")
+    assert joint.read_manifest("synthesize")["marker"] == "both-synthesize"
+    assert joint.read_manifest("train")["marker"] == "joint-train"  # its own, not both's
+    assert joint.read_manifest("evaluate")["status"] == "no_data"
+    md = (tmp_path / "ablation" / "comparison.md").read_text()
+    assert "| both | culturemanager |" in md and "| all_culture | joint |" in md
+
+
+def test_comparison_uses_each_variants_system(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    rows = lambda system, v: [{"benchmark": "wvs", "metric": "alignment_score", "culture": c, "system": s,
+                               "value": v if s == system else 0.0} for c in ["GB", "CN"] for s in ["joint", "culturemanager"]]
+    store.write_json({"rows": rows("culturemanager", 70.0), "confusion": {"accuracy": 0.9}},
+                     "ablation", "both", "eval", "results.json")
+    store.write_json({"rows": rows("joint", 60.0), "confusion": None}, "ablation", "all_culture", "eval", "results.json")
+    table = A.comparison(store, ["both", "all_culture", "specific_only"])
+    got = {r["variant"]: r for r in table["rows"]}
+    assert got["both"]["wvs/alignment_score"] == 70.0 and got["both"]["router_accuracy"] == 0.9
+    assert got["all_culture"]["wvs/alignment_score"] == 60.0
+    assert got["specific_only"]["wvs/alignment_score"] is None  # not run: shown as "-"
+    assert "| specific_only | culturemanager | - |" in table["markdown"]
