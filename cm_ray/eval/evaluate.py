@@ -124,6 +124,10 @@ def _evaluate(cfg: Config, root, model, systems: list[str], router) -> tuple[lis
                     M.mean_ci([1 - M.js_distance(d, it["dist"]) for d, it in zip(dists, items)], B, cfg.seed))
                 add("wvs", culture, system, "kl",
                     M.mean_ci([M.kl_divergence(it["dist"], d) for d, it in zip(dists, items)], B, cfg.seed))
+                # Share of respondents whose own answer is the model's (CLCA's individual-level
+                # accuracy for a culture-level persona; no per-respondent demographics in the data).
+                add("wvs", culture, system, "individual_accuracy",
+                    M.mean_ci([it["dist"][p] for p, it in zip(pred, items)], B, cfg.seed))
         if "culture_tasks" in ev.benchmarks and (
                 items := D.culture_task_items(root, culture, ev.max_questions, cfg.seed)):
             labels = list(offensive.labels)

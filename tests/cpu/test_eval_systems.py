@@ -134,7 +134,8 @@ def test_evaluate_writes_tables_plots_and_router_confusion(shared_data, run_root
     for c in CULTURES:
         for s in ["base", "prompted", "culturemanager", "oracle"]:
             for b, m in [("wvs", "alignment_score"), ("wvs", "one_minus_jsd"), ("wvs", "kl"),
-                         ("wvs", "majority_accuracy"), ("culture_tasks", "macro_f1"), ("blend", "accuracy")]:
+                         ("wvs", "individual_accuracy"), ("wvs", "majority_accuracy"),
+                         ("culture_tasks", "macro_f1"), ("blend", "accuracy")]:
                 assert (b, c, s, m) in got
     for r in res["rows"]:
         assert r["n"] == 3 or r["benchmark"] == "router"
