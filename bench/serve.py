@@ -2,6 +2,7 @@
 
 python bench/serve.py --clients 32 --seconds 30           # the issue's setting
 python bench/serve.py --clients 16 --seconds 12           # what fits a shared 2-core box
+python bench/serve.py --base embedded:smollm2-135m-instruct --num-gpus 1 --max-tokens 64  # GPU
 
 Deploys the real app (ingress + router + AdapterServer) on a local Ray with a 2-layer random Llama
 (SmolLM2's tokenizer) and 8 random LoRA adapters, then runs ABBA rounds (single, multi8, multi8,
@@ -41,28 +42,32 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
-def build_store(root: Path) -> tuple[str, str]:
-    """Tiny model, 8 adapters and a router under ``root``; returns (model_dir, store root)."""
+def build_store(root: Path, base: str | None = None) -> tuple[str, str]:
+    """Base model (tiny random Llama unless ``base``), 8 random adapters on it and a router under
+    ``root``; returns (model_dir, store root)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from cm_ray.models import resolve_model
     from cm_ray.serve.router import Encoder, train_router
     from cm_ray.storage import ArtifactStore
 
-    tok = AutoTokenizer.from_pretrained(resolve_model("embedded:smollm2-135m-instruct"))
-    torch.manual_seed(0)
-    model_dir = root / "tiny"
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
-                                 bos_token_id=tok.bos_token_id)).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    if base:
+        model_dir = Path(resolve_model(base))
+    else:
+        tok = AutoTokenizer.from_pretrained(resolve_model("embedded:smollm2-135m-instruct"))
+        torch.manual_seed(0)
+        model_dir = root / "tiny"
+        LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+            eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
     store = ArtifactStore(str(root / "store"))
     for seed, c in enumerate(CULTURES):
         torch.manual_seed(seed)
-        m = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir),
+        m = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
                            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
         with torch.no_grad():
             for n, p in m.named_parameters():
@@ -117,6 +122,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0, help="per scenario (split in 2 rounds)")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--base", default=None,
+                    help="base model ref (e.g. embedded:smollm2-135m-instruct); default tiny random")
+    ap.add_argument("--num-gpus", type=float, default=0.0, help="GPUs for the AdapterServer replica")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "serve.json"))
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -132,7 +140,7 @@ def main() -> None:
     from cm_ray.storage import ArtifactStore
 
     tmp = Path(tempfile.mkdtemp(prefix="cm-ray-bench-serve-"))
-    model_dir, root = build_store(tmp)
+    model_dir, root = build_store(tmp, args.base)
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -141,7 +149,8 @@ def main() -> None:
         f"root={root}", f"models.base={model_dir}", f"serve.port={port}",
         "serve.max_adapters_per_replica=8", f"serve.max_batch_size={args.max_batch_size}",
         f"serve.max_ongoing_requests={max(64, 2 * args.clients)}", "serve.batch_wait_timeout_s=0.01",
-        f"serve.max_new_tokens={args.max_tokens}", "serve.app_name=bench"])
+        f"serve.max_new_tokens={args.max_tokens}", "serve.app_name=bench",
+        f"serve.num_gpus={args.num_gpus}"])
     init_ray(cfg, num_cpus=4)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
@@ -205,7 +214,9 @@ def main() -> None:
           f"router_p99_ms {figures['router_p99_ms']}  errors_5xx {errors}")
     out = {"name": "serve", "date": datetime.date.today().isoformat(),
            "command": "python bench/serve.py " + " ".join(sys.argv[1:]),
-           "machine": f"{os.cpu_count()} cores, no GPU (shared)", "figures": figures}
+           "machine": f"{os.cpu_count()} cores, " + (
+               f"{args.num_gpus:g} GPU" if args.num_gpus else "no GPU (shared)"),
+           "figures": figures}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 

@@ -365,6 +365,8 @@ class ServeConfig:
     """Name of the env var holding a Bearer key; None = no auth."""
     ray_actor_cpus: float = 1.0
     """CPUs reserved per adapter-server replica."""
+    num_gpus: float = 0.0
+    """GPUs per adapter-server replica; > 0 puts the base model on CUDA (bfloat16)."""
     max_ongoing_requests: int = 32
     """Requests one adapter-server replica accepts at once (must cover max_batch_size)."""
     app_name: str = "cm_ray"
@@ -386,6 +388,7 @@ class ServeConfig:
                    f"must be >= 1, got {getattr(self, name)}")
         _check(self.max_ongoing_requests >= self.max_batch_size, "serve.max_ongoing_requests",
                f"must be >= serve.max_batch_size ({self.max_batch_size}) or batches never fill")
+        _check(self.num_gpus >= 0, "serve.num_gpus", f"must be >= 0, got {self.num_gpus}")
         _check(0 < self.port < 65536, "serve.port", f"must be a TCP port, got {self.port}")
         _check(self.route_prefix.startswith("/"), "serve.route_prefix",
                f"must start with '/', got {self.route_prefix!r}")

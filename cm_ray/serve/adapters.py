@@ -45,15 +45,16 @@ class AdapterPool:
     forward hooks and ``load_adapter`` both modify the model's modules.
     """
 
-    def __init__(self, model_dir: str, dtype: str = "float32"):
+    def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.device = device
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-        self.model.eval()
+        self.model.to(device).eval()
         self.lock = threading.Lock()
         self._ids = itertools.count()
         self._in_use: dict[str, int] = {}
@@ -110,7 +111,8 @@ class AdapterPool:
         return payload["prompt"]
 
     def _inputs(self, texts: list[str]):
-        return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return enc.to(self.device)
 
     def _sampling(self, item: dict) -> dict:
         if item.get("temperature", 0.0) > 0:
@@ -220,8 +222,10 @@ class AdapterServer:
         self.cfg = config_from_dict(cfg_dict)
         self.store = ArtifactStore(self.cfg.root)
         base = self.cfg.models.base or self.cfg.models.generator
-        self.pool = AdapterPool(resolve_model(base, self.cfg.models.cache_dir), default_dtype("cpu"))
         s = self.cfg.serve
+        device = "cuda" if s.num_gpus > 0 else "cpu"
+        self.pool = AdapterPool(resolve_model(base, self.cfg.models.cache_dir),
+                                default_dtype(device), device)
         self._batched.set_max_batch_size(s.max_batch_size)
         self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         # max_num_models_per_replica is fixed at decoration: wrap per instance to take the config.

@@ -261,6 +261,8 @@ def adapter_server_options(s) -> dict:
     """Deployment options of AdapterServer from ServeConfig (``num_replicas: auto`` = autoscaling)."""
     opts: dict = {"max_ongoing_requests": s.max_ongoing_requests,
                   "ray_actor_options": {"num_cpus": s.ray_actor_cpus}}
+    if s.num_gpus:
+        opts["ray_actor_options"]["num_gpus"] = s.num_gpus
     if s.num_replicas == "auto":
         opts["autoscaling_config"] = {"min_replicas": s.min_replicas,
                                       "max_replicas": s.max_replicas,
