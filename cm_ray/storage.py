@@ -152,9 +152,19 @@ class ArtifactStore:
     def read_table(self, *parts: str) -> "pa.Table":
         """Read a Parquet file or a directory of Parquet files (hive partitions become columns)."""
         import pyarrow.dataset as pads
+        import pyarrow.fs as pafs
 
-        return pads.dataset(self._p(*parts), filesystem=self.fs, format="parquet",
-                            partitioning="hive").to_table()
+        base = self._p(*parts)
+        if self.fs.get_file_info(base).type == pafs.FileType.File:
+            return pads.dataset(base, filesystem=self.fs, format="parquet").to_table()
+        # Only *.parquet files: a stage may keep its summary.json or temp files beside the data,
+        # and names starting with "_" or "." (e.g. _stats/) are private to the writer.
+        files = [posixpath.join(base, f) for f in self.files(*parts, suffix=".parquet")
+                 if not any(p.startswith(("_", ".")) for p in f.split("/"))]
+        if not files:
+            raise FileNotFoundError(f"no Parquet files under {self.uri(*parts)}")
+        return pads.dataset(files, filesystem=self.fs, format="parquet",
+                            partitioning=pads.HivePartitioning.discover(), partition_base_dir=base).to_table()
 
     def read_rows(self, *parts: str) -> list[dict]:
         return self.read_table(*parts).to_pylist()

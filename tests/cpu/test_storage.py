@@ -42,3 +42,12 @@ def test_manifest_helpers(store):
     store.write_manifest("search", {"complete": True, "rows": 3})
     assert store.read_manifest("search")["rows"] == 3
     assert store.uri("a", "b").endswith("/a/b")
+
+
+def test_read_table_skips_non_parquet_and_private_files(store):
+    store.write_table([{"x": 1}], "synth", "culture=MX", "task=survey", "part-0.parquet")
+    store.write_json({"rows": 1}, "synth", "summary.json")
+    store.write_table([{"x": 99}], "synth", "_stats", "part-0.parquet")
+    rows = store.read_rows("synth")
+    assert rows == [{"x": 1, "culture": "MX", "task": "survey"}]
+    assert store.read_rows("synth", "culture=MX", "task=survey", "part-0.parquet") == [{"x": 1}]
