@@ -158,6 +158,7 @@ def test_route_stage_trains_from_synth_rows_on_s3(s3_root):
                  "messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "0"}]}
                 for i, t in enumerate(texts)]
         store.write_table(rows, "synth", f"culture={culture}", "task=offensive", "part-0.parquet")
+    store.write_json({"rows_out": 42}, "synth", "summary.json")  # lives beside the partitions
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"root={s3_root}"])
     summary = run_router_training(cfg, store)
     assert summary["cultures"] == 3 and summary["n_validation"] == 12
