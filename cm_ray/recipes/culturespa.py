@@ -76,6 +76,8 @@ def clean_question(obj: Any) -> tuple[dict | None, str | None]:
     opts = [_NUMBERED.sub("", o).strip() for o in opts]
     if any(not o for o in opts) or len(set(o.lower() for o in opts)) < len(opts):
         return None, "empty_or_repeated_option"
+    if any(not re.search(r"\w", o) for o in opts):  # "...", "###": placeholders, not answers
+        return None, "option_without_text"
     if all(re.fullmatch(r"[\d\s.,%-]+", o) for o in opts) and not _SCALE_WORDS.search(q):
         return None, "numeric_options_without_scale"
     return {"question": " ".join(q.split()), "options": opts}, None

@@ -21,6 +21,7 @@ from cm_ray.storage import ArtifactStore
     ({"question": "Short?", "options": ["a", "b"]}, "missing_question"),
     ({"question": "Do you trust your neighbours?", "options": ["Yes"]}, "bad_options"),
     ({"question": "Do you trust your neighbours?", "options": ["Yes", "1. yes"]}, "empty_or_repeated_option"),
+    ({"question": "How happy is your family these days?", "options": ["...", "###"]}, "option_without_text"),
     (["not", "an", "object"], "not_an_object"),
 ])
 def test_question_filter_follows_the_seed(obj, reason):
