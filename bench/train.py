@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     n_workers = torch.cuda.device_count() if args.gpu else 1
     tc = TrainConfig(lr=1e-4, batch_size=args.batch_size, max_seq_len=args.seq)
     overrides = [f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
-                 f"train.max_seq_len={args.seq}", "train.lr=1e-4", "train.epochs=100",
+                 f"train.max_seq_len={args.seq}", "train.lr=1.0e-4", "train.epochs=100",
                  f"train.cpus_per_worker={args.threads}", f"train.num_workers={n_workers}",
                  f"train.use_gpu={'true' if args.gpu else 'false'}",
                  f"train.deepspeed={{zero_optimization: {{stage: {args.zero}}}}}"]

@@ -154,7 +154,7 @@ def train_fn_per_worker(config: dict) -> None:
                 else:
                     (loss / accum).backward()
                 n_tok = int(inputs["attention_mask"].sum())
-                micro_loss += float(loss) / accum
+                micro_loss += float(loss.detach()) / accum
                 micro_tokens += n_tok
                 state["micro"] += 1
                 state["in_epoch"] = i + 1
