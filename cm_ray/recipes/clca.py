@@ -204,6 +204,7 @@ def run_clca_data(cfg: Config, store: Any, force: bool = False) -> dict:
     for d in dialogues:
         if sum(t["action"] == "speak" for t in d["turns"]) < 2:
             drops.add("dialogue", "fewer_than_two_utterances")
+            d["drop_reason"] = "fewer_than_two_utterances"
         else:
             kept.append(d)
 
@@ -241,8 +242,10 @@ def run_clca_data(cfg: Config, store: Any, force: bool = False) -> dict:
         v = verdicts.get(i)
         if v is None:
             drops.add("dialogue", "judge_unparseable")
+            d["drop_reason"] = "judge_unparseable"
         elif should_drop(v):
             drops.add("dialogue", "judged_bad_very_confident")
+            d["drop_reason"], d["verdict"] = "judged_bad_very_confident", v
         else:
             d["verdict"] = v
             judged.append(d)
@@ -282,6 +285,7 @@ def run_clca_data(cfg: Config, store: Any, force: bool = False) -> dict:
                "dialogues_kept": len(judged), "rows": len(rows), "rows_per_culture_task": counts,
                "drops": drops.as_dict()}
     store.write_json(summary, "synth", "summary.json")
-    store.write_json([{k: v for k, v in d.items() if k != "open"} for d in judged], "recipes", "clca", "dialogues.json")
+    # Every dialogue, kept or not (with its drop reason), for inspection.
+    store.write_json([{k: v for k, v in d.items() if k != "open"} for d in dialogues], "recipes", "clca", "dialogues.json")
     summary["headline"] = f"{len(judged)}/{len(reqs)} dialogues kept, {len(rows)} SFT rows"
     return summary

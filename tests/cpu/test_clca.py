@@ -75,7 +75,9 @@ def test_recipe_writes_multiturn_rows_with_counted_drops(ray_local, tiny_model_d
     assert out["scenarios_requested"] == 4 == out["dialogues"] + scen_drops
     assert out["dialogues"] == out["dialogues_kept"] + dia_drops
     assert json.loads((tmp_path / "synth" / "summary.json").read_text())["drops"] == d
-    kept = json.loads((tmp_path / "recipes" / "clca" / "dialogues.json").read_text())
+    every = json.loads((tmp_path / "recipes" / "clca" / "dialogues.json").read_text())
+    assert len(every) == out["dialogues"]
+    kept = [d for d in every if "drop_reason" not in d]
     assert len(kept) == out["dialogues_kept"]
     rows = [r for c in cfg.cultures if store.exists("synth", f"culture={c}")
             for r in store.read_rows("synth", f"culture={c}")]
