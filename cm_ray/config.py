@@ -478,6 +478,14 @@ class Config:
         _check(len(set(keys)) == len(keys), "cultures", f"duplicate cultures in {self.cultures}")
         self.cultures = keys
         _check(bool(self.root), "root", "must be a local path or s3:// URI")
+        if "://" not in self.root:
+            # Resolve against the loading process's cwd once, so Ray workers (Tune trials, Serve
+            # replicas) that run elsewhere see the same directory.
+            import os
+
+            self.root = os.path.abspath(os.path.expanduser(self.root))
+        else:
+            _check(self.root.startswith("s3://"), "root", f"only local paths and s3:// are supported, got {self.root!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -193,9 +194,16 @@ def train_router(train: list[tuple[str, str]], validation: list[tuple[str, str]]
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
 
+    note = None
     if not validation:
-        train, validation = train_test_split(train, test_size=0.2, random_state=seed,
-                                             stratify=[c for _, c in train])
+        counts = Counter(c for _, c in train)
+        if min(counts.values()) >= 2 and int(len(train) * 0.2) >= len(counts):
+            train, validation = train_test_split(train, test_size=0.2, random_state=seed,
+                                                 stratify=[c for _, c in train])
+        else:
+            # Too few rows to hold one out per culture: calibrate and report in-sample, and say so.
+            validation = list(train)
+            note = "validation is in-sample: too few rows per culture to hold any out"
     cultures = sorted({c for _, c in train})
     index = {k: i for i, k in enumerate(cultures)}
     enc_ref = getattr(encoder, "ref", "embedded:all-minilm-l6-v2")
@@ -209,8 +217,12 @@ def train_router(train: list[tuple[str, str]], validation: list[tuple[str, str]]
     head = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(x_tr, y_tr)
     val = [(t, c) for t, c in validation if c in index]
     x_va, y_va = encoder([t for t, _ in val]), np.array([index[c] for _, c in val])
-    router = CultureRouter(cultures, head.coef_, head.intercept_, 1.0, threshold, encoder,
-                           enc_ref, use_metadata)
+    weight, bias = head.coef_, head.intercept_
+    if len(cultures) == 2:
+        # Binary LogisticRegression keeps one row (logit of class 1); softmax over [0, z] is the
+        # same sigmoid, so store it as two rows like the multi-class case.
+        weight, bias = np.vstack([np.zeros_like(weight), weight]), np.concatenate([[0.0], bias])
+    router = CultureRouter(cultures, weight, bias, 1.0, threshold, encoder, enc_ref, use_metadata)
     logits = router.logits(x_va)
     router.temperature = fit_temperature(logits, y_va)
     probs = _softmax(logits / router.temperature)
@@ -230,6 +242,8 @@ def train_router(train: list[tuple[str, str]], validation: list[tuple[str, str]]
         "ece": expected_calibration_error(probs, y_va), "confusion": confusion,
         "train_accuracy": round(float(head.score(x_tr, y_tr)), 4),
     }
+    if note:
+        metrics["note"] = note
     return router, metrics
 
 

@@ -57,3 +57,12 @@ def test_round_trip_through_dict():
 
     cfg = load_config(CONFIGS[0])
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_relative_root_is_resolved_at_load_so_workers_agree(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(CONFIGS[0], ["root=artifacts/x"])
+    assert cfg.root == str(tmp_path / "artifacts" / "x")
+    assert load_config(CONFIGS[0], ["root=s3://bucket/p"]).root == "s3://bucket/p"
+    with pytest.raises(ConfigError, match="^root: only local paths and s3://"):
+        load_config(CONFIGS[0], ["root=gs://bucket/p"])

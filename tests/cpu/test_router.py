@@ -172,3 +172,15 @@ def test_router_module_imports_without_ray():
     code = "import sys, cm_ray.serve.router; print('ray' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.check_output([sys.executable, "-c", code], cwd=REPO, text=True)
     assert out.split() == ["False", "False"]
+
+
+def test_a_culture_with_one_row_still_trains_with_in_sample_validation(encoder):
+    from cm_ray.serve.router import train_router
+
+    pairs = [("Fancy a cuppa and a biscuit?", "GB"), ("It's chucking it down, innit", "GB"),
+             ("¿Vamos por unos tacos al pastor?", "MX")]
+    router, metrics = train_router(pairs, [], encoder)
+    assert router.cultures == ["GB", "MX"] and metrics["n_validation"] == 3
+    assert "in-sample" in metrics["note"]
+    assert router.predict(["¿Unos tacos al pastor?"])[0][0] in {"MX", "none"}
+    assert router.probabilities(["Cheers mate"]).shape == (1, 2)
