@@ -84,5 +84,22 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+def job_main(command: str, description: str | None = None, argv: list[str] | None = None) -> int:
+    """Entry point of ``jobs/<command>.py``: ``--config CONFIG [key=value ...] [--force]``."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="run YAML, e.g. configs/paper.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lora_r=16")
+    p.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
+    if command == "serve":
+        # A job leaves the app deployed on the cluster after its smoke request, unless asked not to.
+        p.add_argument("--smoke-only", action="store_true", help="deploy, answer one request, shut down")
+    args = p.parse_args(argv)
+    forwarded = [command, args.config, *args.overrides] + (["--force"] if args.force else [])
+    if command == "serve" and not args.smoke_only:
+        forwarded.append("--keep-serving")
+    return main(forwarded)
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -19,6 +19,14 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+_STARTED_LOCAL = False
+
+
+def owns_cluster() -> bool:
+    """True when init_ray started a local cluster that ends with this process (no address)."""
+    return _STARTED_LOCAL
+
+
 def init_ray(cfg=None, **overrides) -> None:
     """``ray.init`` once: join ``cfg.ray.address`` / ``RAY_ADDRESS`` or start a local cluster."""
     import ray
@@ -40,3 +48,5 @@ def init_ray(cfg=None, **overrides) -> None:
         kwargs["include_dashboard"] = getattr(rcfg, "include_dashboard", True)
     kwargs.update(overrides)
     ray.init(**kwargs)
+    global _STARTED_LOCAL
+    _STARTED_LOCAL = "address" not in kwargs

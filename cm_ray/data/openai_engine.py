@@ -11,10 +11,10 @@ import asyncio
 import os
 import random
 import time
-from email.utils import parsedate_to_datetime
 from typing import Any, Callable
 
 from cm_ray.data.engines import Generation, GenerationParams
+from cm_ray.data.search import parse_retry_after
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -37,17 +37,8 @@ class RateLimiter:
             await asyncio.sleep(delay)
 
 
-def retry_after_s(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
+# One parser for Retry-After, shared with the search stage (same HTTP semantics).
+retry_after_s = parse_retry_after
 
 
 class OpenAIEngine:

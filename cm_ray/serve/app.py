@@ -312,7 +312,7 @@ def run_serve(cfg, store, force: bool = False, keep_serving: bool = False) -> di
     """
     import urllib.request
 
-    from cm_ray.ray_utils import init_ray
+    from cm_ray.ray_utils import init_ray, owns_cluster
 
     init_ray(cfg)
     s = cfg.serve
@@ -343,6 +343,10 @@ def run_serve(cfg, store, force: bool = False, keep_serving: bool = False) -> di
                    "headline": f"{answer['culture']} (p={answer['router_confidence']:.2f}) answered "
                                f"in {latency_ms:.0f} ms: {text[:40]!r}"}
         if keep_serving:
+            if not owns_cluster():
+                # On a cluster (ray job submit, ray.address) Serve outlives this driver: leave it up.
+                print(f"cm_ray: deployed at {url}/v1", file=sys.stderr, flush=True)
+                return summary
             print(f"cm_ray: serving at {url}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
             try:
                 while True:
@@ -351,6 +355,7 @@ def run_serve(cfg, store, force: bool = False, keep_serving: bool = False) -> di
                 pass
         return summary
     finally:
-        serve.delete(s.app_name)
-        if not serve.status().applications:
-            serve.shutdown()
+        if not (keep_serving and not owns_cluster()):
+            serve.delete(s.app_name)
+            if not serve.status().applications:
+                serve.shutdown()
