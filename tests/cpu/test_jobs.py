@@ -151,7 +151,9 @@ def test_serve_deploy_from_yaml_answers_over_http(ray_head, served_root, tiny_mo
     app = spec["applications"][0]
     app["args"]["overrides"] = [*app["args"]["overrides"], f"root={served_root}",
                                 f"models.base={tiny_model_dir}", "serve.max_new_tokens=8"]
-    app.setdefault("runtime_env", {})["working_dir"] = str(REPO)
+    # Serve configs take only remote working_dirs; the head's nodes import cm_ray from the
+    # installed package (as the cluster image does), so the run config is named by absolute path.
+    app["args"]["config"] = str(REPO / app["args"]["config"])
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(spec))
     r = subprocess.run([str(BIN / "serve"), "deploy", str(path), "--address", ray_head["address"]],
