@@ -121,3 +121,38 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> str:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+class LoopbackChatServer:
+    """An OpenAI-compatible chat-completions server on 127.0.0.1, in its own thread and loop.
+
+    Subclasses implement ``async def handle(self, request)``; ``url`` is the ``/v1`` base URL.
+    """
+
+    def __init__(self):
+        import asyncio
+        import threading
+
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.handle)
+        self.runner = web.AppRunner(app)
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(self._start(web), self.loop).result()
+
+    async def _start(self, web):
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+
+    async def handle(self, request):
+        raise NotImplementedError
+
+    def close(self):
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result()
+        self.loop.call_soon_threadsafe(self.loop.stop)

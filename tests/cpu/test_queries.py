@@ -6,13 +6,13 @@ python -m pytest tests/cpu/test_queries.py -q
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import threading
 from collections import Counter
 
 import pytest
+
+from tests.conftest import LoopbackChatServer
 
 from cm_ray.config import ConfigError, load_config
 from cm_ray.data.queries import (assemble, build_query_messages, parse_queries, query_id, run_queries,
@@ -77,25 +77,12 @@ def test_config_rejects_unknown_kinds():
         load_config(None, ["queries.kinds=[specific, local]"])
 
 
-class QueryLLM:
+class QueryLLM(LoopbackChatServer):
     """OpenAI-compatible server on 127.0.0.1 answering query prompts with a duplicate and a placeholder."""
 
     def __init__(self):
-        from aiohttp import web
-
         self.requests: list[dict] = []
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.handle)
-        self.runner = web.AppRunner(app)
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        asyncio.run_coroutine_threadsafe(self._start(web), self.loop).result()
-
-    async def _start(self, web):
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+        super().__init__()
 
     async def handle(self, request):
         from aiohttp import web
@@ -110,10 +97,6 @@ class QueryLLM:
                                   "choices": [{"index": 0, "finish_reason": "stop",
                                                "message": {"role": "assistant", "content": text}}],
                                   "usage": {"prompt_tokens": 5, "completion_tokens": 5}})
-
-    def close(self):
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result()
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 @pytest.fixture(scope="module")

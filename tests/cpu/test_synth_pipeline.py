@@ -9,12 +9,12 @@ python -m pytest tests/cpu/test_synth_pipeline.py -q
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import threading
 
 import pytest
+
+from tests.conftest import LoopbackChatServer
 
 from cm_ray.config import load_config
 from cm_ray.data.pipeline import SYNTH_COLUMNS, read_synth, run_synthesis
@@ -23,26 +23,13 @@ from cm_ray.storage import ArtifactStore
 CULTURES, TASKS = ["GB", "MX"], ["offensive", "survey"]
 
 
-class FakeLLM:
+class FakeLLM(LoopbackChatServer):
     """OpenAI-compatible server. Synthesis prompts get a sample built from the focused snippet
     (label = the asked-for label, sources = [focus]); prompts focused on [S3] get prose (no JSON)."""
 
     def __init__(self):
-        from aiohttp import web
-
         self.requests: list[str] = []
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.handle)
-        self.runner = web.AppRunner(app)
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        asyncio.run_coroutine_threadsafe(self._start(web), self.loop).result()
-
-    async def _start(self, web):
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+        super().__init__()
 
     @staticmethod
     def answer(user: str) -> str:
@@ -68,10 +55,6 @@ class FakeLLM:
                                   "choices": [{"index": 0, "finish_reason": "stop",
                                                "message": {"role": "assistant", "content": text}}],
                                   "usage": {"prompt_tokens": 10, "completion_tokens": 10}})
-
-    def close(self):
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result()
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 @pytest.fixture(scope="module")
