@@ -257,8 +257,7 @@ def synth_pairs(store) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     return train, val
 
 
-def run_router_training(cfg, store, force: bool = False) -> dict:
-    """Stage ``route``: train the router on the synthetic inputs and save it under ``router/``."""
+def _fit_and_save(cfg, store) -> dict:
     t0 = time.time()
     train, val = synth_pairs(store)
     if not train:
@@ -269,9 +268,31 @@ def run_router_training(cfg, store, force: bool = False) -> dict:
     router.save(store, "router")
     metrics["seconds"] = round(time.time() - t0, 1)
     store.write_json(metrics, "router", "metrics.json")
-    return {"cultures": len(router.cultures), "n_train": metrics["n_train"],
+    return metrics
+
+
+def _fit_remote(cfg_dict: dict, root: str) -> dict:
+    from cm_ray.config import config_from_dict
+    from cm_ray.storage import ArtifactStore
+
+    return _fit_and_save(config_from_dict(cfg_dict), ArtifactStore(root))
+
+
+def run_router_training(cfg, store, force: bool = False) -> dict:
+    """Stage ``route``: train the router on the synthetic inputs and save it under ``router/``.
+
+    The fit runs in one Ray task (1 CPU), not in the driver: reading every synthetic input and
+    loading the encoder there would make the driver's memory grow with the number of cultures.
+    """
+    import ray
+
+    from cm_ray.ray_utils import init_ray
+
+    init_ray(cfg)
+    task = ray.remote(num_cpus=1, max_retries=1)(_fit_remote)
+    metrics = ray.get(task.remote(cfg.to_dict(), store.root))
+    return {"cultures": len(metrics["cultures"]), "n_train": metrics["n_train"],
             "n_validation": metrics["n_validation"], "accuracy": metrics["accuracy"],
             "ece": metrics.get("ece"), "router": store.uri("router"),
             "headline": f"router accuracy {metrics['accuracy']:.2f} on {metrics['n_validation']} "
-                        f"validation inputs, {len(router.cultures)} cultures"}
-
+                        f"validation inputs, {len(metrics['cultures'])} cultures"}

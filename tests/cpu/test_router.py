@@ -150,7 +150,7 @@ def test_missing_router_raises_a_clear_error(tmp_path):
         load_router(ArtifactStore(str(tmp_path)))
 
 
-def test_route_stage_trains_from_synth_rows_on_s3(s3_root):
+def test_route_stage_trains_from_synth_rows_on_s3(s3_root, ray_local):
     store = ArtifactStore(s3_root)
     for culture, texts in TEXTS.items():
         rows = [{"id": f"{culture}-{i}", "culture": culture, "task": "offensive",
