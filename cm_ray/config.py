@@ -394,6 +394,31 @@ class ServeConfig:
                f"must start with '/', got {self.route_prefix!r}")
 
 
+RECIPE_OPTIONS: dict[str, dict[str, Any]] = {
+    "culturemanager": {},
+    "culturespa": {"questions_per_topic": int, "topics": list, "rounds": int, "real_examples": int,
+                   "generated_examples": int, "question_max_new_tokens": int},
+    "clca": {"scenarios_per_culture": int, "max_turns": int, "turn_max_new_tokens": int,
+             "judge_max_new_tokens": int, "turn_format": ("json", "text")},
+}
+"""Known ``recipe_options`` per recipe: a type, or the tuple of allowed values."""
+
+
+def _check_recipe_options(recipe: str, options: dict) -> None:
+    known = RECIPE_OPTIONS.get(recipe, {})
+    for key, value in options.items():
+        where = f"recipe_options.{key}"
+        _check(key in known, where, f"unknown option for recipe {recipe} (known: {', '.join(sorted(known)) or 'none'})")
+        want = known[key]
+        if isinstance(want, tuple):
+            _check(value in want, where, f"must be one of {', '.join(want)}, got {value!r}")
+        elif want is int:
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, where,
+                   f"expected a non-negative integer, got {value!r}")
+        else:
+            _check(isinstance(value, want), where, f"expected a {want.__name__}, got {value!r}")
+
+
 @dataclass
 class EvalConfig:
     data_dir: str | None = None
@@ -461,13 +486,14 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     recipe_options: dict = field(default_factory=dict)
-    """Free-form settings of the CultureSPA / CLCA recipes."""
+    """Settings of the CultureSPA / CLCA recipes (see RECIPE_OPTIONS), checked at load."""
 
     def __post_init__(self):
         from cm_ray.cultures import normalize_culture
 
         _check(self.recipe in ("culturemanager", "culturespa", "clca"), "recipe",
                f"must be culturemanager, culturespa or clca, got {self.recipe!r}")
+        _check_recipe_options(self.recipe, self.recipe_options)
         _check(len(self.cultures) > 0, "cultures", "must list at least one culture")
         keys = []
         for i, c in enumerate(self.cultures):

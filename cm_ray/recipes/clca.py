@@ -14,12 +14,17 @@ utterance gets a short intent; (5) rows: the dialogue from each speaker's side (
 ``clca_dialogue``) and intent prediction (task ``clca_intent``), multi-turn ``messages``.
 
 ``recipe_options`` (all optional): scenarios_per_culture (1), max_turns (6), turn_max_new_tokens
-(64), judge_max_new_tokens (96).
+(64), judge_max_new_tokens (96), turn_format (json). ``turn_format: json`` asks for the seed's
+``{"action", "output"}`` per turn; ``text`` asks for the next line only and reads the action off it
+(``*...*`` non-verbal, ``[leave]`` leave, nothing said: none, else speak; kept to two sentences).
+Small models (SmolLM2-135M) answer the JSON form with "leave" on the first turn almost every time
+but do write a spoken line in the text form.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from cm_ray.config import Config
@@ -111,12 +116,50 @@ def persona_system(d: dict, k: int) -> str:
             f"({other['background']}). Behave as people of this culture do.")
 
 
-def _turn_request(d: dict) -> dict:
+def _turn_request(d: dict, turn_format: str = "json") -> dict:
     k = len(d["turns"]) % 2
+    if turn_format == "text":
+        me, other = (d["scenario"]["agents"][i]["name"] for i in (k, 1 - k))
+        user = (f"Conversation so far:\n{transcript(d)}\n\nWrite what {me} says next to {other}: one or two "
+                "sentences, in character, nothing else. (A gesture instead: *like this*. To end the "
+                "conversation: [leave].)")
+        return {"d": d, "messages": [{"role": "system", "content": persona_system(d, k)},
+                                     {"role": "user", "content": user}]}
     user = (f"Conversation so far:\n{transcript(d)}\n\nIt is your turn. Choose an action (none, non-verbal, "
             'speak, leave) and its output. Reply with JSON only: {"action": "...", "output": "..."}')
     return {"d": d, "messages": [{"role": "system", "content": persona_system(d, k)},
                                  {"role": "user", "content": user}], "json_schema": TURN_SCHEMA}
+
+
+_LABEL = re.compile(r"^\s*[\"']?[^\s:\"'][^:\n]{0,30}:\s+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def parse_text_turn(text: str) -> dict | None:
+    """A free-text turn as ``{"action", "output"}``; None when there is nothing usable.
+
+    The text up to the next ``Name:`` line counts, without its own leading label or enclosing
+    quotes, cut to two sentences.
+    """
+    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
+    if not lines:
+        return {"action": "none", "output": ""}
+    said = [_LABEL.sub("", lines[0], count=1)]
+    for ln in lines[1:]:
+        if _LABEL.match(ln):
+            break  # the model went on to write the other side
+        said.append(ln)
+    line = " ".join(said).strip()
+    if len(line) > 1 and line[0] == line[-1] == '"':
+        line = line[1:-1].strip()
+    if "[leave]" in line.lower():
+        return {"action": "leave", "output": re.sub(r"\[leave\]", "", line, flags=re.I).strip()}
+    if len(line) > 2 and line.startswith("*") and line.endswith("*") and "*" not in line[1:-1]:
+        return {"action": "non-verbal", "output": line[1:-1].strip()}
+    line = " ".join(_SENTENCE_END.split(line)[:2]).strip()
+    if not any(ch.isalpha() for ch in line):
+        return None
+    return {"action": "speak", "output": line}
 
 
 def should_drop(verdict: dict) -> bool:
@@ -157,6 +200,7 @@ def run_clca_data(cfg: Config, store: Any, force: bool = False) -> dict:
     n_scen = int(opts.get("scenarios_per_culture", 1))
     max_turns = int(opts.get("max_turns", 6))
     turn_tokens, judge_tokens = int(opts.get("turn_max_new_tokens", 64)), int(opts.get("judge_max_new_tokens", 96))
+    turn_format = opts.get("turn_format", "json")
     drops = Drops()
 
     # 1. Culture-adapted scenarios.
@@ -186,11 +230,12 @@ def run_clca_data(cfg: Config, store: Any, force: bool = False) -> dict:
         active = [d for d in dialogues if d["open"]]
         if not active:
             break
-        for out in llm(cfg, [_turn_request(d) for d in active], max_new_tokens=turn_tokens, temperature=0.7,
-                       seed=cfg.seed + t):
+        for out in llm(cfg, [_turn_request(d, turn_format) for d in active], max_new_tokens=turn_tokens,
+                       temperature=0.7, seed=cfg.seed + t):
             d = out["d"]
             try:
-                turn = parse_json(out["generated_text"])
+                turn = (parse_text_turn(out["generated_text"]) if turn_format == "text"
+                        else parse_json(out["generated_text"]))
                 ok = isinstance(turn, dict) and turn.get("action") in ACTIONS and isinstance(turn.get("output"), str)
             except ValueError:
                 ok = False

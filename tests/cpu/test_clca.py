@@ -45,6 +45,26 @@ def test_scenario_validation_reasons():
                              "agents": [AGENTS[0], {**AGENTS[1], "goal": " "}]}) == "incomplete_agent"
 
 
+@pytest.mark.parametrize("text,turn", [
+    ("Li Wei: Sorry to bother you. It is late. Could you help?\nZhang Min: No.",
+     {"action": "speak", "output": "Sorry to bother you. It is late."}),
+    ('"Good evening, Zhang Min."', {"action": "speak", "output": "Good evening, Zhang Min."}),
+    ("*bows slightly*", {"action": "non-verbal", "output": "bows slightly"}),
+    ("Goodnight then. [leave]", {"action": "leave", "output": "Goodnight then."}),
+    ("   ", {"action": "none", "output": ""}),
+    ("... !!", None),
+])
+def test_text_turns_read_the_action_off_the_line(text, turn):
+    assert R.parse_text_turn(text) == turn
+
+
+def test_text_turn_requests_carry_no_schema_and_name_the_speaker():
+    d = {**DIALOGUE, "turns": DIALOGUE["turns"][:1]}
+    req = R._turn_request(d, "text")
+    assert "json_schema" not in req and "Zhang Min says next to Li Wei" in req["messages"][1]["content"]
+    assert R._turn_request(d)["json_schema"] == R.TURN_SCHEMA
+
+
 def test_views_are_each_speakers_side_and_intents():
     views = R.dialogue_views(DIALOGUE)
     assert [t for t, _ in views] == ["clca_dialogue", "clca_dialogue", "clca_intent"]
