@@ -173,13 +173,15 @@ def generate(ds: "ray.data.Dataset", cfg: Config, *, max_new_tokens: int, temper
     Returns:
         The dataset with the output columns of the module docstring added.
     """
+    import ray.data
+
     kind = engine or cfg.synthesis.engine
     params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                   seed=cfg.seed if seed is None else seed)
     if kind == "vllm":
         return build_vllm_processor(cfg, params)(ds)
-    common = dict(batch_size=cfg.synthesis.batch_size, concurrency=cfg.synthesis.concurrency,
-                  batch_format="numpy")
+    common = dict(batch_size=cfg.synthesis.batch_size, batch_format="numpy",
+                  compute=ray.data.ActorPoolStrategy(size=cfg.synthesis.concurrency))
     if kind == "openai":
         return ds.map_batches(AsyncGeneratorUDF, fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "params": params},
                               num_cpus=0.25, **common)

@@ -127,7 +127,7 @@ def build_synthesis_dataset(cfg: Config, pairs: list[tuple[str, str]]):
     ds = ds.map_batches(parse_generations, fn_kwargs={"require_sources": scfg.require_sources},
                         batch_format="numpy")
     if scfg.relevance_filter == "embedding":
-        ds = ds.map_batches(F.RelevanceScorer, batch_format="numpy", concurrency=1,
+        ds = ds.map_batches(F.RelevanceScorer, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
                             fn_constructor_kwargs={"encoder": cfg.models.encoder,
                                                    "cache_dir": cfg.models.cache_dir})
     elif scfg.relevance_filter == "judge":

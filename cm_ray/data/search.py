@@ -457,7 +457,7 @@ def _search_on_ray(cfg: Config, misses: list[dict], key_env: dict, results: dict
         remote_args["runtime_env"] = {"env_vars": key_env}
     ds = ray.data.from_arrow(table).repartition(blocks).map_batches(
         WebSearcher, fn_constructor_kwargs={"search_cfg": dataclasses.asdict(scfg), "buckets": buckets},
-        batch_size=scfg.batch_size, batch_format="pyarrow", concurrency=scfg.concurrency,
+        batch_size=scfg.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=scfg.concurrency),
         **remote_args)
     calls, since_flush = 0, 0
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
