@@ -196,7 +196,8 @@ def load_corpus(uri: str | None = None) -> list[dict]:
 class BM25Provider:
     """BM25 (rank-bm25) over passages of the query's culture plus culture-free ones.
 
-    A culture with no passages of its own is searched over the whole corpus.
+    A culture with no passages of its own gets culture-free passages only, never another
+    culture's: a sample grounded in Mexican passages would teach a Peruvian adapter Mexico.
     """
 
     name = "bm25"
@@ -211,7 +212,10 @@ class BM25Provider:
 
             own = [p for p in self.passages if (p.get("culture") or "").upper() == culture]
             general = [p for p in self.passages if not p.get("culture")]
-            docs = own + general if own else self.passages
+            docs = own + general
+            if not docs:
+                self._indexes[culture] = (None, [], [])
+                return self._indexes[culture]
             tokens = [tokenize(f"{p.get('title', '')} {p['text']}") or ["_"] for p in docs]
             # BM25+ keeps idf positive in small corpora (Okapi's is 0 for a term in half the docs).
             self._indexes[culture] = (BM25Plus(tokens), docs, [set(t) for t in tokens])
@@ -219,6 +223,8 @@ class BM25Provider:
 
     def search(self, query: str, culture: str, locale: str, top_k: int) -> list[dict]:
         bm25, docs, vocab = self._index(culture.upper())
+        if not docs:
+            return []
         terms = tokenize(query)
         scores = bm25.get_scores(terms)
         # Only passages sharing a term with the query (BM25+ gives every passage a floor score).

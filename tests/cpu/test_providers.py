@@ -299,6 +299,12 @@ def test_bm25_prefers_the_query_culture_and_returns_top_k():
     assert gb[0]["title"] == "Tipping in the United Kingdom"
 
 
+def test_bm25_never_gives_a_culture_another_cultures_passages():
+    bm25 = BM25Provider()
+    hits = bm25.search("tipping in restaurants offensive jokes family", "PE", "es-PE", 10)
+    assert hits and all(h["url"].startswith("corpus://cm_ray/general-") for h in hits)
+
+
 def test_bm25_matches_chinese_queries_character_by_character():
     hits = BM25Provider().search("网络上的冒犯性言论", "CN", "zh-CN", 3)
     assert hits and hits[0]["title"] == "网络上的冒犯性言论"
@@ -317,6 +323,11 @@ def test_bm25_reads_a_user_corpus_as_jsonl_or_parquet(tmp_path):
     for name in ("c.jsonl", "c.parquet"):
         hits = BM25Provider(str(tmp_path / name)).search("sauna family", "FI", "fi-FI", 5)
         assert [h["url"] for h in hits] == ["https://x/a"]
+        # no passages for JP and none culture-free but "b": only "b" can match, and does not
+        assert BM25Provider(str(tmp_path / name)).search("sauna family", "JP", "ja-JP", 5) == []
+    only_fi = [r for r in rows if r["culture"]]
+    (tmp_path / "fi.jsonl").write_text("\n".join(json.dumps(r) for r in only_fi))
+    assert BM25Provider(str(tmp_path / "fi.jsonl")).search("sauna", "JP", "ja-JP", 5) == []
     (tmp_path / "bad.jsonl").write_text('{"id": "x"}\n')
     with pytest.raises(ValueError, match="passage 0 .* has no 'text'"):
         load_corpus(str(tmp_path / "bad.jsonl"))
