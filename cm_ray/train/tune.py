@@ -63,6 +63,15 @@ def _phase_sources(cfg: Config, store, adapter: str) -> list[list[tuple[str, lis
     return [[(adapter, tasks)]]
 
 
+def has_data(cfg: Config, store, adapter: str) -> bool:
+    """Whether every training phase of ``adapter`` has at least one synth partition to read."""
+    for sources in _phase_sources(cfg, store, adapter):
+        if not any(store.files("synth", f"culture={c}", f"task={t}", suffix=".parquet")
+                   for c, tasks in sources for t in tasks):
+            return False
+    return True
+
+
 def build_datasets(cfg: Config, store, adapter: str) -> tuple[dict, list[tuple[str, int]]]:
     """Tokenized, materialized Ray Datasets for one adapter: ``train_<i>`` per phase + ``validation``.
 
@@ -193,6 +202,10 @@ def run_training(cfg: Config, store, force: bool = False, fault: dict | None = N
     names = adapter_names(cfg)
     skipped = [n for n in names if not force and adapter_complete(store, n)]
     todo = [n for n in names if n not in skipped]
+    # Cultures whose synthesis kept nothing get no trial (each costs a worker start-up); the stage
+    # stays incomplete so that a rerun after more synthesis picks them up.
+    no_data = [n for n in todo if not has_data(cfg, store, n)]
+    todo = [n for n in todo if n not in no_data]
     results = {}
     if todo:
         init_ray(cfg)
@@ -208,8 +221,11 @@ def run_training(cfg: Config, store, force: bool = False, fault: dict | None = N
                                          for n, m in sorted(ok.items()) if m.get("final_loss") is not None)
     if tps:
         headline += f"; {sum(tps) / len(tps):.0f} tok/s/trial"
+    if no_data:
+        headline += f"; no synth data: {', '.join(no_data)}"
     if failed:
         headline += f"; FAILED: {', '.join(sorted(failed))}"
     return {"mode": cfg.train.mode, "adapters": names, "trained": sorted(ok), "skipped": skipped,
-            "failed": failed, "per_adapter": per, "tokens_per_s_mean": (sum(tps) / len(tps)) if tps else None,
-            "complete": not failed, "headline": headline}
+            "no_data": no_data, "failed": failed, "per_adapter": per,
+            "tokens_per_s_mean": (sum(tps) / len(tps)) if tps else None,
+            "complete": not failed and not no_data, "headline": headline}

@@ -3,7 +3,7 @@
 TORCH_EXTENSIONS_DIR=/root/.cache/cm_ray/torch_extensions python -m pytest tests/cpu/test_train.py -q -x
 
 Two runs share one local Ray session (each Train worker costs 20-30 s to start):
-  * ZeRO-2 on the S3 (moto) store: cultures GB, CN, MX as parallel trials plus BR with broken data;
+  * ZeRO-2 on the S3 (moto) store: cultures GB, CN, MX as parallel trials, BR with broken data, PE with none;
     GB's worker kills itself once mid-run and must resume from its checkpoint; then a rerun.
   * ZeRO-3, joint mode on a local store: the adapter must hold real weights.
 """
@@ -77,7 +77,7 @@ def test_parallel_culture_trials_resume_isolate_failures_and_skip_on_rerun(
         write_synth(store, c)
     store.write_bytes(b"not a parquet file", "synth", "culture=BR", "task=offensive", "part-0.parquet")
     store.write_bytes(b"not a parquet file", "synth", "culture=BR", "task=survey", "part-0.parquet")
-    cfg = _cfg(s3_root, tiny_model_dir, "cultures=[GB, CN, MX, BR]", "train.joint_baseline=false",
+    cfg = _cfg(s3_root, tiny_model_dir, "cultures=[GB, CN, MX, BR, PE]", "train.joint_baseline=false",
                "train.checkpoint_every_steps=2")
     marker = tmp_path / "gb-crashed"
     summary = run_training(cfg, store, fault={"GB": {"at_step": 5, "marker": str(marker)}})
@@ -86,6 +86,8 @@ def test_parallel_culture_trials_resume_isolate_failures_and_skip_on_rerun(
     assert summary["trained"] == ["CN", "GB", "MX"]
     assert list(summary["failed"]) == ["BR"] and summary["complete"] is False
     assert "1 failed" in summary["headline"] and "BR" in summary["headline"]
+    # PE has no synth partition at all: no trial is spent on it, and the summary names it.
+    assert summary["no_data"] == ["PE"] and "no synth data: PE" in summary["headline"]
 
     metrics = {c: store.read_json("adapters", c, "metrics.json") for c in ("GB", "CN", "MX")}
     for c, m in metrics.items():
