@@ -5,7 +5,8 @@
 - ``joint``: the all-culture adapter (``adapters/_joint``) with the culture system prompt.
 - ``culturemanager``: the router reads the request (system prompt + user text) and picks a
   culture adapter; ``none`` or a culture without an adapter falls back to the base model.
-- ``oracle``: the true culture's adapter (perfect routing: CultureManager's upper bound).
+- ``oracle``: the true culture's adapter (perfect routing: CultureManager's upper bound); the base
+  model for a culture that has no adapter.
 
 Closed-form answers (labels, option numbers) are scored by the log-probability of each full answer
 (answer tokens + end of turn) after the chat prompt, so the model's whole answer distribution is
@@ -161,8 +162,8 @@ def plan_routes(system: str, culture: str, request_texts: Sequence[str], adapter
     if system == "joint":
         jp = joint_prompt.format(culture_name=get_culture(culture).name, culture=culture) if joint_prompt else sysp
         return [Route(JOINT, jp)] * n
-    if system == "oracle":
-        return [Route(culture, sysp)] * n
+    if system == "oracle":  # a culture without an adapter is served by the base model, as in Serve
+        return [Route(culture if culture in adapters else None, sysp)] * n
     if system == "culturemanager":
         if router is None:
             raise ValueError("culturemanager needs a router")

@@ -76,6 +76,8 @@ def test_routes_per_system():
     prompted = S.plan_routes("prompted", "MX", texts, CULTURES)[0]
     assert prompted.adapter is None and "Mexico" in prompted.system
     assert S.plan_routes("oracle", "MX", texts, CULTURES)[0].adapter == "MX"
+    no_mx = S.plan_routes("oracle", "MX", texts, ["GB", "CN"])[0]  # MX trained nothing: base model
+    assert no_mx.adapter is None and "Mexico" in no_mx.system
     joint = S.plan_routes("joint", "MX", texts, CULTURES, joint_prompt="You are a person from {culture_name}.")[0]
     assert joint == S.Route("_joint", "You are a person from Mexico.")
     seen = []
