@@ -94,6 +94,9 @@ def direct_vllm(args) -> dict:
     proc.start()
     out = queue.get(timeout=1200)
     proc.join(60)
+    if proc.is_alive():  # seen: the engine core's shutdown can hang the child after its result is in
+        proc.kill()
+        proc.join(10)
     return out
 
 
