@@ -161,13 +161,8 @@ def synth_tasks(store, culture: str) -> list[str]:
             if d.startswith("task=")]
 
 
-def read_synth(store, culture: str, tasks: list[str]):
-    """Ray Dataset of a culture's synth rows for ``tasks`` (columns: messages, split).
-
-    Raises FileNotFoundError when none of the tasks has a partition.
-    """
-    import ray.data
-
+def synth_files(store, culture: str, tasks: list[str]) -> list[str]:
+    """Filesystem paths (for ``store.fs``) of a culture's synth parquet files for ``tasks``."""
     from cm_ray.storage import filesystem_and_path
 
     paths = []
@@ -175,6 +170,17 @@ def read_synth(store, culture: str, tasks: list[str]):
         files = store.files("synth", f"culture={culture}", f"task={task}", suffix=".parquet")
         base = filesystem_and_path(store.uri("synth", f"culture={culture}", f"task={task}"))[1]
         paths += [f"{base}/{f}" for f in files]
+    return paths
+
+
+def read_synth(store, culture: str, tasks: list[str]):
+    """Ray Dataset of a culture's synth rows for ``tasks`` (columns: messages, split).
+
+    Raises FileNotFoundError when none of the tasks has a partition.
+    """
+    import ray.data
+
+    paths = synth_files(store, culture, tasks)
     if not paths:
         raise FileNotFoundError(f"no synth data for culture {culture} and tasks {tasks} under "
                                 f"{store.uri('synth')}")

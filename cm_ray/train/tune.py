@@ -64,12 +64,11 @@ def _phase_sources(cfg: Config, store, adapter: str) -> list[list[tuple[str, lis
 
 
 def has_data(cfg: Config, store, adapter: str) -> bool:
-    """Whether every training phase of ``adapter`` has at least one synth partition to read."""
-    for sources in _phase_sources(cfg, store, adapter):
-        if not any(store.files("synth", f"culture={c}", f"task={t}", suffix=".parquet")
-                   for c, tasks in sources for t in tasks):
-            return False
-    return True
+    """Whether every training phase of ``adapter`` has at least one synth file to read."""
+    from cm_ray.train.data import synth_files
+
+    return all(any(synth_files(store, c, tasks) for c, tasks in sources)
+               for sources in _phase_sources(cfg, store, adapter))
 
 
 def build_datasets(cfg: Config, store, adapter: str) -> tuple[dict, list[tuple[str, int]]]:
