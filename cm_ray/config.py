@@ -396,12 +396,12 @@ class ServeConfig:
 
 RECIPE_OPTIONS: dict[str, dict[str, Any]] = {
     "culturemanager": {},
-    "culturespa": {"questions_per_topic": int, "topics": list, "rounds": int, "real_examples": int,
+    "culturespa": {"questions_per_topic": int, "topics": list[Any], "rounds": int, "real_examples": int,
                    "generated_examples": int, "question_max_new_tokens": int},
     "clca": {"scenarios_per_culture": int, "max_turns": int, "turn_max_new_tokens": int,
              "judge_max_new_tokens": int, "turn_format": ("json", "text")},
 }
-"""Known ``recipe_options`` per recipe: a type, or the tuple of allowed values."""
+"""Known ``recipe_options`` per recipe: a type (checked as config fields are), or the allowed values."""
 
 
 def _check_recipe_options(recipe: str, options: dict) -> None:
@@ -412,11 +412,10 @@ def _check_recipe_options(recipe: str, options: dict) -> None:
         want = known[key]
         if isinstance(want, tuple):
             _check(value in want, where, f"must be one of {', '.join(want)}, got {value!r}")
-        elif want is int:
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, where,
-                   f"expected a non-negative integer, got {value!r}")
-        else:
-            _check(isinstance(value, want), where, f"expected a {want.__name__}, got {value!r}")
+            continue
+        _coerce(value, want, where)
+        if want is int:
+            _check(value >= 0, where, f"expected a non-negative integer, got {value!r}")
 
 
 @dataclass
