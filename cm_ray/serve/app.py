@@ -315,6 +315,8 @@ def run_serve(cfg, store, force: bool = False, keep_serving: bool = False) -> di
     from cm_ray.ray_utils import init_ray, owns_cluster
 
     init_ray(cfg)
+    # On a cluster (ray job submit, ray.address) Serve outlives this driver: a kept app stays up.
+    leave_deployed = keep_serving and not owns_cluster()
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})
     t0 = time.time()
@@ -342,11 +344,9 @@ def run_serve(cfg, store, force: bool = False, keep_serving: bool = False) -> di
                    "deploy_s": round(deploy_s, 1), "adapters": n_adapters,
                    "headline": f"{answer['culture']} (p={answer['router_confidence']:.2f}) answered "
                                f"in {latency_ms:.0f} ms: {text[:40]!r}"}
-        if keep_serving:
-            if not owns_cluster():
-                # On a cluster (ray job submit, ray.address) Serve outlives this driver: leave it up.
-                print(f"cm_ray: deployed at {url}/v1", file=sys.stderr, flush=True)
-                return summary
+        if leave_deployed:
+            print(f"cm_ray: deployed at {url}/v1", file=sys.stderr, flush=True)
+        elif keep_serving:
             print(f"cm_ray: serving at {url}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
             try:
                 while True:
@@ -355,7 +355,7 @@ def run_serve(cfg, store, force: bool = False, keep_serving: bool = False) -> di
                 pass
         return summary
     finally:
-        if not (keep_serving and not owns_cluster()):
+        if not leave_deployed:
             serve.delete(s.app_name)
             if not serve.status().applications:
                 serve.shutdown()
