@@ -37,10 +37,6 @@ class RateLimiter:
             await asyncio.sleep(delay)
 
 
-# One parser for Retry-After, shared with the search stage (same HTTP semantics).
-retry_after_s = parse_retry_after
-
-
 class OpenAIEngine:
     """Chat completions over HTTP; ``generate`` is sync, ``agenerate`` async (for Ray Data UDFs)."""
 
@@ -130,7 +126,7 @@ class OpenAIEngine:
                     error = f"HTTP {resp.status}: {text}"
                     if resp.status not in RETRY_STATUS:
                         break
-                    wait = retry_after_s(resp.headers.get("Retry-After"))
+                    wait = parse_retry_after(resp.headers.get("Retry-After"))
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 error = f"{type(e).__name__}: {e}"
             if attempt < self.max_retries:

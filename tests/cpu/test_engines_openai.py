@@ -14,7 +14,8 @@ import pytest
 
 from cm_ray.config import load_config
 from cm_ray.data.engines import GenerationParams
-from cm_ray.data.openai_engine import OpenAIEngine, retry_after_s
+from cm_ray.data.openai_engine import OpenAIEngine
+from cm_ray.data.search import parse_retry_after as retry_after_s
 
 
 class ChatServer:
