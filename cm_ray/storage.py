@@ -1,16 +1,7 @@
 """Artifact store: a local directory or ``s3://bucket/prefix``, through ``pyarrow.fs``.
 
-Layout under the root (one culture key names every per-culture thing):
-
-    queries/               generated search queries (Parquet)
-    search/results/        normalized search hits (Parquet)  search/cache/  provider cache
-    synth/culture=XX/task=T/part-*.parquet                    synthesized samples
-    adapters/<culture>/    PEFT layout: adapter_config.json + adapter_model.safetensors
-    adapters/_joint/       the all-culture adapter
-    router/                router head + metrics
-    checkpoints/           Ray Train checkpoints
-    manifests/<stage>.json what each stage wrote, with counts
-    eval/                  tables and plots
+The store knows bytes, JSON, Parquet and directories; what lives where under the root is the
+artifact contract's (``cm_ray.artifacts``).
 
 S3 endpoints other than AWS (moto, MinIO) come from ``AWS_ENDPOINT_URL``, as boto3 reads it.
 """
@@ -73,8 +64,10 @@ class ArtifactStore:
         """The user-facing URI of a path under the root (what Ray Data and PEFT are given)."""
         return posixpath.join(self.root, *parts) if parts else self.root
 
-    def _p(self, *parts: str) -> str:
+    def fs_path(self, *parts: str) -> str:
+        """The path of ``parts`` inside ``self.fs`` (what pyarrow readers are given)."""
         return posixpath.join(self._base, *parts) if parts else self._base
+
 
     @property
     def is_s3(self) -> bool:
@@ -84,27 +77,27 @@ class ArtifactStore:
     def exists(self, *parts: str) -> bool:
         import pyarrow.fs as pafs
 
-        return self.fs.get_file_info(self._p(*parts)).type != pafs.FileType.NotFound
+        return self.fs.get_file_info(self.fs_path(*parts)).type != pafs.FileType.NotFound
 
     def listdir(self, *parts: str) -> list[str]:
         """Names directly under a directory (sorted); [] when it does not exist."""
         import pyarrow.fs as pafs
 
-        sel = pafs.FileSelector(self._p(*parts), allow_not_found=True, recursive=False)
+        sel = pafs.FileSelector(self.fs_path(*parts), allow_not_found=True, recursive=False)
         return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel))
 
     def files(self, *parts: str, suffix: str = "") -> list[str]:
         """Relative paths of all files under a directory, recursively."""
         import pyarrow.fs as pafs
 
-        base = self._p(*parts)
+        base = self.fs_path(*parts)
         sel = pafs.FileSelector(base, allow_not_found=True, recursive=True)
         return sorted(posixpath.relpath(i.path, base) for i in self.fs.get_file_info(sel)
                       if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
     # -- bytes / json ----------------------------------------------------------------------
     def write_bytes(self, data: bytes, *parts: str) -> str:
-        path = self._p(*parts)
+        path = self.fs_path(*parts)
         self.fs.create_dir(posixpath.dirname(path), recursive=True)
         # Write to a temporary name then move, so readers never see half a file (local);
         # S3 PUTs are atomic already.
@@ -119,7 +112,7 @@ class ArtifactStore:
         return self.uri(*parts)
 
     def read_bytes(self, *parts: str) -> bytes:
-        with self.fs.open_input_stream(self._p(*parts)) as f:
+        with self.fs.open_input_stream(self.fs_path(*parts)) as f:
             return f.read()
 
     def write_json(self, obj: Any, *parts: str) -> str:
@@ -131,11 +124,11 @@ class ArtifactStore:
     def delete(self, *parts: str) -> None:
         import pyarrow.fs as pafs
 
-        info = self.fs.get_file_info(self._p(*parts))
+        info = self.fs.get_file_info(self.fs_path(*parts))
         if info.type == pafs.FileType.Directory:
-            self.fs.delete_dir(self._p(*parts))
+            self.fs.delete_dir(self.fs_path(*parts))
         elif info.type == pafs.FileType.File:
-            self.fs.delete_file(self._p(*parts))
+            self.fs.delete_file(self.fs_path(*parts))
 
     # -- tables ----------------------------------------------------------------------------
     def write_table(self, table: "pa.Table | list[dict]", *parts: str) -> str:
@@ -154,7 +147,7 @@ class ArtifactStore:
         import pyarrow.dataset as pads
         import pyarrow.fs as pafs
 
-        base = self._p(*parts)
+        base = self.fs_path(*parts)
         if self.fs.get_file_info(base).type == pafs.FileType.File:
             return pads.dataset(base, filesystem=self.fs, format="parquet").to_table()
         # Only *.parquet files: a stage may keep its summary.json or temp files beside the data,
@@ -174,7 +167,7 @@ class ArtifactStore:
         """Copy a local directory to ``parts`` under the root (replacing what was there)."""
         import pyarrow.fs as pafs
 
-        dest = self._p(*parts)
+        dest = self.fs_path(*parts)
         if not self.is_s3 and Path(local_dir).resolve() == Path(dest):
             return self.uri(*parts)
         self.delete(*parts)
@@ -188,25 +181,29 @@ class ArtifactStore:
         import pyarrow.fs as pafs
 
         local_dir = Path(local_dir)
-        if not self.is_s3 and Path(self._p(*parts)) == local_dir.resolve():
+        if not self.is_s3 and Path(self.fs_path(*parts)) == local_dir.resolve():
             return local_dir
         if local_dir.exists():
             shutil.rmtree(local_dir)
         local_dir.mkdir(parents=True)
-        pafs.copy_files(self._p(*parts), str(local_dir.resolve()), source_filesystem=self.fs,
+        pafs.copy_files(self.fs_path(*parts), str(local_dir.resolve()), source_filesystem=self.fs,
                         destination_filesystem=pafs.LocalFileSystem())
         return local_dir
 
     def local_path(self, *parts: str) -> Path | None:
         """The local filesystem path for a local store; None on S3."""
-        return None if self.is_s3 else Path(self._p(*parts))
+        return None if self.is_s3 else Path(self.fs_path(*parts))
 
     # -- manifests -------------------------------------------------------------------------
     def write_manifest(self, stage: str, manifest: dict) -> str:
-        return self.write_json(manifest, "manifests", f"{stage}.json")
+        from cm_ray.artifacts import manifest_file
+
+        return self.write_json(manifest, *manifest_file(stage))
 
     def read_manifest(self, stage: str) -> dict | None:
-        return self.read_json("manifests", f"{stage}.json") if self.exists("manifests", f"{stage}.json") else None
+        from cm_ray.artifacts import manifest_file
+
+        return self.read_json(*manifest_file(stage)) if self.exists(*manifest_file(stage)) else None
 
 
 def ensure_bucket(uri: str) -> None:

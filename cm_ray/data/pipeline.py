@@ -194,7 +194,7 @@ def read_synth(store: Any, culture: str | None = None, task: str | None = None) 
     for rel in store.files(*parts, suffix=".parquet"):
         if rel.startswith("_") or "/_" in rel:
             continue
-        with store.fs.open_input_file(store._p(*parts, rel)) as f:
+        with store.fs.open_input_file(store.fs_path(*parts, rel)) as f:
             tables.append(pq.read_table(f))
     return pa.concat_tables(tables) if tables else _schema().empty_table()
 
