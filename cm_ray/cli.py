@@ -1,9 +1,12 @@
-"""``cm-ray`` / ``python -m cm_ray``: run pipeline stages from a config.
+"""cm-ray (also python -m cm_ray and jobs/<command>.py): run pipeline stages from a config.
 
-    cm-ray run configs/demo.yaml                 # every stage in order, existing outputs skipped
+    cm-ray run configs/demo.yaml                 # every stage in order, finished stages skipped
     cm-ray synthesize configs/demo.yaml search.qps=10
     cm-ray train configs/demo.yaml --force
     cm-ray evaluate configs/demo.yaml evaluate.data_dir=../shared/data
+
+The job scripts take the same arguments (python jobs/train.py --config configs/paper.yaml ...):
+each is this entry point with its command filled in.
 """
 
 from __future__ import annotations
@@ -13,20 +16,49 @@ import json
 import sys
 import time
 
-COMMANDS = ["run", "synthesize", "train", "route", "serve", "evaluate"]
+COMMANDS = {
+    "run": "every stage in order: data, train, route, serve (finished stages are skipped)",
+    "synthesize": "the recipe's data stages: queries -> search -> synthesize (or CultureSPA / CLCA data)",
+    "train": "one LoRA adapter per culture as parallel Ray Tune trials (Ray Train + DeepSpeed)",
+    "route": "fit the culture router (encoder + linear head) on the synthesized inputs",
+    "serve": "fit the router if missing, deploy the Ray Serve app, answer one request through it",
+    "evaluate": "score base / prompted / joint / culturemanager / oracle on the public benchmarks",
+    "ablation": "the paper's ablations as config variants, each through the same stages, one table",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cm-ray", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=COMMANDS)
-    p.add_argument("config", help="run YAML, e.g. configs/demo.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lora_r=16")
-    p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
-    p.add_argument("--keep-serving", action="store_true",
-                   help="serve/run: keep the Serve app up after the demo request (Ctrl-C stops)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           title="commands (cm-ray COMMAND --help for its flags)")
+    for name, help_ in COMMANDS.items():
+        c = sub.add_parser(name, help=help_, description=help_)
+        c.add_argument("config", nargs="?", help="run YAML, e.g. configs/demo.yaml")
+        c.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lora_r=16")
+        c.add_argument("--config", dest="config_flag", metavar="CONFIG",
+                       help="the run YAML, as a flag (what jobs/*.py are given)")
+        c.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
+        c.add_argument("--json", action="store_true", help="print the summary as JSON")
+        if name in ("run", "serve"):
+            c.add_argument("--keep-serving", action="store_true",
+                           help="keep the Serve app up after the demo request: blocks here until "
+                                "Ctrl-C on a local cluster, leaves it deployed on a remote one")
+            c.add_argument("--smoke-only", dest="keep_serving", action="store_false",
+                           help="deploy, answer one request, shut the app down (the default)")
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.config_flag:
+        if args.config:  # with --config, every positional word is an override
+            args.overrides.insert(0, args.config)
+        args.config = args.config_flag
+    if not args.config:
+        p.error(f"{args.command}: a config is required (cm-ray {args.command} CONFIG or --config CONFIG)")
+    return args
 
 
 def format_summary(cfg, summaries: dict[str, dict], store_uri: str) -> str:
@@ -47,7 +79,7 @@ def format_summary(cfg, summaries: dict[str, dict], store_uri: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     from cm_ray.config import ConfigError, load_config
 
     try:
@@ -56,24 +88,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cm-ray: invalid config: {e}", file=sys.stderr)
         return 2
 
-    from cm_ray.stages import StageMissing, pipeline, run_stage
+    from cm_ray.stages import pipeline, run_stage
     from cm_ray.storage import ArtifactStore, ensure_bucket
 
     ensure_bucket(cfg.root)
     store = ArtifactStore(cfg.root)
-    summaries: dict[str, dict] = {}
     t0 = time.time()
-    rc = 0
-    for name in pipeline(cfg, args.command):
-        print(f"==> {name}", file=sys.stderr, flush=True)
-        kwargs = {"keep_serving": args.keep_serving} if name == "serve" else {}
-        try:
+    if args.command == "ablation" or (args.command == "evaluate" and cfg.evaluate.ablation):
+        from cm_ray.eval.ablation import run_ablation
+
+        summaries = {"ablation": run_ablation(cfg, store, force=args.force)}
+    else:
+        summaries = {}
+        for name in pipeline(cfg, args.command):
+            print(f"==> {name}", file=sys.stderr, flush=True)
+            kwargs = {"keep_serving": args.keep_serving} if name == "serve" else {}
             summaries[name] = run_stage(name, cfg, store, force=args.force, **kwargs)
-        except StageMissing as e:
-            print(f"cm-ray: {e}", file=sys.stderr)
-            summaries[name] = {"status": "missing", "headline": "not implemented yet"}
-            rc = 3
-            break
     total = time.time() - t0
     if args.json:
         print(json.dumps({"summaries": summaries, "seconds": total, "root": store.root},
@@ -81,24 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(format_summary(cfg, summaries, store.root))
         print(f"total: {total:.0f}s")
-    return rc
+    return 0
 
 
-def job_main(command: str, description: str | None = None, argv: list[str] | None = None) -> int:
-    """Entry point of ``jobs/<command>.py``: ``--config CONFIG [key=value ...] [--force]``."""
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="run YAML, e.g. configs/paper.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lora_r=16")
-    p.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
-    if command == "serve":
-        # A job leaves the app deployed on the cluster after its smoke request, unless asked not to.
-        p.add_argument("--smoke-only", action="store_true", help="deploy, answer one request, shut down")
-    args = p.parse_args(argv)
-    forwarded = [command, args.config, *args.overrides] + (["--force"] if args.force else [])
-    if command == "serve" and not args.smoke_only:
-        forwarded.append("--keep-serving")
-    return main(forwarded)
+def job_main(command: str, argv: list[str] | None = None) -> int:
+    """``jobs/<command>.py``: this CLI with the command filled in (same flags). A serve job leaves
+    the app deployed on the cluster after its smoke request unless given ``--smoke-only``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return main([command, *(["--keep-serving"] if command == "serve" else []), *argv])
 
 
 if __name__ == "__main__":

@@ -1,14 +1,8 @@
-"""Train the culture router (if missing) and deploy the Serve app: router + multiplexed adapters.
+"""Fit the router if missing and deploy the Serve app; it stays deployed (--smoke-only: shut down).
 
     ray job submit --working-dir . -- python jobs/serve.py --config configs/paper.yaml [key=value ...]
 
-The app stays deployed on the cluster after the job answers its smoke request (--smoke-only
-shuts it down again).
-
-Idempotent: a stage whose outputs exist in the artifact root is skipped (pass --force to redo it);
-an interrupted run resumes. Use an absolute or s3:// `root` under `ray job submit`: the job runs
-in a copy of the working dir. Runtime env: the cluster image has cm_ray's dependencies
-(see cluster.yaml); add env vars with --runtime-env-json '{"env_vars": {"SERPER_API_KEY": "..."}}'.
+The same entry point and flags as `cm-ray serve` (see README: Running on a cluster).
 """
 
 import sys
@@ -16,4 +10,4 @@ import sys
 from cm_ray.cli import job_main
 
 if __name__ == "__main__":  # vLLM's engine runs in a child process: keep the guard
-    sys.exit(job_main("serve", __doc__))
+    sys.exit(job_main("serve"))

@@ -1,11 +1,8 @@
-"""Synthesize task-format cultural training data: LLM search queries, async web search, grounded synthesis.
+"""Synthesize task-format cultural training data (queries, async web search, grounded synthesis).
 
     ray job submit --working-dir . -- python jobs/synthesize.py --config configs/paper.yaml [key=value ...]
 
-Idempotent: a stage whose outputs exist in the artifact root is skipped (pass --force to redo it);
-an interrupted run resumes. Use an absolute or s3:// `root` under `ray job submit`: the job runs
-in a copy of the working dir. Runtime env: the cluster image has cm_ray's dependencies
-(see cluster.yaml); add env vars with --runtime-env-json '{"env_vars": {"SERPER_API_KEY": "..."}}'.
+The same entry point and flags as `cm-ray synthesize` (see README: Running on a cluster).
 """
 
 import sys
@@ -13,4 +10,4 @@ import sys
 from cm_ray.cli import job_main
 
 if __name__ == "__main__":  # vLLM's engine runs in a child process: keep the guard
-    sys.exit(job_main("synthesize", __doc__))
+    sys.exit(job_main("synthesize"))
