@@ -134,7 +134,7 @@ class CultureIngress:
 
     def __init__(self, cfg_dict: dict, adapters, api_key_sha256: str | None = None):
         from cm_ray.config import config_from_dict
-        from cm_ray.serve.router import load_router
+        from cm_ray.router.model import load_router
         from cm_ray.storage import ArtifactStore
 
         self.cfg = config_from_dict(cfg_dict)

@@ -26,7 +26,7 @@ KEY = "sk-test-" + uuid.uuid4().hex
 @pytest.fixture(scope="module")
 def store(s3_endpoint, tiny_model_dir, tmp_path_factory):
     """An S3 store with a trained router, adapters GB/CN/MX and one broken adapter (FR)."""
-    from cm_ray.serve.router import Encoder, train_router
+    from cm_ray.router.model import Encoder, train_router
 
     ensure_bucket("s3://cm-ray-test")
     store = ArtifactStore(f"s3://cm-ray-test/serve-{uuid.uuid4().hex[:8]}")
