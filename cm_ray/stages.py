@@ -44,7 +44,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("clca", "cm_ray.recipes.clca:run_clca_data", "CLCA role-play dialogues, judge, intents"),
     Stage("train", "cm_ray.train.tune:run_training", "one LoRA adapter per culture (Ray Train + DeepSpeed trials)"),
     Stage("route", "cm_ray.router.stage:run_router_training", "culture router: encoder + linear head"),
-    Stage("serve", "cm_ray.serve.app:run_serve", "Ray Serve app: router + multiplexed adapters", skippable=False),
+    Stage("serve", "cm_ray.serve.stage:run_serve", "Ray Serve app: router + multiplexed adapters", skippable=False),
     Stage("evaluate", "cm_ray.eval.evaluate:run_evaluate", "evaluation on real data", skippable=False),
 ]}
 

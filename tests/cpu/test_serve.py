@@ -224,7 +224,7 @@ def test_server_keeps_serving_after_bad_input_and_counts_per_culture(url):
 def test_run_serve_deploys_routes_one_demo_request_and_cleans_up(url, store, cfg_overrides):
     from ray import serve
 
-    from cm_ray.serve.app import run_serve
+    from cm_ray.serve.stage import run_serve
 
     port = int(url.rsplit(":", 1)[1])
     cfg = load_config(REPO / "configs" / "demo.yaml",
