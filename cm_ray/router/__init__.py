@@ -1,1 +1,1 @@
-"""The culture router: the classifier (``model``) and the ``route`` stage that trains it (``stage``)."""
+"""The culture router: its classifier (``model``) and the ``route`` stage training it (``stage``)."""

@@ -28,8 +28,8 @@ from ray import serve
 from cm_ray import artifacts
 from cm_ray.artifacts import AUTO, BASE, NONE
 from cm_ray.serve.adapters import adapter_ids
-from cm_ray.serve.api import (ApiError, ChatRequest, CompletionRequest, check_adapter_id, chunk_body,
-                              completion_body, parse_request, route_headers)
+from cm_ray.serve.api import (ApiError, ChatRequest, CompletionRequest, check_adapter_id,
+                              chunk_body, completion_body, parse_request, route_headers)
 
 fastapi_app = FastAPI(title="cm_ray", description="Culture-routed LoRA adapters, OpenAI-shaped")
 
@@ -143,7 +143,8 @@ class CultureIngress:
         self.key_sha256 = api_key_sha256
         self.metrics = _Metrics()
         self.router = None
-        if router_cfg.kind == "embedding" and self.store.exists(*artifacts.router_dir("router.json")):
+        has_router = self.store.exists(*artifacts.router_dir("router.json"))
+        if router_cfg.kind == "embedding" and has_router:
             self.router = load_router(self.store, threshold=router_cfg.threshold)
             self.router.use_metadata = router_cfg.use_metadata
             self.router.predict(["warm-up"])  # load the encoder now, not on the first request
