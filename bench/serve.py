@@ -50,7 +50,7 @@ def build_store(root: Path, base: str | None = None) -> tuple[str, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from cm_ray.models import resolve_model
-    from cm_ray.serve.router import Encoder, train_router
+    from cm_ray.router.model import Encoder, train_router
     from cm_ray.storage import ArtifactStore
 
     if base:
@@ -135,8 +135,8 @@ def main() -> None:
 
     from cm_ray.config import load_config
     from cm_ray.ray_utils import init_ray
+    from cm_ray.router.model import load_router
     from cm_ray.serve.app import build_app
-    from cm_ray.serve.router import load_router
     from cm_ray.storage import ArtifactStore
 
     tmp = Path(tempfile.mkdtemp(prefix="cm-ray-bench-serve-"))

@@ -20,7 +20,7 @@ from cm_ray.eval.evaluate import run_evaluate
 from cm_ray.recipes.clca import run_clca_data
 from cm_ray.recipes.culturespa import run_culturespa_data
 from cm_ray.router.stage import run_router_training
-from cm_ray.serve.app import run_serve
+from cm_ray.serve.stage import run_serve
 from cm_ray.train.tune import run_training
 
 STAGES: dict[str, Callable[..., dict]] = {

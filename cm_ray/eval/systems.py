@@ -209,7 +209,7 @@ def load_router_fn(store: Any) -> Router | None:
     if not store.exists("router", "router.json"):
         return None
     try:
-        from cm_ray.serve.router import load_router
+        from cm_ray.router.model import load_router
     except ImportError:
         return None
     router = load_router(store)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-AUTO, BASE, JOINT = "auto", "base", "_joint"
+from cm_ray.artifacts import AUTO
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 

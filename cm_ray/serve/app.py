@@ -1,260 +1,17 @@
-"""The Ray Serve application: an OpenAI-shaped FastAPI ingress, the culture router, adapters.
-
-    CultureIngress (FastAPI, router)  --multiplexed_model_id=<culture>-->  AdapterServer (LoRA)
-
-Endpoints: POST /v1/chat/completions and /v1/completions (``stream: true`` = SSE), GET /v1/models
-(auto, base, every adapter on the store, rescanned per call), /healthz, /metrics (Prometheus).
-``model="auto"`` asks the router (unless an ``X-Culture`` header or ``culture`` field names the
-culture); ``model="<culture>"`` pins an adapter; ``model="base"`` uses no adapter. Responses carry
-``culture``, ``router_confidence`` and ``routed_by`` fields and ``X-Culture`` / ``X-Router-*``
-headers.
+"""The Ray Serve application: the ingress bound to the adapter servers, built from a run config.
 
     serve run deploy/serve.yaml            # or: cm-ray serve configs/demo.yaml --keep-serving
+
+Each deployment is bound with its own config sections only: the adapter servers get the serve
+section, the model refs and the root; the ingress gets the serve and router sections, the model
+refs, the root and the hash of the API key (the key itself never ships).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import hmac
-import json
 import os
-import sys
-import time
-import uuid
-from typing import Any, Callable
-
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from ray import serve
-
-from cm_ray.serve.adapters import AdapterServer, adapter_ids
-from cm_ray.serve.api import (AUTO, BASE, ApiError, ChatRequest, CompletionRequest,
-                              check_adapter_id, chunk_body, completion_body, parse_request,
-                              route_headers)
-
-NONE = "none"
-fastapi_app = FastAPI(title="cm_ray", description="Culture-routed LoRA adapters, OpenAI-shaped")
-
-
-@fastapi_app.exception_handler(ApiError)
-async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
-
-
-def pick_culture(req, header: str | None, has_adapter: Callable[[str], bool],
-                 predict: Callable[[str, dict | None], tuple[str, float]] | None) -> dict:
-    """Decide which adapter answers. Pure: the adapter check and the router are injected.
-
-    Order: pinned model (``base`` or a culture) > ``X-Culture`` header > ``culture`` field >
-    router (which itself honours a declared metadata country). A routed culture without an
-    adapter falls back to the base model (``none``).
-
-    Returns:
-        {"culture": key or "none", "router_confidence": float, "routed_by": str}
-    """
-    from cm_ray.cultures import normalize_culture
-
-    def explicit(value: str, param: str) -> str:
-        key = check_adapter_id(value, param)
-        try:
-            key = normalize_culture(key) if not key.startswith("_") else key
-        except KeyError:
-            raise ApiError(404, f"{param}: unknown culture {value!r}", param, "not_found_error")
-        if not has_adapter(key):
-            raise ApiError(404, f"{param}: no adapter for culture {key!r}", param, "not_found_error")
-        return key
-
-    if req.model == BASE:
-        return {"culture": NONE, "router_confidence": 1.0, "routed_by": "pinned"}
-    if req.model != AUTO:
-        return {"culture": explicit(req.model, "model"), "router_confidence": 1.0,
-                "routed_by": "pinned"}
-    for value, param, by in ((header, "X-Culture", "header"), (req.culture, "culture", "field")):
-        if value:
-            return {"culture": explicit(value, param), "router_confidence": 1.0, "routed_by": by}
-    if predict is None:
-        return {"culture": NONE, "router_confidence": 0.0, "routed_by": "no_router"}
-    culture, conf = predict(req.router_text(), req.metadata)
-    if culture != NONE and not has_adapter(culture):
-        return {"culture": NONE, "router_confidence": conf, "routed_by": "router_no_adapter"}
-    return {"culture": culture, "router_confidence": conf, "routed_by": "router"}
-
-
-class _Metrics:
-    """Prometheus metrics of this ingress replica, in a registry of its own."""
-
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter("cm_ray_requests", "Requests by endpoint, culture and status",
-                                ["endpoint", "culture", "status"], registry=self.registry)
-        self.latency = Histogram("cm_ray_request_latency_seconds", "End-to-end latency",
-                                 ["culture"], registry=self.registry,
-                                 buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
-        self.router = Histogram("cm_ray_router_latency_seconds", "Router decision latency",
-                                registry=self.registry,
-                                buckets=(.001, .0025, .005, .01, .02, .05, .1, .25, 1))
-        self.loads = Counter("cm_ray_adapter_loads", "Adapter (re)loads seen by requests",
-                             ["culture"], registry=self.registry)
-
-
-# Helpers the ingress uses must be defined above it: Serve captures the class's globals when
-# the decorators run.
-
-
-async def _sse_events(gen, first: dict, chat: bool, cid: str, model: str, route: dict):
-    """OpenAI-style SSE: one chunk per text delta, a final chunk with finish_reason, [DONE]."""
-    item = first
-    while True:
-        if "delta" in item:
-            yield _sse(chunk_body(chat, cid, model, item["delta"], None, route))
-        elif "error" in item:
-            yield _sse(item["error"])
-            break
-        else:
-            yield _sse(chunk_body(chat, cid, model, None, item.get("finish_reason"), route))
-            break
-        try:
-            item = await gen.__anext__()
-        except StopAsyncIteration:
-            break
-    yield "data: [DONE]\n\n"
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
-@serve.ingress(fastapi_app)
-class CultureIngress:
-    """HTTP ingress: validates, routes to a culture, forwards to the adapter servers."""
-
-    def __init__(self, cfg_dict: dict, adapters, api_key_sha256: str | None = None):
-        from cm_ray.config import config_from_dict
-        from cm_ray.serve.router import load_router
-        from cm_ray.storage import ArtifactStore
-
-        self.cfg = config_from_dict(cfg_dict)
-        self.store = ArtifactStore(self.cfg.root)
-        self.adapters = adapters
-        self.key_sha256 = api_key_sha256
-        self.metrics = _Metrics()
-        self.router = None
-        if self.cfg.router.kind == "embedding" and self.store.exists("router", "router.json"):
-            self.router = load_router(self.store, threshold=self.cfg.router.threshold)
-            self.router.use_metadata = self.cfg.router.use_metadata
-            self.router.predict(["warm-up"])  # load the encoder now, not on the first request
-        self.known = set(adapter_ids(self.store))
-
-    # -- helpers ---------------------------------------------------------------------------
-    def _has_adapter(self, key: str) -> bool:
-        if key not in self.known:  # hot-load: a culture trained after start is found on a miss
-            self.known = set(adapter_ids(self.store))
-        return key in self.known
-
-    def _predict(self, text: str, metadata: dict | None) -> tuple[str, float]:
-        t0 = time.perf_counter()
-        out = self.router.predict([text], [metadata] if metadata else None)[0]
-        self.metrics.router.observe(time.perf_counter() - t0)
-        return out
-
-    def _auth(self, request: Request) -> None:
-        if not self.key_sha256:
-            return
-        got = request.headers.get("authorization", "")
-        token = got[7:].strip() if got.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), self.key_sha256):
-            raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)", None,
-                           "authentication_error")
-
-    # -- endpoints -------------------------------------------------------------------------
-    @fastapi_app.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok", "router": self.router is not None, "adapters": len(self.known)}
-
-    @fastapi_app.get("/metrics")
-    async def metrics(self) -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @fastapi_app.get("/v1/models")
-    async def models(self, request: Request) -> dict:
-        from cm_ray.cultures import registry
-
-        self._auth(request)
-        self.known = set(await asyncio.to_thread(adapter_ids, self.store))
-        base = self.cfg.models.base or self.cfg.models.generator
-        data = [{"id": AUTO, "object": "model", "owned_by": "cm_ray", "root": "router"},
-                {"id": BASE, "object": "model", "owned_by": "cm_ray", "root": base}]
-        for key in sorted(self.known):
-            name = registry()[key].name if key in registry() else "all cultures"
-            data.append({"id": key, "object": "model", "owned_by": "cm_ray", "root": base,
-                         "parent": BASE, "culture_name": name})
-        return {"object": "list", "data": data}
-
-    @fastapi_app.post("/v1/chat/completions")
-    async def chat(self, request: Request) -> Response:
-        return await self._complete(request, ChatRequest, "chat")
-
-    @fastapi_app.post("/v1/completions")
-    async def completions(self, request: Request) -> Response:
-        return await self._complete(request, CompletionRequest, "completions")
-
-    async def _complete(self, request: Request, cls, endpoint: str) -> Response:
-        t0 = time.perf_counter()
-        culture, status = "-", 500
-        try:
-            self._auth(request)
-            try:
-                body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ApiError(400, f"malformed JSON body: {e}") from None
-            s = self.cfg.serve
-            req = parse_request(cls, body, s.max_prompt_chars, s.max_new_tokens)
-            route = await asyncio.to_thread(
-                pick_culture, req, request.headers.get("x-culture"), self._has_adapter,
-                self._predict if self.router else None)
-            culture = route["culture"]
-            handle = self.adapters.options(multiplexed_model_id="" if culture == NONE else culture)
-            payload = {"payload": req.payload(), "max_new_tokens": req.new_tokens(),
-                       "temperature": req.temperature, "top_p": req.top_p, "stop": req.stop}
-            chat = cls is ChatRequest
-            if req.stream:
-                resp = await self._stream(handle, payload, chat, req.model, route)
-            else:
-                result = await handle.generate.remote(payload)
-                if "error" in result:
-                    raise ApiError(result["error"]["error"]["code"], result["error"]["error"]["message"],
-                                   result["error"]["error"]["param"], result["error"]["error"]["type"])
-                if result.get("adapter_cold"):
-                    self.metrics.loads.labels(culture).inc()
-                resp = JSONResponse(completion_body(chat, req.model, result, route),
-                                    headers=route_headers(route, result))
-            status = resp.status_code
-            return resp
-        except ApiError as e:
-            status = e.status
-            return JSONResponse(e.body(), status_code=e.status)
-        finally:
-            self.metrics.requests.labels(endpoint, culture, str(status)).inc()
-            self.metrics.latency.labels(culture).observe(time.perf_counter() - t0)
-
-    async def _stream(self, handle, payload: dict, chat: bool, model: str, route: dict) -> Response:
-        gen = handle.options(stream=True).generate_stream.remote(payload)
-        first = await gen.__anext__()
-        if "error" in first:  # fails before any token: a plain JSON error, not a broken stream
-            err = first["error"]["error"]
-            raise ApiError(err["code"], err["message"], err["param"], err["type"])
-        cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        return StreamingResponse(_sse_events(gen, first, chat, cid, model, route),
-                                 media_type="text/event-stream", headers=route_headers(route))
-
-
-# -- building and running -----------------------------------------------------------------------
+from typing import Any
 
 
 def adapter_server_options(s) -> dict:
@@ -274,6 +31,9 @@ def adapter_server_options(s) -> dict:
 
 def build_app(cfg) -> Any:
     """The unexecuted Serve application (ingress bound to the adapter servers) for ``cfg``."""
+    from cm_ray.serve.adapters import AdapterServer
+    from cm_ray.serve.ingress import CultureIngress
+
     s = cfg.serve
     key_sha256 = None
     if s.api_key_env:
@@ -281,9 +41,8 @@ def build_app(cfg) -> Any:
         if not key:
             raise ValueError(f"serve.api_key_env: environment variable {s.api_key_env} is not set")
         key_sha256 = hashlib.sha256(key.encode()).hexdigest()  # the key itself never ships
-    cfg_dict = cfg.to_dict()
-    adapters = AdapterServer.options(**adapter_server_options(s)).bind(cfg_dict)
-    return CultureIngress.bind(cfg_dict, adapters, key_sha256)
+    adapters = AdapterServer.options(**adapter_server_options(s)).bind(s, cfg.models, cfg.root)
+    return CultureIngress.bind(s, cfg.router, cfg.models, cfg.root, adapters, key_sha256)
 
 
 def app_builder(args: dict) -> Any:
@@ -291,71 +50,3 @@ def app_builder(args: dict) -> Any:
     from cm_ray.config import load_config
 
     return build_app(load_config(args.get("config"), list(args.get("overrides") or [])))
-
-
-def _demo_prompt(cfg, store) -> str:
-    if cfg.serve.demo_prompt:
-        return cfg.serve.demo_prompt
-    if store.exists("synth"):
-        rows = store.read_table("synth").select(["split", "input"]).to_pylist()
-        for r in rows:
-            if r["split"] == "validation" and r["input"]:
-                return r["input"]
-    return "¿Qué se suele comer en una fiesta de cumpleaños en Ciudad de México?"
-
-
-def run_serve(cfg, store, force: bool = False, keep_serving: bool = False) -> dict:
-    """Stage ``serve``: deploy the app, send one routed demo request over HTTP, summarise.
-
-    Serve is shut down afterwards (only this app when others share the instance) unless
-    ``keep_serving``, which blocks until Ctrl-C.
-    """
-    import urllib.request
-
-    from cm_ray.ray_utils import init_ray, owns_cluster
-
-    init_ray(cfg)
-    # On a cluster (ray job submit, ray.address) Serve outlives this driver: a kept app stays up.
-    leave_deployed = keep_serving and not owns_cluster()
-    s = cfg.serve
-    serve.start(http_options={"host": s.host, "port": s.port})
-    t0 = time.time()
-    serve.run(build_app(cfg), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
-    deploy_s = time.time() - t0
-    url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
-    try:
-        prompt = _demo_prompt(cfg, store)
-        body = json.dumps({"model": AUTO, "messages": [{"role": "user", "content": prompt}],
-                           "max_tokens": s.max_new_tokens}).encode()
-        headers = {"Content-Type": "application/json"}
-        if s.api_key_env:
-            headers["Authorization"] = f"Bearer {os.environ[s.api_key_env]}"
-        t1 = time.perf_counter()
-        with urllib.request.urlopen(urllib.request.Request(
-                f"{url}/v1/chat/completions", body, headers), timeout=s.request_timeout_s) as r:
-            answer = json.loads(r.read())
-        latency_ms = (time.perf_counter() - t1) * 1000
-        with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as r:
-            n_adapters = len(json.loads(r.read())["data"]) - 2
-        text = answer["choices"][0]["message"]["content"]
-        summary = {"url": url, "prompt": prompt, "answer": text, "culture": answer["culture"],
-                   "router_confidence": answer["router_confidence"],
-                   "routed_by": answer["routed_by"], "latency_ms": round(latency_ms, 1),
-                   "deploy_s": round(deploy_s, 1), "adapters": n_adapters,
-                   "headline": f"{answer['culture']} (p={answer['router_confidence']:.2f}) answered "
-                               f"in {latency_ms:.0f} ms: {text[:40]!r}"}
-        if leave_deployed:
-            print(f"cm_ray: deployed at {url}/v1", file=sys.stderr, flush=True)
-        elif keep_serving:
-            print(f"cm_ray: serving at {url}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
-        return summary
-    finally:
-        if not leave_deployed:
-            serve.delete(s.app_name)
-            if not serve.status().applications:
-                serve.shutdown()

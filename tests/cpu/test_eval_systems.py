@@ -114,7 +114,7 @@ def test_evaluate_writes_tables_plots_and_router_confusion(shared_data, run_root
     import shutil
 
     from cm_ray.eval.evaluate import run_evaluate
-    from cm_ray.serve.router import Encoder, train_router
+    from cm_ray.router.model import Encoder, train_router
 
     root = tmp_path / "run"
     shutil.copytree(run_root / "adapters", root / "adapters", ignore=shutil.ignore_patterns("_joint"))

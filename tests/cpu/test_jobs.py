@@ -121,7 +121,7 @@ def served_root(tmp_path, tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from cm_ray.serve.router import Encoder, train_router
+    from cm_ray.router.model import Encoder, train_router
     from cm_ray.storage import ArtifactStore
 
     store = ArtifactStore(str(tmp_path / "served"))

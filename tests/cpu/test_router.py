@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cm_ray.artifacts import NONE
 from cm_ray.config import load_config
-from cm_ray.serve.router import NONE, CultureRouter, Encoder, load_router, run_router_training, train_router
+from cm_ray.router.model import CultureRouter, Encoder, load_router, train_router
+from cm_ray.router.stage import run_router_training
 from cm_ray.storage import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -169,13 +171,14 @@ def test_route_stage_trains_from_synth_rows_on_s3(s3_root, ray_local):
 
 
 def test_router_module_imports_without_ray():
-    code = "import sys, cm_ray.serve.router; print('ray' in sys.modules, 'torch' in sys.modules)"
+    code = ("import sys, cm_ray.router.model, cm_ray.router.stage; "
+            "print('ray' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.check_output([sys.executable, "-c", code], cwd=REPO, text=True)
     assert out.split() == ["False", "False"]
 
 
 def test_a_culture_with_one_row_still_trains_with_in_sample_validation(encoder):
-    from cm_ray.serve.router import train_router
+    from cm_ray.router.model import train_router
 
     pairs = [("Fancy a cuppa and a biscuit?", "GB"), ("It's chucking it down, innit", "GB"),
              ("¿Vamos por unos tacos al pastor?", "MX")]

@@ -26,7 +26,7 @@ KEY = "sk-test-" + uuid.uuid4().hex
 @pytest.fixture(scope="module")
 def store(s3_endpoint, tiny_model_dir, tmp_path_factory):
     """An S3 store with a trained router, adapters GB/CN/MX and one broken adapter (FR)."""
-    from cm_ray.serve.router import Encoder, train_router
+    from cm_ray.router.model import Encoder, train_router
 
     ensure_bucket("s3://cm-ray-test")
     store = ArtifactStore(f"s3://cm-ray-test/serve-{uuid.uuid4().hex[:8]}")
@@ -224,7 +224,7 @@ def test_server_keeps_serving_after_bad_input_and_counts_per_culture(url):
 def test_run_serve_deploys_routes_one_demo_request_and_cleans_up(url, store, cfg_overrides):
     from ray import serve
 
-    from cm_ray.serve.app import run_serve
+    from cm_ray.serve.stage import run_serve
 
     port = int(url.rsplit(":", 1)[1])
     cfg = load_config(REPO / "configs" / "demo.yaml",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cm_ray.serve.adapters import BASE_ADAPTER, AdapterPool, LoadedAdapter
+from cm_ray.serve.pool import BASE_ADAPTER, AdapterPool, LoadedAdapter
 
 
 def make_adapter(base_dir: str, out_dir: Path, seed: int, r: int = 4) -> Path:

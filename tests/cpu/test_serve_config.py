@@ -65,6 +65,7 @@ def test_bad_serve_and_router_settings_name_the_field(override, field):
 
 
 def test_serve_modules_import_without_vllm_or_deepspeed():
-    code = ("import sys, json, cm_ray.serve.app, cm_ray.serve.router; "
+    code = ("import sys, json, cm_ray.serve.app, cm_ray.serve.ingress, cm_ray.serve.adapters, "
+            "cm_ray.serve.stage, cm_ray.router.model, cm_ray.router.stage; "
             "print(json.dumps([m for m in ('vllm', 'deepspeed', 'torch') if m in sys.modules]))")
     assert json.loads(subprocess.check_output([sys.executable, "-c", code], cwd=REPO)) == []

@@ -1,10 +1,11 @@
-"""Culture router: sentence embedding + linear head -> culture key or ``none`` (the base model).
+"""The culture router's classifier: sentence embedding + linear head -> culture key or ``none``.
 
-Training (``run_router_training``) embeds the synthetic samples' user inputs with the configured
-encoder (all-MiniLM-L6-v2 by default), fits a multinomial logistic regression (label = culture),
-then calibrates it with temperature scaling on the validation split. The artifact under
-``router/`` is plain data, no pickle: ``head.npz`` (weights, bias) + ``router.json`` (cultures,
-encoder, temperature, threshold) + ``metrics.json`` (validation accuracy, confusion, ECE).
+``train_router`` embeds (text, culture) pairs with the configured encoder (all-MiniLM-L6-v2 by
+default), fits a multinomial logistic regression (label = culture), then calibrates it with
+temperature scaling on the validation split. The artifact under ``router/`` is plain data, no
+pickle: ``head.npz`` (weights, bias) + ``router.json`` (cultures, encoder, temperature, threshold)
++ ``metrics.json`` (validation accuracy, confusion, ECE). The ``route`` stage that trains it on the
+synthetic inputs is ``cm_ray.router.stage``.
 
 Inference (``load_router(store_or_dir).predict(texts, metadata)``) needs neither Ray nor sklearn.
 A calibrated probability below ``router.threshold`` answers ``none``. Metadata, when
@@ -16,13 +17,13 @@ from __future__ import annotations
 
 import io
 import math
-import time
 from collections import Counter
 from typing import Any
 
 import numpy as np
 
-NONE = "none"
+from cm_ray.artifacts import NONE, router_dir
+
 LANGUAGE_MISMATCH_WEIGHT = 0.2
 """Prior weight of a culture whose languages do not include the request's declared language."""
 
@@ -143,7 +144,7 @@ def load_router(store_or_dir, encoder: Any = None, threshold: float | None = Non
     from cm_ray.storage import ArtifactStore
 
     if isinstance(store_or_dir, ArtifactStore):
-        store, parts = store_or_dir, ("router",)
+        store, parts = store_or_dir, router_dir()
     else:
         store, parts = ArtifactStore(str(store_or_dir)), ()
     if not store.exists(*parts, "router.json"):
@@ -245,54 +246,3 @@ def train_router(train: list[tuple[str, str]], validation: list[tuple[str, str]]
     if note:
         metrics["note"] = note
     return router, metrics
-
-
-def synth_pairs(store) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(input, culture) pairs from ``synth/``, split into train and validation."""
-    if not store.exists("synth"):
-        raise FileNotFoundError(f"no synthetic data at {store.uri('synth')}: run synthesize first")
-    table = store.read_table("synth").select(["culture", "split", "input"]).to_pylist()
-    train = [(r["input"], r["culture"]) for r in table if r["input"] and r["split"] != "validation"]
-    val = [(r["input"], r["culture"]) for r in table if r["input"] and r["split"] == "validation"]
-    return train, val
-
-
-def _fit_and_save(cfg, store) -> dict:
-    t0 = time.time()
-    train, val = synth_pairs(store)
-    if not train:
-        raise ValueError(f"{store.uri('synth')} holds no training rows")
-    encoder = Encoder(cfg.models.encoder, cfg.models.cache_dir)
-    router, metrics = train_router(train, val, encoder, cfg.router.threshold,
-                                   cfg.router.use_metadata, cfg.router.c, cfg.seed)
-    router.save(store, "router")
-    metrics["seconds"] = round(time.time() - t0, 1)
-    store.write_json(metrics, "router", "metrics.json")
-    return metrics
-
-
-def _fit_remote(cfg_dict: dict, root: str) -> dict:
-    from cm_ray.config import config_from_dict
-    from cm_ray.storage import ArtifactStore
-
-    return _fit_and_save(config_from_dict(cfg_dict), ArtifactStore(root))
-
-
-def run_router_training(cfg, store, force: bool = False) -> dict:
-    """Stage ``route``: train the router on the synthetic inputs and save it under ``router/``.
-
-    The fit runs in one Ray task (1 CPU), not in the driver: reading every synthetic input and
-    loading the encoder there would make the driver's memory grow with the number of cultures.
-    """
-    import ray
-
-    from cm_ray.ray_utils import init_ray
-
-    init_ray(cfg)
-    task = ray.remote(num_cpus=1, max_retries=1)(_fit_remote)
-    metrics = ray.get(task.remote(cfg.to_dict(), store.root))
-    return {"cultures": len(metrics["cultures"]), "n_train": metrics["n_train"],
-            "n_validation": metrics["n_validation"], "accuracy": metrics["accuracy"],
-            "ece": metrics.get("ece"), "router": store.uri("router"),
-            "headline": f"router accuracy {metrics['accuracy']:.2f} on {metrics['n_validation']} "
-                        f"validation inputs, {len(metrics['cultures'])} cultures"}

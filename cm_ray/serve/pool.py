@@ -1,0 +1,176 @@
+"""One base model and its LoRA adapters, with mixed-adapter batched generation (no Ray).
+
+``AdapterPool`` owns the PeftModel: every load gets a unique PEFT adapter name, a batch of requests
+for *different* adapters runs as one ``generate(adapter_names=[...])`` forward pass (``__base__`` =
+no adapter), and an unload requested while a batch still uses the adapter is deferred until it is
+free. ``LoadedAdapter`` is what the Serve deployment's multiplexed loader hands out
+(``cm_ray.serve.adapters``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" inside a mixed batch
+
+
+class AdapterPool:
+    """A base model plus named LoRA adapters, with mixed-adapter batched generation.
+
+    Thread-safe: generation and (un)loading serialise on one lock, because PEFT's mixed-batch
+    forward hooks and ``load_adapter`` both modify the model's modules.
+    """
+
+    def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.device = device
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        self.model.to(device).eval()
+        self.lock = threading.Lock()
+        self._ids = itertools.count()
+        self._in_use: dict[str, int] = {}
+        self._doomed: set[str] = set()
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(getattr(self.model, "peft_config", {}))
+
+    def load(self, path: str, culture: str) -> str:
+        """Load the adapter at ``path``; returns its unique PEFT name (e.g. ``MX-3``)."""
+        from peft import PeftModel
+
+        name = f"{culture}-{next(self._ids)}"
+        with self.lock:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(path, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            self.model.eval()
+            self._reap()
+        return name
+
+    def unload(self, name: str) -> None:
+        """Ask for ``name`` to be deleted; idempotent, never blocks (deletion happens in _reap)."""
+        if name in self.loaded:
+            self._doomed.add(name)
+        if self.lock.acquire(blocking=False):
+            try:
+                self._reap()
+            finally:
+                self.lock.release()
+
+    def _reap(self) -> None:
+        # Caller holds the lock. PEFT breaks when its last adapter is deleted (stale active
+        # adapter), so the last one stays until another one is loaded.
+        for name in sorted(self._doomed):
+            if name not in self.loaded:
+                self._doomed.discard(name)
+            elif self._in_use.get(name, 0) == 0 and len(self.loaded) > 1:
+                self.model.delete_adapter(name)
+                self._doomed.discard(name)
+
+    def acquire(self, name: str) -> None:
+        self._in_use[name] = self._in_use.get(name, 0) + 1
+
+    def release(self, name: str) -> None:
+        self._in_use[name] -= 1
+
+    def prompt_text(self, payload: dict) -> str:
+        if "messages" in payload:
+            return self.tokenizer.apply_chat_template(payload["messages"], tokenize=False,
+                                                      add_generation_prompt=True)
+        return payload["prompt"]
+
+    def _inputs(self, texts: list[str]):
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return enc.to(self.device)
+
+    def _sampling(self, item: dict) -> dict:
+        if item.get("temperature", 0.0) > 0:
+            return {"do_sample": True, "temperature": item["temperature"], "top_p": item["top_p"]}
+        return {"do_sample": False}
+
+    def _generate(self, enc, names: list[str], **kw):
+        kw["pad_token_id"] = self.tokenizer.pad_token_id
+        if self.loaded:  # a PeftModel: one forward pass, each row with its own adapter
+            return self.model.generate(**enc, adapter_names=names, **kw)
+        return self.model.generate(**enc, **kw)
+
+    def generate(self, items: list[dict]) -> list[dict]:
+        """Generate for requests that may name different adapters, one forward pass per group of
+        equal sampling settings.
+
+        Input keys:  prompt (str, templated), adapter (PEFT name or __base__), max_new_tokens,
+                     temperature, top_p, stop (list[str] | None)
+        Output keys: text, finish_reason, prompt_tokens, completion_tokens, batch_size,
+                     batch_adapters
+        """
+        import torch
+
+        out: list[dict | None] = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(tuple(sorted(self._sampling(it).items())), []).append(i)
+        with self.lock, torch.inference_mode():
+            self._reap()
+            for idx in groups.values():
+                group = [items[i] for i in idx]
+                enc = self._inputs([g["prompt"] for g in group])
+                new = max(g["max_new_tokens"] for g in group)
+                ids = self._generate(enc, [g["adapter"] for g in group], max_new_tokens=new,
+                                     **self._sampling(group[0]))
+                n_adapters = len({g["adapter"] for g in group})
+                for row, i in enumerate(idx):
+                    out[i] = self._decode(ids[row, enc["input_ids"].shape[1]:], items[i],
+                                          int(enc["attention_mask"][row].sum()))
+                    out[i].update(batch_size=len(group), batch_adapters=n_adapters)
+        return out  # type: ignore[return-value]
+
+    def _decode(self, tokens, item: dict, prompt_tokens: int) -> dict:
+        tokens = tokens.tolist()[: item["max_new_tokens"]]
+        eos = self.tokenizer.eos_token_id
+        finish = "length"
+        if eos in tokens:
+            tokens, finish = tokens[: tokens.index(eos)], "stop"
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        for s in item.get("stop") or []:
+            if s and s in text:
+                text, finish = text[: text.index(s)], "stop"
+        return {"text": text, "finish_reason": finish, "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(tokens)}
+
+    def stream(self, item: dict, streamer) -> dict:
+        """Generate one request into a transformers streamer (runs in a thread); returns what
+        ``generate`` returns for it, minus the text already streamed."""
+        import torch
+
+        with self.lock, torch.inference_mode():
+            enc = self._inputs([item["prompt"]])
+            try:
+                ids = self._generate(enc, [item["adapter"]], max_new_tokens=item["max_new_tokens"],
+                                     streamer=streamer, **self._sampling(item))
+            except Exception:
+                streamer.end()  # unblock the reader; the error surfaces in the summary
+                raise
+        return self._decode(ids[0, enc["input_ids"].shape[1]:], item, enc["input_ids"].shape[1])
+
+
+class LoadedAdapter:
+    """What the multiplexed loader returns. Serve calls ``__del__`` on LRU eviction and Python may
+    call it again at garbage collection: the second call is a no-op."""
+
+    def __init__(self, pool: AdapterPool, culture: str, name: str, load_ms: float):
+        self.pool, self.culture, self.name, self.load_ms = pool, culture, name, load_ms
+        self.uses = 0
+        self._unloaded = False
+
+    def __del__(self):
+        if not self._unloaded:
+            self._unloaded = True
+            self.pool.unload(self.name)

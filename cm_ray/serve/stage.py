@@ -1,0 +1,81 @@
+"""Stage ``serve``: deploy the Serve app, send one routed demo request over HTTP, summarise."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from cm_ray import artifacts
+from cm_ray.artifacts import AUTO
+
+
+def _demo_prompt(cfg, store) -> str:
+    if cfg.serve.demo_prompt:
+        return cfg.serve.demo_prompt
+    if store.exists(*artifacts.synth_dir()):
+        for r in artifacts.read_synth(store, columns=["split", "input"]).to_pylist():
+            if r["split"] == "validation" and r["input"]:
+                return r["input"]
+    return "¿Qué se suele comer en una fiesta de cumpleaños en Ciudad de México?"
+
+
+def run_serve(cfg, store, force: bool = False, keep_serving: bool = False) -> dict:
+    """Stage ``serve``: deploy the app, send one routed demo request over HTTP, summarise.
+
+    Serve is shut down afterwards (only this app when others share the instance) unless
+    ``keep_serving``, which blocks until Ctrl-C.
+    """
+    import urllib.request
+
+    from ray import serve
+
+    from cm_ray.ray_utils import init_ray, owns_cluster
+    from cm_ray.serve.app import build_app
+
+    init_ray(cfg)
+    # On a cluster (ray job submit, ray.address) Serve outlives this driver: a kept app stays up.
+    leave_deployed = keep_serving and not owns_cluster()
+    s = cfg.serve
+    serve.start(http_options={"host": s.host, "port": s.port})
+    t0 = time.time()
+    serve.run(build_app(cfg), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+    deploy_s = time.time() - t0
+    url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
+    try:
+        prompt = _demo_prompt(cfg, store)
+        body = json.dumps({"model": AUTO, "messages": [{"role": "user", "content": prompt}],
+                           "max_tokens": s.max_new_tokens}).encode()
+        headers = {"Content-Type": "application/json"}
+        if s.api_key_env:
+            headers["Authorization"] = f"Bearer {os.environ[s.api_key_env]}"
+        t1 = time.perf_counter()
+        with urllib.request.urlopen(urllib.request.Request(
+                f"{url}/v1/chat/completions", body, headers), timeout=s.request_timeout_s) as r:
+            answer = json.loads(r.read())
+        latency_ms = (time.perf_counter() - t1) * 1000
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as r:
+            n_adapters = len(json.loads(r.read())["data"]) - 2
+        text = answer["choices"][0]["message"]["content"]
+        summary = {"url": url, "prompt": prompt, "answer": text, "culture": answer["culture"],
+                   "router_confidence": answer["router_confidence"],
+                   "routed_by": answer["routed_by"], "latency_ms": round(latency_ms, 1),
+                   "deploy_s": round(deploy_s, 1), "adapters": n_adapters,
+                   "headline": f"{answer['culture']} (p={answer['router_confidence']:.2f}) answered "
+                               f"in {latency_ms:.0f} ms: {text[:40]!r}"}
+        if leave_deployed:
+            print(f"cm_ray: deployed at {url}/v1", file=sys.stderr, flush=True)
+        elif keep_serving:
+            print(f"cm_ray: serving at {url}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        return summary
+    finally:
+        if not leave_deployed:
+            serve.delete(s.app_name)
+            if not serve.status().applications:
+                serve.shutdown()
