@@ -68,7 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"==> {name}", file=sys.stderr, flush=True)
         kwargs = {"keep_serving": args.keep_serving} if name == "serve" else {}
         try:
-            summaries[name] = run_stage(name, cfg, store, force=args.force, **kwargs)
+            if name == "evaluate" and cfg.evaluate.ablation:
+                # The ablation is a driver over the stages (it reruns them per variant), not a stage.
+                from cm_ray.eval.ablation import run_ablation
+
+                summaries[name] = run_ablation(cfg, store, force=args.force)
+            else:
+                summaries[name] = run_stage(name, cfg, store, force=args.force, **kwargs)
         except StageMissing as e:
             print(f"cm-ray: {e}", file=sys.stderr)
             summaries[name] = {"status": "missing", "headline": "not implemented yet"}
