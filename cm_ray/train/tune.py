@@ -3,7 +3,8 @@
 Modes (``train.mode``):
   per_culture  one adapter per culture on its ``train.tasks`` partitions (CultureManager;
                CultureSPA culture-specific). ``train.joint_baseline`` adds ``_joint`` beside them.
-  joint        only ``adapters/_joint``: every culture's data, a system prompt naming the culture
+  joint        only ``adapters/_joint``: every culture's data with its culture system prompt
+               (``artifacts.culture_system_prompt``, the one evaluation uses too)
                (the paper's all-culture ablation; CultureSPA culture-joint).
   continual    per culture, first ``train.continual_first`` tasks (culture SFT), then the remaining
                tasks (task adaptation), in one run with one LR schedule ("SFT+Adaptation").
