@@ -14,6 +14,7 @@ Layout under the root (one culture key names every per-culture thing):
     checkpoints/                                   Ray Train checkpoints
     manifests/<stage>.json                         what each stage wrote, with counts
     eval/                                          tables and plots
+    ablation/<variant>/  ablation/comparison.*     one full run root per ablation variant, the table
 
 Importing this module is cheap (stdlib only; pyarrow and jsonschema load on first use).
 """
@@ -103,6 +104,11 @@ def manifest_file(stage: str) -> tuple[str, ...]:
 
 def eval_dir(*parts: str) -> tuple[str, ...]:
     return ("eval", *parts)
+
+
+def ablation_dir(*parts: str) -> tuple[str, ...]:
+    """``ablation/<variant>`` is a run root of its own (same layout); the comparison sits beside."""
+    return ("ablation", *parts)
 
 
 DATA_PREFIXES = ("queries", "search", "synth")

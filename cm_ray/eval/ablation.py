@@ -3,6 +3,9 @@
     python -m cm_ray.eval.ablation configs/demo.yaml evaluate.data_dir=../shared/data
     cm-ray evaluate configs/demo.yaml evaluate.ablation=true      (the same, through the CLI)
 
+This is a driver over the pipeline (it runs stages through ``cm_ray.stages``), not a stage: the
+``evaluate`` stage never calls it.
+
 Variants (``evaluate.ablation_variants``):
 
 | variant | change | compared system |
@@ -25,7 +28,10 @@ import sys
 import tempfile
 from typing import Any
 
+from cm_ray import artifacts
 from cm_ray.config import Config
+from cm_ray.eval.report import HEADLINE
+from cm_ray.stages import DATA_STAGES, run_stage
 
 VARIANTS = {
     "both": ({"queries.kinds": ["specific", "agnostic"]}, "culturemanager"),
@@ -35,7 +41,6 @@ VARIANTS = {
     "sft_adaptation": ({"train.mode": "continual"}, "culturemanager"),
 }
 TRAIN_ONLY = {"all_culture", "sft_adaptation"}
-DATA_PREFIXES = ["queries", "search", "synth"]
 
 
 def variant_config(cfg: Config, variant: str, root: str) -> Config:
@@ -59,7 +64,7 @@ def variant_config(cfg: Config, variant: str, root: str) -> Config:
 def _copy_data(src: Any, dst: Any, stages: list[str]) -> None:
     """Copy the data stages' outputs and manifests so run_stage skips them in ``dst``."""
     with tempfile.TemporaryDirectory(prefix="cm_ray_ablation_") as tmp:
-        for prefix in DATA_PREFIXES:
+        for prefix in artifacts.DATA_PREFIXES:
             if src.exists(prefix) and not dst.exists(prefix):
                 dst.upload_dir(src.download_dir(f"{tmp}/{prefix}", prefix), prefix)
     for stage in stages:
@@ -70,7 +75,6 @@ def _copy_data(src: Any, dst: Any, stages: list[str]) -> None:
 
 def run_ablation(cfg: Config, store: Any, force: bool = False) -> dict:
     """Run every variant's stages and evaluation; write ``ablation/comparison.{md,json}``."""
-    from cm_ray.stages import DATA_STAGES, run_stage
     from cm_ray.storage import ArtifactStore
 
     data_stages = DATA_STAGES[cfg.recipe]
@@ -80,7 +84,7 @@ def run_ablation(cfg: Config, store: Any, force: bool = False) -> dict:
     # Data-changing variants first, so the train-only ones can reuse `both`'s data.
     variants.sort(key=lambda v: v in TRAIN_ONLY)
     for variant in variants:
-        vstore = ArtifactStore(store.uri("ablation", variant))
+        vstore = ArtifactStore(store.uri(*artifacts.ablation_dir(variant)))
         vcfg = variant_config(cfg, variant, vstore.root)
         print(f"==> ablation {variant}", file=sys.stderr, flush=True)
         if variant in TRAIN_ONLY and base_store is not None:
@@ -90,8 +94,8 @@ def run_ablation(cfg: Config, store: Any, force: bool = False) -> dict:
         if variant == "both":
             base_store = vstore
     table = comparison(store, variants)
-    store.write_bytes(table["markdown"].encode(), "ablation", "comparison.md")
-    store.write_json(table["rows"], "ablation", "comparison.json")
+    store.write_bytes(table["markdown"].encode(), *artifacts.ablation_dir("comparison.md"))
+    store.write_json(table["rows"], *artifacts.ablation_dir("comparison.json"))
     print(table["markdown"])
     return {"variants": variants, "rows": len(table["rows"]),
             "headline": f"{len(variants)} variants -> ablation/comparison.md"}
@@ -99,12 +103,10 @@ def run_ablation(cfg: Config, store: Any, force: bool = False) -> dict:
 
 def comparison(store: Any, variants: list[str]) -> dict:
     """One row per variant: the compared system's mean headline metrics over cultures."""
-    from cm_ray.eval.evaluate import HEADLINE
-
     rows = []
     for v in variants:
-        sub = f"ablation/{v}/eval/results.json"
-        res = store.read_json(*sub.split("/")) if store.exists(*sub.split("/")) else {"rows": []}
+        sub = (*artifacts.ablation_dir(v), *artifacts.eval_dir("results.json"))
+        res = store.read_json(*sub) if store.exists(*sub) else {"rows": []}
         system = VARIANTS[v][1]
         row: dict[str, Any] = {"variant": v, "system": system}
         for bench, metric in [*HEADLINE.items(), ("wvs", "one_minus_jsd")]:

@@ -1,8 +1,8 @@
 """The five evaluated systems over one base model and its PEFT adapters, in-process.
 
 - ``base``: the base model, the task prompt only.
-- ``prompted``: the base model with a culture-aware system prompt.
-- ``joint``: the all-culture adapter (``adapters/_joint``) with the culture system prompt.
+- ``prompted``: the base model with the culture system prompt (``artifacts.culture_system_prompt``).
+- ``joint``: the all-culture adapter (``adapters/_joint``) with the same prompt it was trained with.
 - ``culturemanager``: the router reads the request (system prompt + user text) and picks a
   culture adapter; ``none`` or a culture without an adapter falls back to the base model.
 - ``oracle``: the true culture's adapter (perfect routing: CultureManager's upper bound); the base
@@ -22,17 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from cm_ray import artifacts
+from cm_ray.artifacts import JOINT
+
 SYSTEMS = ("base", "prompted", "joint", "culturemanager", "oracle")
-JOINT = "_joint"
-
-
-def culture_system_prompt(culture: str) -> str:
-    """The culture-aware system prompt (CultureSPA's culture-aware persona)."""
-    from cm_ray.cultures import get_culture
-
-    c = get_culture(culture)
-    return (f"You are a person with a {c.name} cultural background, living in {c.name}. "
-            f"Answer as a typical person from {c.name} would.")
 
 
 @dataclass
@@ -145,23 +138,20 @@ Router = Callable[[list[str]], list[tuple[str, float]]]
 
 
 def plan_routes(system: str, culture: str, request_texts: Sequence[str], adapters: Sequence[str],
-                router: Router | None = None, joint_prompt: str | None = None) -> list[Route]:
+                router: Router | None = None) -> list[Route]:
     """Which adapter and system prompt answer each request of ``culture`` under ``system``.
 
-    ``joint_prompt`` is the template the joint adapter was trained with (``train.joint_system_prompt``,
-    fields ``{culture_name}``, ``{culture}``); None = the culture-aware prompt.
+    Every culture-aware system uses the one culture system prompt, which is also what the joint
+    adapter was trained with.
     """
-    from cm_ray.cultures import get_culture
-
-    sysp = culture_system_prompt(culture)
+    sysp = artifacts.culture_system_prompt(culture)
     n = len(request_texts)
     if system == "base":
         return [Route(None, None)] * n
     if system == "prompted":
         return [Route(None, sysp)] * n
     if system == "joint":
-        jp = joint_prompt.format(culture_name=get_culture(culture).name, culture=culture) if joint_prompt else sysp
-        return [Route(JOINT, jp)] * n
+        return [Route(JOINT, sysp)] * n
     if system == "oracle":  # a culture without an adapter is served by the base model, as in Serve
         return [Route(culture if culture in adapters else None, sysp)] * n
     if system == "culturemanager":
@@ -194,19 +184,19 @@ def load_adapters(store: Any, names: Sequence[str]) -> tuple[dict[str, str], Pat
     found: dict[str, str] = {}
     tmp: Path | None = None
     for name in names:
-        if not store.exists("adapters", name, "adapter_config.json"):
+        if not store.exists(*artifacts.adapter_dir(name), "adapter_config.json"):
             continue
-        local = store.local_path("adapters", name)
+        local = store.local_path(*artifacts.adapter_dir(name))
         if local is None:
             tmp = tmp or Path(tempfile.mkdtemp(prefix="cm_ray_eval_"))
-            local = store.download_dir(tmp / name, "adapters", name)
+            local = store.download_dir(tmp / name, *artifacts.adapter_dir(name))
         found[name] = str(local)
     return found, tmp
 
 
 def load_router_fn(store: Any) -> Router | None:
     """The trained router as a function of texts, or None when there is no router artifact."""
-    if not store.exists("router", "router.json"):
+    if not store.exists(*artifacts.router_dir("router.json")):
         return None
     try:
         from cm_ray.router.model import load_router

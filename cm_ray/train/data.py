@@ -3,8 +3,8 @@
 ``tokenize_chat`` renders the conversation with the model's own chat template and labels only the
 tokens of assistant turns (``-100`` elsewhere), for single- and multi-turn (CLCA) conversations.
 ``pack_rows`` optionally packs several conversations into one row of at most ``max_seq_len`` tokens,
-with position ids restarting per conversation. ``read_synth`` streams a culture's
-``synth/culture=XX/task=T/`` Parquet files through Ray Data.
+with position ids restarting per conversation. ``synth_dataset`` streams a culture's synth
+partitions (``artifacts.synth_files``) through Ray Data.
 """
 
 from __future__ import annotations
@@ -155,35 +155,20 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, device: Any = "cpu") -> d
     return {k: v.to(device) for k, v in out.items()}
 
 
-def synth_tasks(store, culture: str) -> list[str]:
-    """Task partitions present under ``synth/culture=XX/``."""
-    return [d.split("=", 1)[1] for d in store.listdir("synth", f"culture={culture}")
-            if d.startswith("task=")]
-
-
-def synth_files(store, culture: str, tasks: list[str]) -> list[str]:
-    """Filesystem paths (for ``store.fs``) of a culture's synth parquet files for ``tasks``."""
-    from cm_ray.storage import filesystem_and_path
-
-    paths = []
-    for task in tasks:
-        files = store.files("synth", f"culture={culture}", f"task={task}", suffix=".parquet")
-        base = filesystem_and_path(store.uri("synth", f"culture={culture}", f"task={task}"))[1]
-        paths += [f"{base}/{f}" for f in files]
-    return paths
-
-
-def read_synth(store, culture: str, tasks: list[str]):
-    """Ray Dataset of a culture's synth rows for ``tasks`` (columns: messages, split).
+def synth_dataset(store, culture: str, tasks: list[str]):
+    """Ray Dataset of a culture's synth rows for ``tasks`` (columns: messages, split), read from
+    the contract's partition files (``artifacts.synth_files``).
 
     Raises FileNotFoundError when none of the tasks has a partition.
     """
     import ray.data
 
-    paths = synth_files(store, culture, tasks)
+    from cm_ray import artifacts
+
+    paths = artifacts.synth_files(store, culture, tasks)
     if not paths:
         raise FileNotFoundError(f"no synth data for culture {culture} and tasks {tasks} under "
-                                f"{store.uri('synth')}")
+                                f"{store.uri(*artifacts.synth_dir())}")
     # Partition columns (culture, task) come from the path; only the chat and split are needed.
     return ray.data.read_parquet(paths, filesystem=store.fs, columns=["messages", "split"],
                                  partitioning=None, override_num_blocks=min(len(paths), 8))

@@ -3,7 +3,8 @@
 Modes (``train.mode``):
   per_culture  one adapter per culture on its ``train.tasks`` partitions (CultureManager;
                CultureSPA culture-specific). ``train.joint_baseline`` adds ``_joint`` beside them.
-  joint        only ``adapters/_joint``: every culture's data, a system prompt naming the culture
+  joint        only ``adapters/_joint``: every culture's data with its culture system prompt
+               (``artifacts.culture_system_prompt``, the one evaluation uses too)
                (the paper's all-culture ablation; CultureSPA culture-joint).
   continual    per culture, first ``train.continual_first`` tasks (culture SFT), then the remaining
                tasks (task adaptation), in one run with one LR schedule ("SFT+Adaptation").
@@ -18,24 +19,16 @@ A failing culture fails only its own trial; a rerun skips adapters that are comp
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import uuid
 
+from cm_ray import artifacts
+from cm_ray.artifacts import JOINT
 from cm_ray.config import Config
-
-JOINT = "_joint"
-
-
-def _fs_path(store, *parts: str) -> str:
-    """Path inside ``store.fs`` (Ray's storage_path with an explicit storage_filesystem)."""
-    from cm_ray.storage import filesystem_and_path
-
-    return filesystem_and_path(store.uri(*parts))[1]
 
 
 def adapter_complete(store, name: str) -> bool:
-    return all(store.exists("adapters", name, f) for f in
+    return all(store.exists(*artifacts.adapter_dir(name), f) for f in
                ("adapter_config.json", "adapter_model.safetensors", "metrics.json"))
 
 
@@ -48,14 +41,12 @@ def adapter_names(cfg: Config) -> list[str]:
 
 def _phase_sources(cfg: Config, store, adapter: str) -> list[list[tuple[str, list[str]]]]:
     """Per training phase, the (culture, tasks) partitions it reads."""
-    from cm_ray.train.data import synth_tasks
-
     tc = cfg.train
     tasks = list(tc.tasks or cfg.tasks)
     if adapter == JOINT:
         return [[(c, tasks) for c in cfg.cultures]]
     if tc.mode == "multitask":
-        return [[(adapter, synth_tasks(store, adapter))]]
+        return [[(adapter, artifacts.synth_tasks(store, adapter))]]
     if tc.mode == "continual":
         rest = [t for t in tasks if t not in tc.continual_first]
         return [[(adapter, list(tc.continual_first))], [(adapter, rest)]] if rest else \
@@ -65,30 +56,26 @@ def _phase_sources(cfg: Config, store, adapter: str) -> list[list[tuple[str, lis
 
 def has_data(cfg: Config, store, adapter: str) -> bool:
     """Whether every training phase of ``adapter`` has at least one synth file to read."""
-    from cm_ray.train.data import synth_files
-
-    return all(any(synth_files(store, c, tasks) for c, tasks in sources)
+    return all(any(artifacts.synth_files(store, c, tasks) for c, tasks in sources)
                for sources in _phase_sources(cfg, store, adapter))
 
 
-def build_datasets(cfg: Config, store, adapter: str) -> tuple[dict, list[tuple[str, int]]]:
+def build_datasets(tc, model_path: str, store, adapter: str,
+                   sources: list[list[tuple[str, list[str]]]]) -> tuple[dict, list[tuple[str, int]]]:
     """Tokenized, materialized Ray Datasets for one adapter: ``train_<i>`` per phase + ``validation``.
 
+    ``sources`` are the adapter's phases (``_phase_sources``); the joint adapter's conversations
+    get the culture system prompt (``artifacts.culture_system_prompt``) of each sample's culture.
     Returns (datasets, [(train dataset name, rows)]). Raises when a phase has no usable rows.
     """
-    from cm_ray.cultures import get_culture
-    from cm_ray.models import resolve_model
-    from cm_ray.train.data import pack_rows, read_synth, tokenize_batch
+    from cm_ray.train.data import pack_rows, synth_dataset, tokenize_batch
 
-    tc = cfg.train
-    model_path = resolve_model(cfg.models.base or cfg.models.generator, cfg.models.cache_dir)
     datasets, phase_rows, val = {}, [], []
-    for i, sources in enumerate(_phase_sources(cfg, store, adapter)):
+    for i, phase in enumerate(sources):
         parts = []
-        for culture, tasks in sources:
-            system = (tc.joint_system_prompt.format(culture_name=get_culture(culture).name, culture=culture)
-                      if adapter == JOINT and tc.joint_system_prompt else None)
-            parts.append(read_synth(store, culture, tasks).map_batches(
+        for culture, tasks in phase:
+            system = artifacts.culture_system_prompt(culture) if adapter == JOINT else None
+            parts.append(synth_dataset(store, culture, tasks).map_batches(
                 tokenize_batch, batch_format="numpy", batch_size=64, num_cpus=0.25,
                 fn_kwargs={"model_path": model_path, "max_seq_len": tc.max_seq_len,
                            "system_prompt": system}))
@@ -100,7 +87,7 @@ def build_datasets(cfg: Config, store, adapter: str) -> tuple[dict, list[tuple[s
         train = ds.filter(lambda r: r["split"] != "validation").materialize()
         rows = train.count()
         if rows == 0:
-            raise ValueError(f"adapter {adapter}: no usable training rows in phase {i} ({sources})")
+            raise ValueError(f"adapter {adapter}: no usable training rows in phase {i} ({phase})")
         datasets[f"train_{i}"] = train
         phase_rows.append((f"train_{i}", rows))
         val.append(ds.filter(lambda r: r["split"] == "validation"))
@@ -110,32 +97,38 @@ def build_datasets(cfg: Config, store, adapter: str) -> tuple[dict, list[tuple[s
     return datasets, phase_rows
 
 
-def _trial(params: dict, cfg_dict: dict, run_id: str, fault: dict | None) -> None:
-    """Tune trial (``{"CPU": 0.01}``): build the adapter's data, run its TorchTrainer to the end."""
+def _trial(params: dict, train, model_ref: str, cache_dir: str | None, root: str, seed: int,
+           sources: dict, run_id: str, fault: dict | None) -> None:
+    """Tune trial (``{"CPU": 0.01}``): build the adapter's data, run its TorchTrainer to the end.
+
+    Receives only its own inputs: the ``train`` section (preset applied), the base model ref and
+    cache, the artifact root, the seed and each adapter's phase sources; no whole config.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cm_ray.config import config_from_dict
+    from cm_ray.models import resolve_model
     from cm_ray.storage import ArtifactStore
-    from cm_ray.train.worker import steps_plan, train_fn_per_worker
+    from cm_ray.train.loop import steps_plan
+    from cm_ray.train.worker import train_fn_per_worker
 
-    cfg = config_from_dict(cfg_dict)
-    tc, adapter = cfg.train, params["adapter"]
-    store = ArtifactStore(cfg.root)
-    datasets, phase_rows = build_datasets(cfg, store, adapter)
+    tc, adapter = train, params["adapter"]
+    store = ArtifactStore(root)
+    datasets, phase_rows = build_datasets(tc, resolve_model(model_ref, cache_dir), store, adapter,
+                                          sources[adapter])
     phases, total_steps = steps_plan(phase_rows, tc, tc.num_workers)
-    loop_config = {"cfg": cfg_dict, "adapter": adapter, "model_ref": cfg.models.base or cfg.models.generator,
-                   "phases": phases, "total_steps": total_steps, "rows": dict(phase_rows),
-                   "has_validation": "validation" in datasets, "run_name": f"{adapter}-{run_id}",
-                   "fault": (fault or {}).get(adapter)}
+    spec = {"train": tc, "seed": seed, "model_ref": model_ref, "cache_dir": cache_dir, "root": root,
+            "adapter": adapter, "phases": phases, "total_steps": total_steps, "rows": dict(phase_rows),
+            "has_validation": "validation" in datasets, "run_name": f"{adapter}-{run_id}",
+            "fault": (fault or {}).get(adapter)}
     trainer = TorchTrainer(
-        train_fn_per_worker, train_loop_config=loop_config, datasets=datasets,
+        train_fn_per_worker, train_loop_config=spec, datasets=datasets,
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=f"{adapter}-{run_id}",  # unique per run: reusing a name resumes that run
-            storage_path=_fs_path(store, "checkpoints"), storage_filesystem=store.fs,
+            storage_path=store.fs_path(*artifacts.checkpoints_dir()), storage_filesystem=store.fs,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()]))
@@ -172,14 +165,16 @@ def run_culture_trials(cfg: Config, store, names: list[str], fault: dict | None 
 
     from cm_ray.train.lora import apply_preset
 
-    cfg = dataclasses.replace(cfg, train=apply_preset(cfg.train))
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    trial_inputs = {"train": apply_preset(cfg.train), "model_ref": cfg.models.base or cfg.models.generator,
+                    "cache_dir": cfg.models.cache_dir, "root": store.root, "seed": cfg.seed,
+                    "sources": {n: _phase_sources(cfg, store, n) for n in names}}
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, cfg_dict=cfg.to_dict(), run_id=run_id, fault=fault), {"CPU": 0.01})
+        tune.with_parameters(_trial, **trial_inputs, run_id=run_id, fault=fault), {"CPU": 0.01})
     tuner = tune.Tuner(
         trainable, param_space={"adapter": tune.grid_search(names)},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials(cfg, len(names))),
-        run_config=tune.RunConfig(name=f"tune-{run_id}", storage_path=_fs_path(store, "checkpoints"),
+        run_config=tune.RunConfig(name=f"tune-{run_id}", storage_path=store.fs_path(*artifacts.checkpoints_dir()),
                                   storage_filesystem=store.fs, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
@@ -187,7 +182,7 @@ def run_culture_trials(cfg: Config, store, names: list[str], fault: dict | None 
     for result in grid:
         name = result.config["adapter"]
         if result.error is None and adapter_complete(store, name):
-            out[name] = {"status": "ok", "metrics": store.read_json("adapters", name, "metrics.json")}
+            out[name] = {"status": "ok", "metrics": store.read_json(*artifacts.adapter_dir(name), "metrics.json")}
         else:
             err = result.error or RuntimeError("trial ended without a complete adapter")
             out[name] = {"status": "failed", "error": f"{type(err).__name__}: {str(err).strip()[-500:]}"}

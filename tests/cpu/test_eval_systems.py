@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from cm_ray.artifacts import culture_system_prompt
 from cm_ray.config import load_config
 from cm_ray.eval import systems as S
 from cm_ray.storage import ArtifactStore
@@ -78,8 +79,8 @@ def test_routes_per_system():
     assert S.plan_routes("oracle", "MX", texts, CULTURES)[0].adapter == "MX"
     no_mx = S.plan_routes("oracle", "MX", texts, ["GB", "CN"])[0]  # MX trained nothing: base model
     assert no_mx.adapter is None and "Mexico" in no_mx.system
-    joint = S.plan_routes("joint", "MX", texts, CULTURES, joint_prompt="You are a person from {culture_name}.")[0]
-    assert joint == S.Route("_joint", "You are a person from Mexico.")
+    joint = S.plan_routes("joint", "MX", texts, CULTURES)[0]  # the prompt the joint adapter trained with
+    assert joint == S.Route("_joint", culture_system_prompt("MX")) and "Mexico" in joint.system
     seen = []
 
     def router(reqs):

@@ -99,7 +99,7 @@ def test_bad_train_settings_name_their_field(override, field):
 
 
 def test_zero3_deepspeed_config_gathers_weights_on_save():
-    from cm_ray.train.worker import deepspeed_config
+    from cm_ray.train.setup import deepspeed_config
 
     tc = dataclasses.replace(TrainConfig(), deepspeed={"zero_optimization": {"stage": 3}}, grad_accum=2)
     ds = deepspeed_config(tc, world_size=2, use_gpu=False)

@@ -58,7 +58,7 @@ def _logits(model_dir, adapter_dir=None):
 
     from cm_ray.train.data import get_tokenizer
     from cm_ray.train.lora import load_base_model
-    from cm_ray.train.worker import PROBE_TEXT
+    from cm_ray.train.save import PROBE_TEXT
 
     model = load_base_model(model_dir)
     if adapter_dir:

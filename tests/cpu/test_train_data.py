@@ -62,7 +62,7 @@ def test_packing_keeps_labels_and_restarts_positions(tok):
 
 
 def test_step_plan_ends_each_phase_on_an_optimizer_step():
-    from cm_ray.train.worker import steps_plan
+    from cm_ray.train.loop import steps_plan
 
     tc = TrainConfig(batch_size=2, grad_accum=2, epochs=1.5)
     phases, total = steps_plan([("train_0", 10), ("train_1", 7)], tc, world=1)
