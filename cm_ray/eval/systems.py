@@ -198,10 +198,8 @@ def load_router_fn(store: Any) -> Router | None:
     """The trained router as a function of texts, or None when there is no router artifact."""
     if not store.exists(*artifacts.router_dir("router.json")):
         return None
-    try:
-        from cm_ray.router.model import load_router
-    except ImportError:
-        return None
+    from cm_ray.router.model import load_router
+
     router = load_router(store)
     return lambda texts: router.predict(list(texts))
 
