@@ -116,7 +116,7 @@ def build_synthesis_dataset(cfg: Config, pairs: list[tuple[str, str]]):
     import ray.data
 
     from cm_ray.data.generate import generate
-    from cm_ray.data.synthesize import build_prompt_rows, parse_generations
+    from cm_ray.data.synth_prompts import build_prompt_rows, parse_generations
 
     scfg = cfg.synthesis
     items = [{"culture": c, "task": t, "pair_idx": i} for i, (c, t) in enumerate(pairs)]

@@ -23,7 +23,7 @@ from typing import Any
 from cm_ray.config import Config
 from cm_ray.cultures import get_culture
 from cm_ray.data import filters as F
-from cm_ray.data.synthesize import extract_json
+from cm_ray.data.synth_prompts import extract_json
 from cm_ray.tasks import TaskSpec, load_task
 
 SYSTEM = "You write web search queries. You reply with JSON only."

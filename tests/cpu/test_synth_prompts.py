@@ -11,7 +11,7 @@ import json
 import jsonschema
 
 from cm_ray.config import load_config
-from cm_ray.data import synthesize as S
+from cm_ray.data import synth_prompts as S
 from cm_ray.data.pipeline import finalize_partition
 from cm_ray.tasks import load_task
 
