@@ -39,7 +39,7 @@ class Stage:
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("queries", "cm_ray.data.queries:run_queries", "LLM writes task-specific and task-agnostic search queries"),
     Stage("search", "cm_ray.data.search:run_search", "async web search on Ray Data"),
-    Stage("synthesize", "cm_ray.data.pipeline:run_synthesis", "task-format samples grounded in search results"),
+    Stage("synthesize", "cm_ray.data.synthesize:run_synthesis", "task-format samples grounded in search results"),
     Stage("culturespa", "cm_ray.recipes.culturespa:run_culturespa_data", "CultureSPA survey questions + disagreement pairs"),
     Stage("clca", "cm_ray.recipes.clca:run_clca_data", "CLCA role-play dialogues, judge, intents"),
     Stage("train", "cm_ray.train.tune:run_training", "one LoRA adapter per culture (Ray Train + DeepSpeed trials)"),

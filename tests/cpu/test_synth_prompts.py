@@ -12,7 +12,7 @@ import jsonschema
 
 from cm_ray.config import load_config
 from cm_ray.data import synth_prompts as S
-from cm_ray.data.pipeline import finalize_partition
+from cm_ray.data.synthesize import finalize_partition
 from cm_ray.tasks import load_task
 
 SNIPPETS = [{"title": "Insults in Mexico", "url": "https://a.example/1", "snippet": "Calling someone naco is a classist insult.", "query_id": "q1"},
