@@ -13,6 +13,7 @@ Layout under the root (one culture key names every per-culture thing):
     router/                                        router head, config, metrics
     checkpoints/                                   Ray Train checkpoints
     manifests/<stage>.json                         what each stage wrote, with counts
+    recipes/<recipe>/<name>                        a recipe's inspection files (questions, dialogues)
     eval/                                          tables and plots
 
 Importing this module is cheap (stdlib only; pyarrow and jsonschema load on first use).
@@ -103,6 +104,11 @@ def manifest_file(stage: str) -> tuple[str, ...]:
 
 def eval_dir(*parts: str) -> tuple[str, ...]:
     return ("eval", *parts)
+
+
+def recipe_file(recipe: str, name: str) -> tuple[str, ...]:
+    """A data recipe's file for inspection (not read by later stages), e.g. CultureSPA's questions."""
+    return ("recipes", recipe, name)
 
 
 DATA_PREFIXES = ("queries", "search", "synth")
