@@ -12,32 +12,20 @@ says that instructions inside them are not followed. Samples cite the ids they d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from typing import Any
 
+from cm_ray.artifacts import search_results_dir, stable_id
 from cm_ray.cultures import get_culture
+from cm_ray.generation.parsing import extract_json
 from cm_ray.tasks import TaskSpec, load_task
 
-_DECODER = json.JSONDecoder()
 SYSTEM = ("You write training data for a culture-sensitive task. You reply with one JSON object "
           "and nothing else.")
 
 
 # -- parsing ------------------------------------------------------------------------------------
-def extract_json(text: str) -> Any | None:
-    """The first JSON object or array in ``text`` (code fences and chatter around it ignored)."""
-    for m in re.finditer(r"[\[{]", text):
-        try:
-            value, _ = _DECODER.raw_decode(text, m.start())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, (dict, list)):
-            return value
-    return None
-
-
 def _coerce_sources(raw: Any, n_snippets: int) -> list[int]:
     """Cited snippet ids as ints in 1..n (accepts 2, "2", "S2", "[S2]"); unknown ids dropped."""
     items = raw if isinstance(raw, list) else [raw] if raw is not None else []
@@ -61,8 +49,9 @@ def parse_samples(text: str, spec: TaskSpec, n_snippets: int, require_sources: b
     """
     if finish_reason == "error":
         return [], ["generation_error"]
-    value = extract_json(text)
-    if value is None:
+    try:
+        value = extract_json(text)
+    except ValueError:
         return [], ["truncated_json" if "{" in text and finish_reason == "length" else "no_json"]
     if isinstance(value, dict) and isinstance(value.get("samples"), list):
         value = value["samples"]
@@ -153,7 +142,7 @@ def build_messages(culture_key: str, spec: TaskSpec, snippets: list[dict],
 
 
 def prompt_hash(messages: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+    return stable_id(messages)
 
 
 # -- snippet selection ----------------------------------------------------------------------------
@@ -186,25 +175,27 @@ def slice_snippets(pool: list[dict], index: int, k: int) -> list[dict]:
     return [pool[(start + j) % len(pool)] for j in range(k)]
 
 
-def build_prompt_rows(pair: dict, cfg_dict: dict) -> list[dict]:
+def build_prompt_rows(pair: dict, scfg: Any, root: str) -> list[dict]:
     """Ray Data flat_map: one (culture, task) -> its generation rows.
+
+    Args:
+        pair: the input row.
+        scfg: the ``synthesis`` config section (prompts_per_pair, snippets_per_prompt,
+            samples_per_prompt, require_sources, guided_json).
+        root: the artifact root the search results are read from.
 
     Input columns:  culture (str), task (str), pair_idx (int)
     Output columns: culture, task, pair_idx, prompt_idx, messages, json_schema, snippets_json,
                     target_label, prompt_hash
     """
-    from cm_ray.config import config_from_dict
     from cm_ray.storage import ArtifactStore
 
-    cfg = config_from_dict(cfg_dict)
-    scfg = cfg.synthesis
-    store = ArtifactStore(cfg.root)
+    store = ArtifactStore(root)
     culture, task = str(pair["culture"]), str(pair["task"])
     spec = load_task(task)
     results = []
-    if store.exists("search", "results", f"culture={culture}"):
-        results = [r for r in store.read_rows("search", "results", f"culture={culture}")
-                   if r.get("task") == spec.name]
+    if store.exists(*search_results_dir(culture)):
+        results = [r for r in store.read_rows(*search_results_dir(culture)) if r.get("task") == spec.name]
     pool = pool_snippets(results)
     rows = []
     for p in range(scfg.prompts_per_pair if pool else 0):

@@ -15,32 +15,11 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from cm_ray import artifacts as A
 from cm_ray.config import Config
 from cm_ray.data import filters as F
-
-if TYPE_CHECKING:
-    import pyarrow as pa
-
-SYNTH_COLUMNS = ["id", "culture", "task", "split", "sample_json", "input", "output", "messages",
-                 "label", "query_ids", "snippet_urls", "engine", "model", "prompt_hash", "relevance"]
-
-
-def _schema():
-    import pyarrow as pa
-
-    msg = pa.struct([("role", pa.string()), ("content", pa.string())])
-    return pa.schema([("id", pa.string()), ("culture", pa.string()), ("task", pa.string()),
-                      ("split", pa.string()), ("sample_json", pa.string()), ("input", pa.string()),
-                      ("output", pa.string()), ("messages", pa.list_(msg)), ("label", pa.string()),
-                      ("query_ids", pa.list_(pa.string())), ("snippet_urls", pa.list_(pa.string())),
-                      ("engine", pa.string()), ("model", pa.string()), ("prompt_hash", pa.string()),
-                      ("relevance", pa.float64())])
-
-
-def partition_parts(culture: str, task: str) -> tuple[str, ...]:
-    return ("synth", f"culture={culture}", f"task={task}")
 
 
 def finalize_partition(cfg: Config, culture: str, task: str, rows: list[dict]) -> tuple[list[dict], dict]:
@@ -58,7 +37,7 @@ def finalize_partition(cfg: Config, culture: str, task: str, rows: list[dict]) -
     ok = []
     for r in rows:
         if r["status"] == "ok":
-            r["id"] = F.stable_hash(culture, spec.name, r["sample_json"])
+            r["id"] = A.stable_id(culture, spec.name, r["sample_json"])
             ok.append(r)
     kept, why = F.dedup(ok, lambda r: r["sample_text"], scfg.near_dup_threshold,
                         seen=[spec.input_text(ex) for ex in spec.examples])
@@ -71,18 +50,15 @@ def finalize_partition(cfg: Config, culture: str, task: str, rows: list[dict]) -
         n = len(kept)
         kept, why = F.balance_labels(kept, scfg.label_balance_ratio)
         log.record("label_balance", n, why)
-    splits = F.split_of([r["id"] for r in kept], scfg.validation_fraction)
+    splits = A.split_of([r["id"] for r in kept], scfg.validation_fraction)
     out = []
     for r in kept:
         sample = json.loads(r["sample_json"])
-        rel = r.get("relevance")
-        out.append({"id": r["id"], "culture": culture, "task": spec.name, "split": splits[r["id"]],
-                    "sample_json": r["sample_json"], "input": spec.render_input(sample),
-                    "output": spec.render_output(sample), "messages": spec.messages(sample),
-                    "label": r["label"], "query_ids": list(r["query_ids"]),
-                    "snippet_urls": list(r["snippet_urls"]), "engine": r["engine"],
-                    "model": r["model"], "prompt_hash": r["prompt_hash"],
-                    "relevance": None if rel is None or rel != rel else float(rel)})
+        out.append(A.synth_row(
+            id=r["id"], culture=culture, task=spec.name, split=splits[r["id"]], sample=r["sample_json"],
+            input=spec.render_input(sample), output=spec.render_output(sample), messages=spec.messages(sample),
+            label=r["label"], query_ids=r["query_ids"], snippet_urls=r["snippet_urls"], engine=r["engine"],
+            model=r["model"], prompt_hash=r["prompt_hash"], relevance=r.get("relevance")))
     return out, log.to_dict()
 
 
@@ -121,7 +97,7 @@ def build_synthesis_dataset(cfg: Config, pairs: list[tuple[str, str]]):
     scfg = cfg.synthesis
     items = [{"culture": c, "task": t, "pair_idx": i} for i, (c, t) in enumerate(pairs)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
-    ds = ds.flat_map(build_prompt_rows, fn_kwargs={"cfg_dict": cfg.to_dict()})
+    ds = ds.flat_map(build_prompt_rows, fn_kwargs={"scfg": scfg, "root": cfg.root})
     ds = generate(ds, cfg, max_new_tokens=scfg.max_new_tokens, temperature=scfg.temperature,
                   top_p=scfg.top_p, seed=cfg.seed)
     ds = ds.map_batches(parse_generations, fn_kwargs={"require_sources": scfg.require_sources},
@@ -154,11 +130,11 @@ def run_synthesis(cfg: Config, store: Any, force: bool = False) -> dict:
     names = {t: _task_name(t) for t in cfg.tasks}
     todo, skipped = [], []
     for c, t in pairs:
-        done = store.exists(*partition_parts(c, names[t]), "part-0.parquet")
+        done = store.exists(*A.synth_file(c, names[t]))
         if done and not force:
             skipped.append((c, t))
         else:
-            store.delete(*partition_parts(c, names[t]))
+            store.delete(*A.synth_dir(c, names[t]))
             todo.append((c, t))
     if todo:
         init_ray(cfg)
@@ -183,22 +159,6 @@ def run_synthesis(cfg: Config, store: Any, force: bool = False) -> dict:
                      seconds=time.time() - t0)
 
 
-def read_synth(store: Any, culture: str | None = None, task: str | None = None) -> "pa.Table":
-    """The synthesized rows (all, one culture, or one partition) from the Parquet files only
-    (``synth/`` also holds summary.json and _stats/, which a plain directory read would trip on)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    parts = ["synth"] + ([f"culture={culture}"] if culture else []) + ([f"task={task}"] if task else [])
-    tables = []
-    for rel in store.files(*parts, suffix=".parquet"):
-        if rel.startswith("_") or "/_" in rel:
-            continue
-        with store.fs.open_input_file(store.fs_path(*parts, rel)) as f:
-            tables.append(pq.read_table(f))
-    return pa.concat_tables(tables) if tables else _schema().empty_table()
-
-
 def _task_name(task: str) -> str:
     from cm_ray.tasks import load_task
 
@@ -206,24 +166,21 @@ def _task_name(task: str) -> str:
 
 
 def _write_partition(cfg: Config, store: Any, culture: str, task: str, rows: list[dict]) -> None:
-    import pyarrow as pa
-
     out, log = finalize_partition(cfg, culture, task, rows)
     # Stats first, data file last: the data file is the partition's completion marker.
     stats = {"culture": culture, "task": task, "filters": log, "rows_out": len(out),
              "generations": len({r["prompt_hash"] for r in rows})}
     if not rows:
         stats["note"] = "no search snippets"
-    store.write_json(stats, "synth", "_stats", f"{culture}.{task}.json")
-    table = pa.Table.from_pylist(out, schema=_schema())
-    store.write_table(table, *partition_parts(culture, task), "part-0.parquet")
+    store.write_json(stats, *A.synth_stats_file(culture, task))
+    A.write_synth_partition(store, culture, task, out)
 
 
 def summarize(cfg: Config, store: Any, pairs, names, **extra) -> dict:
     """Merge the per-partition stats into ``synth/summary.json`` (rows in/out per filter per culture)."""
     per_culture: dict[str, dict] = {}
     for c, t in pairs:
-        parts = ("synth", "_stats", f"{c}.{names[t]}.json")
+        parts = A.synth_stats_file(c, names[t])
         stats = store.read_json(*parts) if store.exists(*parts) else None
         entry = per_culture.setdefault(c, {"rows_out": 0, "tasks": {}, "filters": {}})
         if stats:
@@ -238,5 +195,5 @@ def summarize(cfg: Config, store: Any, pairs, names, **extra) -> dict:
                **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in extra.items()}}
     summary["headline"] = (f"{total} samples kept of {candidates} candidates over {len(pairs)} "
                            f"(culture, task) partitions ({extra.get('n_skipped', 0)} skipped)")
-    store.write_json(summary, "synth", "summary.json")
+    store.write_json(summary, *A.synth_summary_file())
     return summary

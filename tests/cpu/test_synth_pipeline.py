@@ -16,8 +16,9 @@ import pytest
 
 from tests.conftest import LoopbackChatServer
 
+from cm_ray.artifacts import SYNTH_COLUMNS, read_synth
 from cm_ray.config import load_config
-from cm_ray.data.synthesize import SYNTH_COLUMNS, read_synth, run_synthesis
+from cm_ray.data.synthesize import run_synthesis
 from cm_ray.storage import ArtifactStore
 
 CULTURES, TASKS = ["GB", "MX"], ["offensive", "survey"]
