@@ -7,8 +7,8 @@ import json
 import pytest
 
 from cm_ray.config import load_config
+from cm_ray.artifacts import SYNTH_COLUMNS
 from cm_ray.recipes import clca as R
-from cm_ray.recipes.common import SYNTH_COLUMNS
 from cm_ray.storage import ArtifactStore
 
 AGENTS = [{"name": "Li Wei", "background": "grew up in Chengdu", "occupation": "teacher",

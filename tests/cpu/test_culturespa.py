@@ -8,8 +8,9 @@ import json
 import pytest
 
 from cm_ray.config import load_config
+from cm_ray.artifacts import SYNTH_COLUMNS
+from cm_ray.generation.parsing import extract_json
 from cm_ray.recipes import culturespa as R
-from cm_ray.recipes.common import SYNTH_COLUMNS, parse_json
 from cm_ray.storage import ArtifactStore
 
 
@@ -46,9 +47,10 @@ def test_seed_questions_fall_back_to_shipped_ones(tmp_path):
 
 
 def test_parse_json_accepts_wrapped_output():
-    assert parse_json('Sure! ```json\n{"question": "x", "options": []}\n```') == {"question": "x", "options": []}
+    assert extract_json('Sure! ```json\n{"question": "x", "options": []}\n```', any_value=True) == {
+        "question": "x", "options": []}
     with pytest.raises(ValueError):
-        parse_json("no json here")
+        extract_json("no json here", any_value=True)
 
 
 @pytest.mark.slow
