@@ -135,3 +135,16 @@ def test_finalize_partition_counts_every_dropped_row_by_filter_and_reason():
     r = out[0]
     assert r["messages"][0]["role"] == "user" and r["messages"][-1]["content"] == r["output"]
     assert r["input"].startswith("Is the following post offensive") and r["query_ids"] == ["q1"]
+
+
+def test_finalized_rows_are_exactly_the_synth_contract():
+    from cm_ray.artifacts import SYNTH_COLUMNS, validate_synth_rows
+
+    cfg = load_config(None, ["synthesis.validation_fraction=0.25", "synthesis.relevance_filter=none"])
+    rows = [cand("Go back to your village, naco, nobody wants you here"),
+            cand("The tacos at the corner stall are the best in town", "not_offensive", rel=float("nan")),
+            cand("You people from the north are all thieves and liars")]
+    out, _ = finalize_partition(cfg, "MX", "offensive", rows)
+    assert out and all(list(r) == list(SYNTH_COLUMNS) for r in out)
+    validate_synth_rows(out)
+    assert [r["relevance"] for r in out if r["label"] == "not_offensive"] == [None]  # NaN: not scored
