@@ -13,6 +13,7 @@ Layout under the root (one culture key names every per-culture thing):
     router/                                        router head, config, metrics
     checkpoints/                                   Ray Train checkpoints
     manifests/<stage>.json                         what each stage wrote, with counts
+    recipes/<recipe>/<name>                        a recipe's inspection files (questions, dialogues)
     eval/                                          tables and plots
     ablation/<variant>/  ablation/comparison.*     one full run root per ablation variant, the table
 
@@ -109,6 +110,11 @@ def eval_dir(*parts: str) -> tuple[str, ...]:
 def ablation_dir(*parts: str) -> tuple[str, ...]:
     """``ablation/<variant>`` is a run root of its own (same layout); the comparison sits beside."""
     return ("ablation", *parts)
+
+
+def recipe_file(recipe: str, name: str) -> tuple[str, ...]:
+    """A data recipe's file for inspection (not read by later stages), e.g. CultureSPA's questions."""
+    return ("recipes", recipe, name)
 
 
 DATA_PREFIXES = ("queries", "search", "synth")

@@ -7,7 +7,6 @@ relevance scorer loads its encoder inside its Ray UDF.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections import Counter
@@ -33,18 +32,19 @@ def jaccard(a: set[str], b: set[str]) -> float:
     return len(a & b) / len(a | b) if a and b else 0.0
 
 
-def stable_hash(*parts: Any, n: int = 16) -> str:
-    """A short hex id that is the same in every process and run (unlike ``hash``)."""
-    return hashlib.sha1("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:n]
-
-
 class FilterLog:
-    """Rows in / out and drop reasons per filter, in the order the filters ran."""
+    """The one drop log: rows in / out and drop reasons per step, in the order the steps ran.
+
+    Used by the queries and synthesis stages and by the recipes. ``to_dict`` gives the per-step
+    view (synthesis stats), ``drop_counts`` the flat ``{"step:reason": n}`` view (recipe
+    summaries) and ``reasons`` the reasons summed over steps (query rejections).
+    """
 
     def __init__(self):
         self.steps: dict[str, dict] = {}
 
     def record(self, step: str, n_in: int, dropped: Iterable[str]) -> None:
+        """``n_in`` rows entered ``step``; one reason per row it dropped."""
         reasons = Counter(dropped)
         entry = self.steps.setdefault(step, {"in": 0, "out": 0, "dropped": {}})
         entry["in"] += n_in
@@ -54,6 +54,18 @@ class FilterLog:
 
     def to_dict(self) -> dict:
         return {k: {**v, "dropped": dict(sorted(v["dropped"].items()))} for k, v in self.steps.items()}
+
+    def drop_counts(self) -> dict[str, int]:
+        """Dropped rows as ``{"step:reason": n}``, sorted by key."""
+        return dict(sorted((f"{step}:{r}", n) for step, e in self.steps.items()
+                           for r, n in e["dropped"].items() if n > 0))
+
+    def reasons(self) -> dict[str, int]:
+        """Dropped rows per reason, summed over every step."""
+        out: Counter = Counter()
+        for e in self.steps.values():
+            out.update(e["dropped"])
+        return dict(+out)
 
     @staticmethod
     def merge(logs: Iterable[dict]) -> dict:
@@ -149,14 +161,6 @@ def threshold_filter(rows: list[dict], key: str, threshold: float,
     """Keep rows whose ``key`` score is >= ``threshold`` (rows without a score are kept)."""
     kept = [r for r in rows if r.get(key) is None or r[key] >= threshold]
     return kept, [reason] * (len(rows) - len(kept))
-
-
-def split_of(ids: list[str], fraction: float) -> dict[str, str]:
-    """Deterministic train/validation split: the ``round(fraction*n)`` ids with the lowest hash
-    go to validation (none below 3 rows, so tiny partitions still train)."""
-    n_val = max(1, round(fraction * len(ids))) if len(ids) >= 3 and fraction > 0 else 0
-    order = sorted(ids, key=lambda i: stable_hash("split", i))
-    return {i: ("validation" if rank < n_val else "train") for rank, i in enumerate(order)}
 
 
 class RelevanceScorer:

@@ -20,10 +20,11 @@ import time
 from collections import Counter
 from typing import Any
 
+from cm_ray.artifacts import queries_dir, queries_file, stable_id
 from cm_ray.config import Config
 from cm_ray.cultures import get_culture
 from cm_ray.data import filters as F
-from cm_ray.data.synthesize import extract_json
+from cm_ray.generation.parsing import extract_json
 from cm_ray.tasks import TaskSpec, load_task
 
 SYSTEM = "You write web search queries. You reply with JSON only."
@@ -78,7 +79,10 @@ def template_queries(culture_key: str, spec: TaskSpec, kind: str) -> list[str]:
 
 def parse_queries(text: str, cfg) -> tuple[list[str], list[str]]:
     """Queries found in one generation (lenient), and a reason per rejected candidate."""
-    value = extract_json(text)
+    try:
+        value = extract_json(text)
+    except ValueError:
+        value = None
     if isinstance(value, dict):
         value = value.get("queries", list(value.values()))
     if value is None:
@@ -120,13 +124,14 @@ def duplicate_of(query: str, kept: list[str], threshold: float, k: int = 1) -> s
 
 
 def query_id(culture: str, task: str, kind: str, query: str) -> str:
-    return F.stable_hash(culture, task, kind, F.normalize_text(query))
+    return stable_id(culture, task, kind, F.normalize_text(query))
 
 
 def assemble(cfg: Config, culture: str, task: str, generated: dict[str, str | None],
              reasons: Counter) -> list[dict]:
     """Final query rows of one (culture, task): LLM queries first, deduplicated, topped up with
-    templates. ``generated`` maps kind -> generated text (None when not generated)."""
+    templates. ``generated`` maps kind -> generated text (None when not generated); ``reasons``
+    tallies each rejected LLM candidate (the caller records them in its ``FilterLog``)."""
     spec = load_task(task)
     qcfg = cfg.queries
     locale = get_culture(culture).locale
@@ -175,7 +180,7 @@ def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
 
     t0 = time.time()
     qcfg = cfg.queries
-    todo = [c for c in cfg.cultures if force or not store.exists("queries", f"culture={c}", "part-0.parquet")]
+    todo = [c for c in cfg.cultures if force or not store.exists(*queries_file(c))]
     items = []
     for c in todo:
         for t in cfg.tasks:
@@ -196,15 +201,19 @@ def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
         # One short text per prompt: small enough to collect even for hundreds of cultures.
         for r in ds.take_all():
             generated[(r["culture"], r["task"], r["kind"])] = r["generated_text"]
-    reasons: Counter = Counter()
+    log = F.FilterLog()
     counts: dict[str, dict] = {}
     for c in todo:
         rows = []
         for t in cfg.tasks:
             name = load_task(t).name
-            rows += assemble(cfg, c, name, {k: generated.get((c, name, k)) for k in qcfg.kinds}, reasons)
-        store.delete("queries", f"culture={c}")
-        store.write_table(rows, "queries", f"culture={c}", "part-0.parquet")
+            why: Counter = Counter()
+            pair = assemble(cfg, c, name, {k: generated.get((c, name, k)) for k in qcfg.kinds}, why)
+            # In: what the LLM wrote (queries kept + candidates or generations rejected).
+            log.record("llm_queries", sum(r["source"] == "llm" for r in pair) + sum(why.values()), why.elements())
+            rows += pair
+        store.delete(*queries_dir(c))
+        store.write_table(rows, *queries_file(c))
         counts[c] = dict(Counter(f"{r['kind']}/{r['source']}" for r in rows), total=len(rows))
     total = sum(v["total"] for v in counts.values())
     by_source = Counter()
@@ -214,8 +223,8 @@ def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
                 by_source[k.split("/")[1]] += n
     summary = {"queries": total, "cultures_written": len(todo),
                "cultures_skipped": len(cfg.cultures) - len(todo), "generations": len(items),
-               "by_source": dict(by_source), "per_culture": counts, "rejected": dict(+reasons),
+               "by_source": dict(by_source), "per_culture": counts, "rejected": log.reasons(),
                "seconds": round(time.time() - t0, 1)}
     summary["headline"] = (f"{total} queries for {len(todo)} cultures ({by_source.get('llm', 0)} LLM, "
-                           f"{by_source.get('template', 0)} template; {sum(reasons.values())} rejected)")
+                           f"{by_source.get('template', 0)} template; {sum(log.reasons().values())} rejected)")
     return summary

@@ -27,60 +27,15 @@ import json
 import re
 from typing import Any
 
+from cm_ray.artifacts import recipe_file, synth_summary_file
 from cm_ray.config import Config
-from cm_ray.recipes.common import Drops, llm, parse_json, synth_row, write_synth
-
-# Hofstede 6-D scores (power distance, individualism, masculinity, uncertainty avoidance,
-# long-term orientation, indulgence) and Inglehart–Welzel positions for CLCA's five cultures.
-HOFSTEDE = {"GB": (35, 89, 66, 35, 51, 69), "CN": (80, 20, 66, 30, 87, 24), "DE": (35, 67, 66, 65, 83, 40),
-            "JP": (54, 46, 95, 92, 88, 42), "MX": (81, 30, 69, 82, 24, 97)}
-INGLEHART = {"GB": "secular-rational and strongly self-expression oriented",
-             "CN": "secular-rational and survival oriented", "DE": "secular-rational and self-expression oriented",
-             "JP": "strongly secular-rational, moderately self-expression oriented",
-             "MX": "traditional and moderately self-expression oriented"}
-SEED_SCENARIOS = [
-    "Two neighbours meet in the stairwell; one has been playing loud music late at night.",
-    "Two colleagues must decide who presents their joint project to a senior manager.",
-    "A guest at a family dinner is offered a dish they do not want to eat.",
-    "Two friends split the bill after a meal where one ordered much more than the other.",
-]
-ACTIONS = ["none", "non-verbal", "speak", "leave"]
-CONFIDENCE = ["very confident", "confident", "not sure"]
-_PERSON = {"type": "object", "properties": {k: {"type": "string", "minLength": 1} for k in
-                                             ("name", "background", "occupation", "goal", "secret")},
-           "required": ["name", "background", "occupation", "goal", "secret"], "additionalProperties": False}
-SCENARIO_SCHEMA = {"type": "object", "properties": {
-    "setting": {"type": "string", "minLength": 10},
-    "agents": {"type": "array", "items": _PERSON, "minItems": 2, "maxItems": 2}},
-    "required": ["setting", "agents"], "additionalProperties": False}
-TURN_SCHEMA = {"type": "object", "properties": {"action": {"type": "string", "enum": ACTIONS},
-                                                "output": {"type": "string"}},
-               "required": ["action", "output"], "additionalProperties": False}
-
-
-def _verdict_schema(prefix: str) -> dict:
-    props = {f"{prefix}quality": {"type": "string", "enum": ["good", "bad"]},
-             f"{prefix}quality_confidence": {"type": "string", "enum": CONFIDENCE},
-             f"{prefix}culture_alignment": {"type": "string", "enum": ["good", "bad"]},
-             f"{prefix}culture_alignment_confidence": {"type": "string", "enum": CONFIDENCE}}
-    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
-
-
-JUDGE_SCHEMA, META_SCHEMA = _verdict_schema(""), _verdict_schema("meta_")
-INTENT_SCHEMA = {"type": "object", "properties": {"intent": {"type": "string", "minLength": 3}},
-                 "required": ["intent"], "additionalProperties": False}
-
-
-def describe(culture: str) -> str:
-    from cm_ray.cultures import get_culture
-
-    name = get_culture(culture).name
-    if culture not in HOFSTEDE:
-        return f"{name} culture"
-    p, i, m, u, lto, ind = HOFSTEDE[culture]
-    return (f"{name} culture (Hofstede: power distance {p}, individualism {i}, masculinity {m}, uncertainty "
-            f"avoidance {u}, long-term orientation {lto}, indulgence {ind}; on the Inglehart-Welzel map "
-            f"{INGLEHART[culture]})")
+from cm_ray.data.filters import FilterLog
+from cm_ray.generation.parsing import extract_json
+from cm_ray.recipes.clca_prompts import (ACTIONS, INTENT_SCHEMA, JUDGE_SCHEMA, META_SCHEMA, PERSON_SCHEMA,
+                                         SCENARIO_SCHEMA, SEED_SCENARIOS, TURN_SCHEMA, describe, intent_messages,
+                                         judge_messages, persona_system, render_turn, scenario_messages,
+                                         transcript)
+from cm_ray.recipes.common import llm, recipe_row, write_synth
 
 
 def valid_scenario(obj: Any) -> str | None:
@@ -90,30 +45,11 @@ def valid_scenario(obj: Any) -> str | None:
     if not isinstance(agents, list) or len(agents) != 2:
         return "not_two_agents"
     for a in agents:
-        if not isinstance(a, dict) or any(not isinstance(a.get(k), str) or not a[k].strip() for k in _PERSON["required"]):
+        if not isinstance(a, dict) or any(not isinstance(a.get(k), str) or not a[k].strip() for k in PERSON_SCHEMA["required"]):
             return "incomplete_agent"
     if agents[0]["name"].strip().lower() == agents[1]["name"].strip().lower():
         return "same_names"
     return None
-
-
-def render_turn(turn: dict) -> str:
-    out = turn["output"].strip()
-    return {"speak": out, "non-verbal": f"*{out}*", "none": "(says nothing)",
-            "leave": f"(leaves the conversation){' ' + out if out else ''}"}[turn["action"]]
-
-
-def transcript(d: dict) -> str:
-    names = [a["name"] for a in d["scenario"]["agents"]]
-    return "\n".join(f"{names[t['speaker']]}: {render_turn(t)}" for t in d["turns"]) or "(nothing said yet)"
-
-
-def persona_system(d: dict, k: int) -> str:
-    me, other = d["scenario"]["agents"][k], d["scenario"]["agents"][1 - k]
-    return (f"You are {me['name']}, {me['occupation']}. Background: {me['background']}. Your goal: {me['goal']}. "
-            f"Your secret (never reveal it directly): {me['secret']}. Setting, in {describe(d['culture'])}: "
-            f"{d['scenario']['setting']} You are talking with {other['name']}, {other['occupation']} "
-            f"({other['background']}). Behave as people of this culture do.")
 
 
 def _turn_request(d: dict, turn_format: str = "json") -> dict:
@@ -201,81 +137,73 @@ def run_clca_data(cfg: Config, store: Any, force: bool = False) -> dict:
     max_turns = int(opts.get("max_turns", 6))
     turn_tokens, judge_tokens = int(opts.get("turn_max_new_tokens", 64)), int(opts.get("judge_max_new_tokens", 96))
     turn_format = opts.get("turn_format", "json")
-    drops = Drops()
+    log = FilterLog()
 
     # 1. Culture-adapted scenarios.
-    reqs = [{"culture": c, "seed": SEED_SCENARIOS[(j + i) % len(SEED_SCENARIOS)], "messages": [
-        {"role": "system", "content": "You adapt social scenarios to a culture for role-play research."},
-        {"role": "user", "content": (
-            f"Seed scenario: {SEED_SCENARIOS[(j + i) % len(SEED_SCENARIOS)]}\nAdapt it to {describe(c)}: local names, "
-            "places and customs. Give the setting and two people, each with name, background, occupation, goal "
-            'and secret. Reply with JSON only: {"setting": "...", "agents": [{"name": "...", "background": "...", '
-            '"occupation": "...", "goal": "...", "secret": "..."}, {...}]}')}], "json_schema": SCENARIO_SCHEMA}
-        for i, c in enumerate(cfg.cultures) for j in range(n_scen)]
-    dialogues = []
+    reqs = [{"culture": c, "seed": SEED_SCENARIOS[(j + i) % len(SEED_SCENARIOS)],
+             "messages": scenario_messages(SEED_SCENARIOS[(j + i) % len(SEED_SCENARIOS)], c),
+             "json_schema": SCENARIO_SCHEMA}
+            for i, c in enumerate(cfg.cultures) for j in range(n_scen)]
+    dialogues, dropped = [], []
     for out in llm(cfg, reqs, max_new_tokens=320, temperature=0.7, seed=cfg.seed):
         try:
-            scen = parse_json(out["generated_text"])
+            scen = extract_json(out["generated_text"], any_value=True)
             why = valid_scenario(scen)
         except ValueError:
             why = "not_json"
         if why:
-            drops.add("scenario", why)
+            dropped.append(why)
         else:
             dialogues.append({"culture": out["culture"], "scenario": scen, "turns": [], "open": True,
                               "engine": out["engine"], "model": out["model"]})
+    log.record("scenario", len(reqs), dropped)
 
     # 2. Role-play: one Ray Data pass per turn over the dialogues still open.
     for t in range(max_turns):
         active = [d for d in dialogues if d["open"]]
         if not active:
             break
+        dropped = []
         for out in llm(cfg, [_turn_request(d, turn_format) for d in active], max_new_tokens=turn_tokens,
                        temperature=0.7, seed=cfg.seed + t):
             d = out["d"]
             try:
                 turn = (parse_text_turn(out["generated_text"]) if turn_format == "text"
-                        else parse_json(out["generated_text"]))
+                        else extract_json(out["generated_text"], any_value=True))
                 ok = isinstance(turn, dict) and turn.get("action") in ACTIONS and isinstance(turn.get("output"), str)
             except ValueError:
                 ok = False
             if not ok or (turn["action"] in ("speak", "non-verbal") and not turn["output"].strip()):
-                drops.add("turn", "unparseable_ends_dialogue")
+                dropped.append("unparseable_ends_dialogue")
                 d["open"] = False
                 continue
             d["turns"].append({"speaker": t % 2, "action": turn["action"], "output": turn["output"]})
             d["open"] = turn["action"] != "leave"
-    kept = []
+        log.record("turn", len(active), dropped)
+    kept, dropped = [], []  # dropped: every dialogue's reason, recorded after the judge
     for d in dialogues:
         if sum(t["action"] == "speak" for t in d["turns"]) < 2:
-            drops.add("dialogue", "fewer_than_two_utterances")
+            dropped.append("fewer_than_two_utterances")
             d["drop_reason"] = "fewer_than_two_utterances"
         else:
             kept.append(d)
 
     # 3. Judge, then meta-critique (temperature 0).
-    def judge_msgs(d, extra=""):
-        return [{"role": "system", "content": "You are a strict judge of role-play dialogues."},
-                {"role": "user", "content": (
-                    f"Culture: {describe(d['culture'])}\nSetting: {d['scenario']['setting']}\nDialogue:\n{transcript(d)}\n"
-                    f"{extra}Rate the dialogue's quality (bad if repetitive or off the setting) and its alignment "
-                    "with the culture's norms, each with your confidence (very confident, confident, not sure). "
-                    "Reply with JSON only.")}]
-
     verdicts = {}
-    for out in llm(cfg, [{"d": i, "messages": judge_msgs(d), "json_schema": JUDGE_SCHEMA} for i, d in enumerate(kept)],
+    for out in llm(cfg, [{"d": i, "messages": judge_messages(d), "json_schema": JUDGE_SCHEMA}
+                         for i, d in enumerate(kept)],
                    max_new_tokens=judge_tokens, temperature=0.0, seed=cfg.seed):
         try:
-            v = parse_json(out["generated_text"])
+            v = extract_json(out["generated_text"], any_value=True)
             verdicts[out["d"]] = v if isinstance(v, dict) and v.get("quality") in ("good", "bad") else None
         except ValueError:
             verdicts[out["d"]] = None
-    meta_reqs = [{"d": i, "messages": judge_msgs(d, f"A first judge said: {json.dumps(verdicts[i])}\nCritique that "
-                                                    "judgement, then give your own meta-ratings.\n"),
+    meta_reqs = [{"d": i, "messages": judge_messages(d, f"A first judge said: {json.dumps(verdicts[i])}\nCritique "
+                                                        "that judgement, then give your own meta-ratings.\n"),
                   "json_schema": META_SCHEMA} for i, d in enumerate(kept) if verdicts.get(i)]
     for out in llm(cfg, meta_reqs, max_new_tokens=judge_tokens, temperature=0.0, seed=cfg.seed):
         try:
-            m = parse_json(out["generated_text"])
+            m = extract_json(out["generated_text"], any_value=True)
             if isinstance(m, dict) and m.get("meta_quality") in ("good", "bad"):
                 verdicts[out["d"]] = {**verdicts[out["d"]], **m}
             else:
@@ -286,34 +214,31 @@ def run_clca_data(cfg: Config, store: Any, force: bool = False) -> dict:
     for i, d in enumerate(kept):
         v = verdicts.get(i)
         if v is None:
-            drops.add("dialogue", "judge_unparseable")
+            dropped.append("judge_unparseable")
             d["drop_reason"] = "judge_unparseable"
         elif should_drop(v):
-            drops.add("dialogue", "judged_bad_very_confident")
+            dropped.append("judged_bad_very_confident")
             d["drop_reason"], d["verdict"] = "judged_bad_very_confident", v
         else:
             d["verdict"] = v
             judged.append(d)
+    log.record("dialogue", len(dialogues), dropped)
 
     # 4. One intent per spoken utterance.
-    ireqs = []
-    for d in judged:
-        for j, turn in enumerate(d["turns"]):
-            if turn["action"] == "speak":
-                sub = {**d, "turns": d["turns"][:j + 1]}
-                ireqs.append({"d": d, "j": j, "json_schema": INTENT_SCHEMA, "messages": [
-                    {"role": "system", "content": f"You explain utterances by the social expectations of {describe(d['culture'])}."},
-                    {"role": "user", "content": f"Setting: {d['scenario']['setting']}\nDialogue:\n{transcript(sub)}\n\n"
-                                                'In a few words, what is the intent of the last utterance? Reply with JSON only: {"intent": "..."}'}]})
+    ireqs = [{"d": d, "j": j, "json_schema": INTENT_SCHEMA,
+              "messages": intent_messages(d, {**d, "turns": d["turns"][:j + 1]})}
+             for d in judged for j, turn in enumerate(d["turns"]) if turn["action"] == "speak"]
+    dropped = []
     for out in llm(cfg, ireqs, max_new_tokens=48, temperature=0.0, seed=cfg.seed):
         try:
-            intent = parse_json(out["generated_text"]).get("intent")
+            intent = extract_json(out["generated_text"], any_value=True).get("intent")
         except (ValueError, AttributeError):
             intent = None
         if isinstance(intent, str) and intent.strip():
             out["d"]["turns"][out["j"]]["intent"] = intent.strip()
         else:
-            drops.add("intent", "unparseable")
+            dropped.append("unparseable")
+    log.record("intent", len(ireqs), dropped)
 
     # 5. SFT views as synth rows.
     rows = []
@@ -322,15 +247,16 @@ def run_clca_data(cfg: Config, store: Any, force: bool = False) -> dict:
             first_user = next(m["content"] for m in msgs if m["role"] == "user")
             last = [m["content"] for m in msgs if m["role"] == "assistant"][-1]
             sample = {"scenario": d["scenario"], "turns": d["turns"], "verdict": d["verdict"]}
-            rows.append(synth_row(cfg, culture=d["culture"], task=task, sample=sample,
-                                  input=f"{d['scenario']['setting']}\n{first_user}", output=last, messages=msgs,
-                                  label=None, engine=d["engine"], model=d["model"], prompt=d["scenario"]))
-    counts = write_synth(store, rows, cfg.cultures)
+            rows.append(recipe_row(cfg, culture=d["culture"], task=task, sample=sample,
+                                   input=f"{d['scenario']['setting']}\n{first_user}", output=last, messages=msgs,
+                                   label=None, engine=d["engine"], model=d["model"], prompt=d["scenario"]))
+    counts = write_synth(store, rows, cfg.cultures, cfg.synthesis.validation_fraction)
     summary = {"recipe": "clca", "scenarios_requested": len(reqs), "dialogues": len(dialogues),
                "dialogues_kept": len(judged), "rows": len(rows), "rows_per_culture_task": counts,
-               "drops": drops.as_dict()}
-    store.write_json(summary, "synth", "summary.json")
+               "drops": log.drop_counts()}
+    store.write_json(summary, *synth_summary_file())
     # Every dialogue, kept or not (with its drop reason), for inspection.
-    store.write_json([{k: v for k, v in d.items() if k != "open"} for d in dialogues], "recipes", "clca", "dialogues.json")
+    store.write_json([{k: v for k, v in d.items() if k != "open"} for d in dialogues],
+                     *recipe_file("clca", "dialogues.json"))
     summary["headline"] = f"{len(judged)}/{len(reqs)} dialogues kept, {len(rows)} SFT rows"
     return summary

@@ -22,8 +22,11 @@ import random
 import re
 from typing import Any
 
+from cm_ray.artifacts import culture_system_prompt, recipe_file, synth_summary_file
 from cm_ray.config import Config
-from cm_ray.recipes.common import Drops, llm, parse_json, synth_row, write_synth
+from cm_ray.data.filters import FilterLog
+from cm_ray.generation.parsing import extract_json
+from cm_ray.recipes.common import llm, recipe_row, write_synth
 
 # The 13 WVS wave-7 topics and their question ranges.
 TOPICS = [
@@ -56,12 +59,6 @@ QUESTION_SCHEMA = {"type": "object", "properties": {
 _NUMBERED = re.compile(r"^\s*(?:\(?\d{1,2}[.):\-]|\d{1,2}\s+-)\s*")
 _SCALE_WORDS = re.compile(r"\bscale\b|\bfrom\s+'?\d+'?\s*(?:\(|meaning|=|to)|\b\d+\s*(?:means|=)", re.I)
 UNAWARE = "You are a person with your own values and opinions."
-
-
-def aware_prompt(culture: str) -> str:
-    from cm_ray.cultures import get_culture
-
-    return f"You are a person with a {get_culture(culture).name} cultural background."
 
 
 def clean_question(obj: Any) -> tuple[dict | None, str | None]:
@@ -126,7 +123,7 @@ def run_culturespa_data(cfg: Config, store: Any, force: bool = False) -> dict:
                  if wanted is None or i in wanted or name in wanted]
     rng = random.Random(cfg.seed)
     pool = seed_questions(cfg)
-    drops = Drops()
+    log = FilterLog()
     seen = {e["question"].lower() for p in pool.values() for e in p}
     generated: dict[int, list[dict]] = {i: [] for i in topic_idx}
 
@@ -140,19 +137,22 @@ def run_culturespa_data(cfg: Config, store: Any, force: bool = False) -> dict:
                 shots += rng.sample(generated[i], min(n_gen, len(generated[i])))
                 reqs.append({"topic": i, "messages": _question_prompt(TOPICS[i][0], shots),
                              "json_schema": QUESTION_SCHEMA})
-        for out in llm(cfg, reqs, max_new_tokens=int(opts.get("question_max_new_tokens", 160)),
-                       temperature=0.9, top_p=0.95, seed=cfg.seed + r):
+        outs = llm(cfg, reqs, max_new_tokens=int(opts.get("question_max_new_tokens", 160)),
+                   temperature=0.9, top_p=0.95, seed=cfg.seed + r)
+        dropped = []
+        for out in outs:
             try:
-                q, why = clean_question(parse_json(out["generated_text"]))
+                q, why = clean_question(extract_json(out["generated_text"], any_value=True))
             except ValueError:
                 q, why = None, "not_json"
             if q is None:
-                drops.add("question", why)
+                dropped.append(why)
             elif q["question"].lower() in seen:
-                drops.add("question", "duplicate")
+                dropped.append("duplicate")
             else:
                 seen.add(q["question"].lower())
                 generated[out["topic"]].append(q)
+        log.record("question", len(outs), dropped)
     questions = [q for i in topic_idx for q in generated[i]]
 
     # Step 2: culture-unaware answer once per question, culture-aware once per (culture, question).
@@ -164,7 +164,8 @@ def run_culturespa_data(cfg: Config, store: Any, force: bool = False) -> dict:
                 "json_schema": {"type": "integer", "minimum": 1, "maximum": len(q["options"])}}
 
     reqs = [{"q": j, "culture": None, **ask(UNAWARE, q)} for j, q in enumerate(questions)]
-    reqs += [{"q": j, "culture": c, **ask(aware_prompt(c), q)} for c in cfg.cultures for j, q in enumerate(questions)]
+    reqs += [{"q": j, "culture": c, **ask(culture_system_prompt(c), q)}
+             for c in cfg.cultures for j, q in enumerate(questions)]
     answers = llm(cfg, reqs, max_new_tokens=4, temperature=0.6, top_p=0.9, seed=cfg.seed)
 
     # Step 3: keep pairs where both parse and differ; the culture-aware answer is the label.
@@ -172,32 +173,32 @@ def run_culturespa_data(cfg: Config, store: Any, force: bool = False) -> dict:
 
     unaware = {a["q"]: parse_option_number(a["generated_text"], len(questions[a["q"]]["options"]))
                for a in answers if a["culture"] is None}
-    rows = []
-    for a in answers:
-        if a["culture"] is None:
-            continue
+    rows, dropped = [], []
+    aware = [a for a in answers if a["culture"] is not None]
+    for a in aware:
         q = questions[a["q"]]
         mine = parse_option_number(a["generated_text"], len(q["options"]))
         if unaware[a["q"]] is None:
-            drops.add("pair", "unaware_unparseable")
+            dropped.append("unaware_unparseable")
         elif mine is None:
-            drops.add("pair", "aware_unparseable")
+            dropped.append("aware_unparseable")
         elif mine == unaware[a["q"]]:
-            drops.add("pair", "answers_agree")
+            dropped.append("answers_agree")
         else:
             sample = {**q, "answer": str(mine + 1)}
             # The culture-naming system prompt lets one joint adapter serve every culture.
-            msgs = survey.messages(sample, system=aware_prompt(a["culture"]))
-            rows.append(synth_row(cfg, culture=a["culture"], task="survey", sample=sample,
-                                  input=survey.render_input(sample), output=survey.render_output(sample),
-                                  messages=msgs, label=sample["answer"], engine=a["engine"],
-                                  model=a["model"], prompt=a["messages"]))
-    counts = write_synth(store, rows, cfg.cultures)
+            msgs = survey.messages(sample, system=culture_system_prompt(a["culture"]))
+            rows.append(recipe_row(cfg, culture=a["culture"], task="survey", sample=sample,
+                                   input=survey.render_input(sample), output=survey.render_output(sample),
+                                   messages=msgs, label=sample["answer"], engine=a["engine"],
+                                   model=a["model"], prompt=a["messages"]))
+    log.record("pair", len(aware), dropped)
+    counts = write_synth(store, rows, cfg.cultures, cfg.synthesis.validation_fraction)
     summary = {"recipe": "culturespa", "questions_generated": len(questions),
                "question_requests": per_topic * len(topic_idx), "pairs_considered": len(questions) * len(cfg.cultures),
-               "rows": len(rows), "rows_per_culture_task": counts, "drops": drops.as_dict()}
-    store.write_json(summary, "synth", "summary.json")
-    store.write_json(questions, "recipes", "culturespa", "questions.json")
+               "rows": len(rows), "rows_per_culture_task": counts, "drops": log.drop_counts()}
+    store.write_json(summary, *synth_summary_file())
+    store.write_json(questions, *recipe_file("culturespa", "questions.json"))
     summary["headline"] = (f"{len(questions)} questions kept of {per_topic * len(topic_idx)}, "
                            f"{len(rows)} disagreement rows over {len(cfg.cultures)} cultures")
     return summary

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from cm_ray.config import load_config
+from cm_ray.artifacts import SYNTH_COLUMNS
 from cm_ray.recipes import clca as R
-from cm_ray.recipes.common import SYNTH_COLUMNS
 from cm_ray.storage import ArtifactStore
 
 AGENTS = [{"name": "Li Wei", "background": "grew up in Chengdu", "occupation": "teacher",
@@ -78,6 +78,41 @@ def test_views_are_each_speakers_side_and_intents():
     assert [m["content"] for m in intent if m["role"] == "assistant"] == ["save face"]
 
 
+def assert_synth_contract(store) -> int:
+    """Every synth partition in ``store`` has exactly the contract's columns and Arrow schema and
+    passes its row validation; returns the rows checked."""
+    import pyarrow.parquet as pq
+
+    from cm_ray.artifacts import SYNTH_COLUMNS, synth_files, synth_schema, validate_synth_rows
+
+    n = 0
+    for path in synth_files(store):
+        with store.fs.open_input_file(path) as f:
+            table = pq.read_table(f)
+        assert table.column_names == list(SYNTH_COLUMNS) and table.schema.equals(synth_schema()), path
+        validate_synth_rows(table.to_pylist())
+        n += table.num_rows
+    return n
+
+
+def test_recipe_rows_are_written_in_the_synth_contract(tmp_path):
+    """What the recipe writer puts on disk: exactly the contract's columns, schema and rows,
+    each (culture, task) partition split on its own."""
+    from cm_ray.recipes.common import recipe_row, write_synth
+
+    cfg = load_config("configs/clca.yaml", [f"root={tmp_path}"])
+    store = ArtifactStore(cfg.root)
+    rows = [recipe_row(cfg, culture=c, task="clca_dialogue", sample={"n": i}, input=f"in {i}", output=f"out {i}",
+                       messages=[{"role": "user", "content": f"in {i}"}, {"role": "assistant", "content": f"out {i}"}],
+                       label=None, engine="transformers", model="m", prompt=["p", i])
+            for c in ("GB", "CN") for i in range(5)]
+    counts = write_synth(store, rows, ["GB", "CN"], 0.2)
+    assert counts == {"CN/clca_dialogue": 5, "GB/clca_dialogue": 5}
+    assert assert_synth_contract(store) == 10
+    for c in ("GB", "CN"):
+        assert [r["split"] for r in store.read_rows("synth", f"culture={c}")].count("validation") == 1
+
+
 @pytest.mark.slow
 def test_recipe_writes_multiturn_rows_with_counted_drops(ray_local, tiny_model_dir, tmp_path):
     from cm_ray.stages import run_stage
@@ -101,7 +136,7 @@ def test_recipe_writes_multiturn_rows_with_counted_drops(ray_local, tiny_model_d
     assert len(kept) == out["dialogues_kept"]
     rows = [r for c in cfg.cultures if store.exists("synth", f"culture={c}")
             for r in store.read_rows("synth", f"culture={c}")]
-    assert len(rows) == out["rows"]
+    assert len(rows) == out["rows"] == assert_synth_contract(store)
     for r in rows:
         assert set(SYNTH_COLUMNS) <= set(r) and r["task"] in ("clca_dialogue", "clca_intent")
         roles = [m["role"] for m in r["messages"]]

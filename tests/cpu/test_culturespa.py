@@ -8,8 +8,9 @@ import json
 import pytest
 
 from cm_ray.config import load_config
+from cm_ray.artifacts import SYNTH_COLUMNS
+from cm_ray.generation.parsing import extract_json
 from cm_ray.recipes import culturespa as R
-from cm_ray.recipes.common import SYNTH_COLUMNS, parse_json
 from cm_ray.storage import ArtifactStore
 
 
@@ -46,9 +47,45 @@ def test_seed_questions_fall_back_to_shipped_ones(tmp_path):
 
 
 def test_parse_json_accepts_wrapped_output():
-    assert parse_json('Sure! ```json\n{"question": "x", "options": []}\n```') == {"question": "x", "options": []}
+    assert extract_json('Sure! ```json\n{"question": "x", "options": []}\n```', any_value=True) == {
+        "question": "x", "options": []}
     with pytest.raises(ValueError):
-        parse_json("no json here")
+        extract_json("no json here", any_value=True)
+
+
+def assert_synth_contract(store) -> int:
+    """Every synth partition in ``store`` has exactly the contract's columns and Arrow schema and
+    passes its row validation; returns the rows checked."""
+    import pyarrow.parquet as pq
+
+    from cm_ray.artifacts import SYNTH_COLUMNS, synth_files, synth_schema, validate_synth_rows
+
+    n = 0
+    for path in synth_files(store):
+        with store.fs.open_input_file(path) as f:
+            table = pq.read_table(f)
+        assert table.column_names == list(SYNTH_COLUMNS) and table.schema.equals(synth_schema()), path
+        validate_synth_rows(table.to_pylist())
+        n += table.num_rows
+    return n
+
+
+def test_recipe_rows_are_written_in_the_synth_contract(tmp_path):
+    """What the recipe writer puts on disk: exactly the contract's columns, schema and rows,
+    each (culture, task) partition split on its own."""
+    from cm_ray.recipes.common import recipe_row, write_synth
+
+    cfg = load_config("configs/culturespa.yaml", [f"root={tmp_path}"])
+    store = ArtifactStore(cfg.root)
+    rows = [recipe_row(cfg, culture=c, task="survey", sample={"n": i}, input=f"in {i}", output=f"out {i}",
+                       messages=[{"role": "user", "content": f"in {i}"}, {"role": "assistant", "content": f"out {i}"}],
+                       label=None, engine="transformers", model="m", prompt=["p", i])
+            for c in ("GB", "CN") for i in range(5)]
+    counts = write_synth(store, rows, ["GB", "CN"], 0.2)
+    assert counts == {"CN/survey": 5, "GB/survey": 5}
+    assert assert_synth_contract(store) == 10
+    for c in ("GB", "CN"):
+        assert [r["split"] for r in store.read_rows("synth", f"culture={c}")].count("validation") == 1
 
 
 @pytest.mark.slow
@@ -73,7 +110,7 @@ def test_recipe_writes_survey_rows_with_counted_drops(ray_local, tiny_model_dir,
     if out["rows"]:
         rows = [r for c in cfg.cultures if store.exists("synth", f"culture={c}")
                 for r in store.read_rows("synth", f"culture={c}")]
-        assert len(rows) == out["rows"]
+        assert len(rows) == out["rows"] == assert_synth_contract(store)
         from cm_ray.tasks import load_task
 
         survey = load_task("survey")

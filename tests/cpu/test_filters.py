@@ -5,12 +5,13 @@ python -m pytest tests/cpu/test_filters.py -q
 
 from __future__ import annotations
 
+from cm_ray.artifacts import split_of, stable_id
 from cm_ray.data import filters as F
 
 
 def rows(texts, labels=None):
     labels = labels or [None] * len(texts)
-    return [{"id": F.stable_hash(t), "text": t, "label": l} for t, l in zip(texts, labels)]
+    return [{"id": stable_id(t), "text": t, "label": l} for t, l in zip(texts, labels)]
 
 
 def test_dedup_counts_exact_near_and_seed_copies_separately():
@@ -59,12 +60,12 @@ def test_threshold_filter_keeps_unscored_rows():
 
 
 def test_split_is_deterministic_proportional_and_leaves_tiny_sets_in_train():
-    ids = [F.stable_hash(i) for i in range(50)]
-    s1, s2 = F.split_of(ids, 0.2), F.split_of(list(reversed(ids)), 0.2)
+    ids = [stable_id(i) for i in range(50)]
+    s1, s2 = split_of(ids, 0.2), split_of(list(reversed(ids)), 0.2)
     assert s1 == s2
     assert sum(v == "validation" for v in s1.values()) == 10
-    assert set(F.split_of(ids[:2], 0.2).values()) == {"train"}
-    assert list(F.split_of(ids[:3], 0.2).values()).count("validation") == 1
+    assert set(split_of(ids[:2], 0.2).values()) == {"train"}
+    assert list(split_of(ids[:3], 0.2).values()).count("validation") == 1
 
 
 def test_filter_log_counts_in_out_and_merges():
@@ -80,6 +81,6 @@ def test_filter_log_counts_in_out_and_merges():
 def test_stable_hash_is_stable_across_processes(python):
     import subprocess
 
-    out = subprocess.run([python, "-c", "from cm_ray.data.filters import stable_hash; print(stable_hash('MX', 'x'))"],
+    out = subprocess.run([python, "-c", "from cm_ray.artifacts import stable_id; print(stable_id('MX', 'x'))"],
                          capture_output=True, text=True, check=True).stdout.strip()
-    assert out == F.stable_hash("MX", "x")
+    assert out == stable_id("MX", "x")

@@ -16,8 +16,9 @@ import pytest
 
 from tests.conftest import LoopbackChatServer
 
+from cm_ray.artifacts import SYNTH_COLUMNS, read_synth
 from cm_ray.config import load_config
-from cm_ray.data.pipeline import SYNTH_COLUMNS, read_synth, run_synthesis
+from cm_ray.data.synthesize import run_synthesis
 from cm_ray.storage import ArtifactStore
 
 CULTURES, TASKS = ["GB", "MX"], ["offensive", "survey"]
@@ -92,6 +93,23 @@ def fake_cfg(root, url, *extra):
                               "synthesis.relevance_filter=none", *extra])
 
 
+def assert_synth_contract(store) -> int:
+    """Every synth partition in ``store`` has exactly the contract's columns and Arrow schema and
+    passes its row validation; returns the rows checked."""
+    import pyarrow.parquet as pq
+
+    from cm_ray.artifacts import SYNTH_COLUMNS, synth_files, synth_schema, validate_synth_rows
+
+    n = 0
+    for path in synth_files(store):
+        with store.fs.open_input_file(path) as f:
+            table = pq.read_table(f)
+        assert table.column_names == list(SYNTH_COLUMNS) and table.schema.equals(synth_schema()), path
+        validate_synth_rows(table.to_pylist())
+        n += table.num_rows
+    return n
+
+
 def partition_bytes(store):
     return {p: store.read_bytes("synth", p) for p in store.files("synth", suffix=".parquet")}
 
@@ -126,6 +144,7 @@ def test_partitions_hold_grounded_samples_with_provenance_and_counted_drops(ray_
         # One prompt in three is focused on [S3], which the server answers with prose.
         assert entry["filters"]["parse_validate"]["dropped"] == {"no_json": 4}
     assert store.read_json("synth", "summary.json")["rows"] == len(rows)
+    assert assert_synth_contract(store) == len(rows)  # the synthesis stage writes exactly the contract
 
 
 def test_rerun_skips_finished_partitions_and_regenerates_only_a_deleted_one(ray_local, fake_llm, tmp_path):
@@ -223,7 +242,7 @@ def test_tiny_model_with_guided_json_accounts_for_every_generation(ray_local, ti
     summary = run_synthesis(cfg, store)
     f = summary["per_culture"]["MX"]["filters"]["parse_validate"]
     assert f["in"] >= 4 and f["in"] == f["out"] + sum(f["dropped"].values())
-    assert summary["rows"] == len(read_synth(store).to_pylist())
+    assert summary["rows"] == len(read_synth(store).to_pylist()) == assert_synth_contract(store)
     for r in read_synth(store).to_pylist():
         assert load_task_validate(r)
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import pytest
 
 from cm_ray.config import load_config
-from cm_ray.data import synthesize as S
-from cm_ray.data.pipeline import finalize_partition
+from cm_ray.data import synth_prompts as S
+from cm_ray.data.synthesize import finalize_partition
+from cm_ray.generation.parsing import extract_json
 from cm_ray.tasks import load_task
 
 SNIPPETS = [{"title": "Insults in Mexico", "url": "https://a.example/1", "snippet": "Calling someone naco is a classist insult.", "query_id": "q1"},
@@ -20,10 +22,12 @@ SNIPPETS = [{"title": "Insults in Mexico", "url": "https://a.example/1", "snippe
 
 
 def test_extract_json_finds_the_first_object_in_chatter_and_fences():
-    assert S.extract_json('Sure!\n```json\n{"a": [1, 2]}\n```\nmore {"b": 1}') == {"a": [1, 2]}
-    assert S.extract_json("no braces here") is None
-    assert S.extract_json('{"broken": ') is None
-    assert S.extract_json('x [1, {"k": "v"}] y') == [1, {"k": "v"}]
+    assert extract_json('Sure!\n```json\n{"a": [1, 2]}\n```\nmore {"b": 1}') == {"a": [1, 2]}
+    with pytest.raises(ValueError):  # the one extractor's failure contract: ValueError, not None
+        extract_json("no braces here")
+    with pytest.raises(ValueError):
+        extract_json('{"broken": ')
+    assert extract_json('x [1, {"k": "v"}] y') == [1, {"k": "v"}]
 
 
 def test_prompt_fences_snippets_as_untrusted_quotes_with_ids():
@@ -131,3 +135,16 @@ def test_finalize_partition_counts_every_dropped_row_by_filter_and_reason():
     r = out[0]
     assert r["messages"][0]["role"] == "user" and r["messages"][-1]["content"] == r["output"]
     assert r["input"].startswith("Is the following post offensive") and r["query_ids"] == ["q1"]
+
+
+def test_finalized_rows_are_exactly_the_synth_contract():
+    from cm_ray.artifacts import SYNTH_COLUMNS, validate_synth_rows
+
+    cfg = load_config(None, ["synthesis.validation_fraction=0.25", "synthesis.relevance_filter=none"])
+    rows = [cand("Go back to your village, naco, nobody wants you here"),
+            cand("The tacos at the corner stall are the best in town", "not_offensive", rel=float("nan")),
+            cand("You people from the north are all thieves and liars")]
+    out, _ = finalize_partition(cfg, "MX", "offensive", rows)
+    assert out and all(list(r) == list(SYNTH_COLUMNS) for r in out)
+    validate_synth_rows(out)
+    assert [r["relevance"] for r in out if r["label"] == "not_offensive"] == [None]  # NaN: not scored
