@@ -4,7 +4,7 @@ Same prompts (task-sample requests with the offensive task's JSON schema, guided
 model (SmolLM2-135M-Instruct, float32), greedy decoding, same batch size, measured in one run:
 
   transformers  direct: TransformersEngine.generate per batch, in this process
-                pipeline: cm_ray.data.generate.generate(engine="transformers") on local Ray (1 actor)
+                pipeline: cm_ray.generation.generate.generate(engine="transformers") on local Ray (1 actor)
   vllm-cpu      direct: VLLMEngine (vllm.LLM.chat over all prompts), in a spawned process
                 pipeline: generate(engine="vllm") -> ray.data.llm vLLM processor (1 engine actor)
 
@@ -49,14 +49,15 @@ def config(args, engine: str):
 
 
 def schema(cfg) -> dict:
-    from cm_ray.data.generate import row_schema
+    from cm_ray.generation.generate import row_schema
     from cm_ray.tasks import load_task
 
-    return row_schema(json.dumps(load_task("offensive").json_schema()), cfg)
+    return row_schema(json.dumps(load_task("offensive").json_schema()), cfg.synthesis)
 
 
 def direct_transformers(args) -> dict:
-    from cm_ray.data.engines import GenerationParams, make_engine
+    from cm_ray.generation.base import GenerationParams
+    from cm_ray.generation.engines import make_engine
 
     cfg = config(args, "transformers")
     t0 = time.perf_counter()
@@ -73,7 +74,8 @@ def direct_transformers(args) -> dict:
 
 
 def _direct_vllm_child(args, queue) -> None:
-    from cm_ray.data.engines import GenerationParams, VLLMEngine
+    from cm_ray.generation.base import GenerationParams
+    from cm_ray.generation.engines import VLLMEngine
 
     cfg = config(args, "vllm")
     t0 = time.perf_counter()
@@ -103,7 +105,7 @@ def direct_vllm(args) -> dict:
 def pipeline(args, engine: str) -> dict:
     import ray
 
-    from cm_ray.data.generate import busy_window_s, generate
+    from cm_ray.generation.generate import busy_window_s, generate
 
     cfg = config(args, engine)
     text = json.dumps(__import__("cm_ray.tasks", fromlist=["load_task"]).load_task("offensive").json_schema())
@@ -167,7 +169,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from cm_ray._imports import is_vllm_available
-    from cm_ray.data.engines import vllm_cpu_env
+    from cm_ray.generation.engines import vllm_cpu_env
     from cm_ray.ray_utils import init_ray
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -3,7 +3,7 @@
 A hit is ``{title, url, snippet, rank, provider, locale, fetched_at}``. HTTP providers only build
 the request (URL, params / JSON body, auth header from the environment) and parse the response as
 the provider's public API documents it; sending, retrying and rate limiting live in
-``cm_ray.data.search``. ``BM25Provider`` answers offline from a passage corpus (JSONL/Parquet).
+``cm_ray.data.searcher`` (through ``cm_ray.http``). ``BM25Provider`` answers offline from a passage corpus (JSONL/Parquet).
 """
 
 from __future__ import annotations
@@ -15,15 +15,13 @@ import time
 from importlib import resources
 from typing import Any
 
+from cm_ray.http import RequestFailed
+
 HIT_FIELDS = ("title", "url", "snippet", "rank", "provider", "locale", "fetched_at")
 
 
-class ProviderError(Exception):
-    """One failed attempt. ``retryable`` for 429/5xx/timeouts/broken bodies; ``retry_after`` in s."""
-
-    def __init__(self, reason: str, retryable: bool = False, retry_after: float | None = None):
-        super().__init__(reason)
-        self.reason, self.retryable, self.retry_after = reason, retryable, retry_after
+class ProviderError(RequestFailed):
+    """A provider refused (missing API key, malformed answer); a ``RequestFailed`` like the HTTP ones."""
 
 
 def make_hit(title: Any, url: Any, snippet: Any, rank: int, provider: str, locale: str) -> dict:

@@ -175,7 +175,7 @@ def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
     """
     import ray.data
 
-    from cm_ray.data.generate import generate
+    from cm_ray.generation.generate import generate
     from cm_ray.ray_utils import init_ray
 
     t0 = time.time()

@@ -65,7 +65,7 @@ def finalize_partition(cfg: Config, culture: str, task: str, rows: list[dict]) -
 def _judge(ds, cfg: Config):
     """Relevance by the generator itself: yes/no 'is this typical of <culture>?' -> 1.0 / 0.0."""
     from cm_ray.cultures import get_culture
-    from cm_ray.data.generate import generate
+    from cm_ray.generation.generate import generate
 
     def to_prompt(batch):
         msgs = [[{"role": "user", "content": f"Is the following text relevant to the culture of "
@@ -91,7 +91,7 @@ def build_synthesis_dataset(cfg: Config, pairs: list[tuple[str, str]]):
     """The lazy Ray Dataset of candidate rows for ``pairs`` (nothing runs until consumed)."""
     import ray.data
 
-    from cm_ray.data.generate import generate
+    from cm_ray.generation.generate import generate
     from cm_ray.data.synth_prompts import build_prompt_rows, parse_generations
 
     scfg = cfg.synthesis

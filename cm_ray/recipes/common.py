@@ -21,14 +21,14 @@ def llm(cfg: Config, rows: list[dict], *, max_new_tokens: int, temperature: floa
     """Generate for every row (``messages`` + optional ``json_schema`` dict) on Ray Data.
 
     Returns the rows (same order) with ``generated_text``, ``engine``, ``model`` and the other
-    columns of ``cm_ray.data.generate``. Rows carry a ``_i`` index so order survives the shuffle
+    columns of ``cm_ray.generation.generate``. Rows carry a ``_i`` index so order survives the shuffle
     of Ray's blocks.
     """
     if not rows:
         return []
     import ray
 
-    from cm_ray.data.generate import generate
+    from cm_ray.generation.generate import generate
     from cm_ray.ray_utils import init_ray
 
     init_ray(cfg)

@@ -11,7 +11,8 @@ import jsonschema
 import pytest
 
 from cm_ray.config import ConfigError, load_config
-from cm_ray.data.engines import GenerationParams, TransformersEngine, bounded_schema, make_engine
+from cm_ray.generation.base import GenerationParams, bounded_schema
+from cm_ray.generation.engines import TransformersEngine, make_engine
 from cm_ray.tasks import load_task
 
 

@@ -13,9 +13,9 @@ import time
 import pytest
 
 from cm_ray.config import load_config
-from cm_ray.data.engines import GenerationParams
-from cm_ray.data.openai_engine import OpenAIEngine
-from cm_ray.data.search import parse_retry_after as retry_after_s
+from cm_ray.generation.base import GenerationParams
+from cm_ray.generation.openai_client import OpenAIEngine
+from cm_ray.http import parse_retry_after as retry_after_s
 
 
 class ChatServer:
@@ -139,7 +139,7 @@ def test_retry_after_accepts_seconds_and_http_dates():
 
 
 def test_generate_runs_the_http_engine_as_an_async_ray_data_udf(ray_local, server, tiny_model_dir):
-    from cm_ray.data.generate import generate, usage_totals
+    from cm_ray.generation.generate import generate, usage_totals
 
     cfg = load_config(None, [f"models.generator={tiny_model_dir}", "synthesis.engine=openai",
                              f"synthesis.openai_base_url={server.url()}", "synthesis.openai_model=m",

@@ -11,8 +11,8 @@ import json
 import jsonschema
 
 from cm_ray.config import load_config
-from cm_ray.data.engines import bounded_schema
-from cm_ray.data.generate import generate, usage_totals
+from cm_ray.generation.base import bounded_schema
+from cm_ray.generation.generate import generate, usage_totals
 from cm_ray.tasks import load_task
 
 

@@ -17,7 +17,9 @@ from aiohttp.test_utils import TestServer
 
 from cm_ray.config import ConfigError, SearchConfig, load_config
 from cm_ray.data.providers import HIT_FIELDS, BM25Provider, ProviderError, load_corpus, make_provider
-from cm_ray.data.search import Searcher, TokenBucket, backoff_delay, cache_key, parse_retry_after
+from cm_ray.data.search_cache import cache_key
+from cm_ray.data.searcher import Searcher
+from cm_ray.http import TokenBucket, backoff_delay, parse_retry_after
 
 KEYS = {"BRAVE_API_KEY": "brave-secret-1", "SERPER_API_KEY": "serper-secret-2",
         "TAVILY_API_KEY": "tvly-secret-3", "YDC_API_KEY": "ydc-secret-4"}

@@ -17,7 +17,8 @@ import pytest
 from aiohttp import web
 
 from cm_ray.config import load_config
-from cm_ray.data.search import result_schema, run_search
+from cm_ray.data.search import run_search
+from cm_ray.data.searcher import result_schema
 from cm_ray.storage import ArtifactStore
 
 TOPICS = ["table manners", "offensive slang online", "respect for elders", "religious holidays",

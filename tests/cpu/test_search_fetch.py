@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from cm_ray.config import SearchConfig
 from cm_ray.data.fetch import BlockedURL, check_url, fetch_pages, is_public
-from cm_ray.data.search import Searcher
+from cm_ray.data.searcher import Searcher
 
 ARTICLE = ("<html><head><title>Etiquette</title></head><body><nav>Home | About | Login</nav>"
            "<article><h1>Table manners in Mexico</h1>" + "".join(

@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 
 from cm_ray.config import load_config
-from cm_ray.data.engines import bounded_schema
+from cm_ray.generation.base import bounded_schema
 from cm_ray.tasks import load_task
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -32,7 +32,7 @@ def _cfg():
 
 def test_ray_data_llm_vllm_cpu_writes_schema_valid_samples(ray_local):
     pytest.importorskip("vllm")
-    from cm_ray.data.generate import generate
+    from cm_ray.generation.generate import generate
 
     spec, cfg = load_task("offensive"), _cfg()
     rows = _rows(spec, 3) + [{"id": 3, "messages": [{"role": "user", "content": "Say hi."}], "json_schema": None}]
@@ -50,7 +50,8 @@ def test_ray_data_llm_vllm_cpu_writes_schema_valid_samples(ray_local):
 
 def test_direct_vllm_engine_writes_schema_valid_samples():
     pytest.importorskip("vllm")
-    from cm_ray.data.engines import GenerationParams, VLLMEngine
+    from cm_ray.generation.base import GenerationParams
+    from cm_ray.generation.engines import VLLMEngine
 
     spec, cfg = load_task("offensive"), _cfg()
     eng = VLLMEngine(cfg)

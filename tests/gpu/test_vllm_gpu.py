@@ -18,8 +18,8 @@ def test_ray_data_llm_vllm_gpu_writes_schema_valid_samples(ray_local):
     pytest.importorskip("vllm")
     jsonschema = pytest.importorskip("jsonschema")
     from cm_ray.config import load_config
-    from cm_ray.data.engines import bounded_schema
-    from cm_ray.data.generate import generate
+    from cm_ray.generation.base import bounded_schema
+    from cm_ray.generation.generate import generate
     from cm_ray.tasks import load_task
 
     spec = load_task("survey")

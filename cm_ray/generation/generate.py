@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, Iterable
 
-from cm_ray.config import Config
+from cm_ray.config import Config, SynthesisConfig
 
 if TYPE_CHECKING:
     import ray.data
@@ -24,13 +24,13 @@ if TYPE_CHECKING:
 COUNTERS = ("prompt_tokens", "output_tokens", "retries", "cost_usd")
 
 
-def row_schema(text: Any, cfg: Config) -> dict | None:
+def row_schema(text: Any, synthesis: SynthesisConfig) -> dict | None:
     """The schema a row's ``json_schema`` text asks for, bounded for small models; None = free text."""
-    from cm_ray.data.engines import bounded_schema
+    from cm_ray.generation.base import bounded_schema
 
-    if not text or not cfg.synthesis.guided_json:
+    if not text or not synthesis.guided_json:
         return None
-    return bounded_schema(json.loads(text), cfg.synthesis.guided_max_string_chars, cfg.synthesis.guided_max_items)
+    return bounded_schema(json.loads(text), synthesis.guided_max_string_chars, synthesis.guided_max_items)
 
 
 def _outputs(batch: dict, gens: list, engine: Any) -> dict:
@@ -54,14 +54,16 @@ def _groups(batch: dict) -> dict[Any, list[int]]:
 
 
 class GeneratorUDF:
-    """Ray Data UDF holding one engine replica (built once per actor); see the module docstring."""
+    """Ray Data UDF holding one engine replica (built once per actor); see the module docstring.
+    It gets the synthesis section and the generator's model reference, not the whole config."""
 
-    def __init__(self, cfg_dict: dict, engine: str | None, params: dict):
-        from cm_ray.config import config_from_dict
-        from cm_ray.data.engines import GenerationParams, make_engine
+    def __init__(self, synthesis: SynthesisConfig, model: str, cache_dir: str | None, engine: str,
+                 params: dict):
+        from cm_ray.generation.base import GenerationParams
+        from cm_ray.generation.engines import build_engine
 
-        self.cfg = config_from_dict(cfg_dict)
-        self.engine = make_engine(self.cfg, engine)
+        self.synthesis = synthesis
+        self.engine = build_engine(engine, synthesis, model, cache_dir)
         self.params = params
         self.GenerationParams = GenerationParams
 
@@ -72,7 +74,7 @@ class GeneratorUDF:
         convs = [[dict(m) for m in msgs] for msgs in batch["messages"]]
         gens: list = [None] * len(convs)
         for schema, idx in _groups(batch).items():
-            params = self.GenerationParams(**self.params, json_schema=row_schema(schema, self.cfg))
+            params = self.GenerationParams(**self.params, json_schema=row_schema(schema, self.synthesis))
             for i, g in zip(idx, self.engine.generate([convs[i] for i in idx], params)):
                 gens[i] = g
         for g in gens:  # rows of a batch share its engine time (groups run one after another)
@@ -84,13 +86,12 @@ class AsyncGeneratorUDF:
     """Async Ray Data UDF for HTTP engines: every row of a batch is in flight at once (bounded by
     ``synthesis.openai_max_in_flight``); the actor's share of ``openai_qps`` paces the requests."""
 
-    def __init__(self, cfg_dict: dict, params: dict):
-        from cm_ray.config import config_from_dict
-        from cm_ray.data.engines import GenerationParams
-        from cm_ray.data.openai_engine import OpenAIEngine
+    def __init__(self, synthesis: SynthesisConfig, model: str, params: dict):
+        from cm_ray.generation.base import GenerationParams
+        from cm_ray.generation.openai_client import OpenAIEngine
 
-        self.cfg = config_from_dict(cfg_dict)
-        self.engine = OpenAIEngine.from_config(self.cfg, replicas=self.cfg.synthesis.concurrency)
+        self.synthesis = synthesis
+        self.engine = OpenAIEngine.from_synthesis(synthesis, model, replicas=synthesis.concurrency)
         self.params = params
         self.GenerationParams = GenerationParams
 
@@ -101,7 +102,7 @@ class AsyncGeneratorUDF:
         groups = list(_groups(batch).items())
         results = await asyncio.gather(*(
             self.engine.agenerate([convs[i] for i in idx],
-                                  self.GenerationParams(**self.params, json_schema=row_schema(s, self.cfg)))
+                                  self.GenerationParams(**self.params, json_schema=row_schema(s, self.synthesis)))
             for s, idx in groups))
         gens: list = [None] * len(convs)
         for (_, idx), out in zip(groups, results):
@@ -120,7 +121,8 @@ def build_vllm_processor(cfg: Config, params: dict):
     import torch
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    from cm_ray.data.engines import GenerationParams, vllm_cpu_env, vllm_engine_kwargs, vllm_sampling_dict
+    from cm_ray.generation.base import GenerationParams
+    from cm_ray.generation.engines import vllm_cpu_env, vllm_engine_kwargs, vllm_sampling_dict
     from cm_ray.models import resolve_model
 
     cpu = not torch.cuda.is_available()
@@ -139,10 +141,11 @@ def build_vllm_processor(cfg: Config, params: dict):
         placement_group_config={"bundles": [{"CPU": 1}]} if cpu else None,
         runtime_env={"env_vars": vllm_cpu_env()} if cpu else None,
     )
-    model = cfg.models.generator
+    # The row functions run on workers: they close over the synthesis section, not the config.
+    model, synthesis = cfg.models.generator, cfg.synthesis
 
     def preprocess(row: dict) -> dict:
-        gp = GenerationParams(**params, json_schema=row_schema(row.get("json_schema"), cfg))
+        gp = GenerationParams(**params, json_schema=row_schema(row.get("json_schema"), synthesis))
         # Rows without a schema omit the key: a None struct next to a filled one breaks Ray's
         # Arrow block concatenation (TypeError in _backfill_missing_fields).
         return {"sampling_params": vllm_sampling_dict(gp), "_cm_cols": list(row.keys()),
@@ -167,7 +170,8 @@ def generate(ds: "ray.data.Dataset", cfg: Config, *, max_new_tokens: int, temper
 
     Args:
         ds: rows with ``messages`` and optionally ``json_schema`` (other columns pass through).
-        cfg: run config; ``cfg.synthesis`` sizes batches, replicas and the engine.
+        cfg: run config, read here in the driver; the workers get ``cfg.synthesis`` (which sizes
+            batches, replicas and the engine) and the generator's model reference only.
         engine: transformers, vllm or openai; None = ``cfg.synthesis.engine``.
 
     Returns:
@@ -183,11 +187,12 @@ def generate(ds: "ray.data.Dataset", cfg: Config, *, max_new_tokens: int, temper
     common = dict(batch_size=cfg.synthesis.batch_size, batch_format="numpy",
                   compute=ray.data.ActorPoolStrategy(size=cfg.synthesis.concurrency))
     if kind == "openai":
-        return ds.map_batches(AsyncGeneratorUDF, fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "params": params},
-                              num_cpus=0.25, **common)
+        return ds.map_batches(AsyncGeneratorUDF, fn_constructor_kwargs={
+            "synthesis": cfg.synthesis, "model": cfg.models.generator, "params": params}, num_cpus=0.25, **common)
     if kind == "transformers":
-        return ds.map_batches(GeneratorUDF, fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "engine": kind,
-                                                                   "params": params}, **common)
+        return ds.map_batches(GeneratorUDF, fn_constructor_kwargs={
+            "synthesis": cfg.synthesis, "model": cfg.models.generator, "cache_dir": cfg.models.cache_dir,
+            "engine": kind, "params": params}, **common)
     raise ValueError(f"synthesis.engine: unknown engine {kind!r} (known: transformers, vllm, openai)")
 
 

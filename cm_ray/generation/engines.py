@@ -1,83 +1,19 @@
-"""Generation engines behind one interface: chat conversations in, texts (and token counts) out.
+"""Generation engines behind one interface (``cm_ray.generation.base``).
 
 ``make_engine(cfg)`` picks the engine named by ``cfg.synthesis.engine``: ``transformers`` (the embedded
 default), ``vllm`` (``vllm.LLM`` called directly; inside Ray Data the vLLM path goes through
 ``ray.data.llm`` instead, see ``generate.py``) or ``openai`` (any OpenAI-compatible HTTP endpoint,
-``openai_engine.py``). Each engine is a plain object (no Ray) so it can run inside a Ray Data UDF, a
-Serve replica or a unit test.
-
-JSON-guided decoding: with ``GenerationParams.json_schema`` set, every engine constrains its output to
-the schema (xgrammar logits masks for transformers, ``StructuredOutputsParams`` for vLLM,
-``response_format`` for OpenAI). Small models fill unbounded strings and arrays until the token limit,
-so ``bounded_schema`` caps them (``maxLength`` / ``maxItems``) before decoding.
+``openai_client.py``). Each engine is a plain object (no Ray) so it can run inside a Ray Data UDF, a
+Serve replica or a unit test. Engines are built from the synthesis section and the generator's model
+reference (``build_engine``), so a worker never needs the whole config.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-ENGINES = ("transformers", "vllm", "openai")
-
-
-@dataclass
-class GenerationParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.95
-    seed: int | None = 0
-    json_schema: dict | None = None
-    """Constrain the output to this JSON schema where the engine supports it."""
-    stop: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Generation:
-    text: str
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    finish_reason: str = "stop"
-    """stop (EOS, a stop string or the end of the JSON value), length, or error."""
-    retries: int = 0
-    """Retried HTTP attempts (openai engine)."""
-    cost_usd: float = 0.0
-    error: str | None = None
-    latency_s: float = 0.0
-    """Seconds the engine spent on this row's request (its batch's call for batched engines)."""
-
-
-class Engine(Protocol):
-    name: str
-    model: str
-
-    def generate(self, conversations: list[list[dict]], params: GenerationParams) -> list[Generation]:
-        ...
-
-
-def bounded_schema(schema: dict, max_string_chars: int | None = 300, max_items: int | None = 10) -> dict:
-    """Copy of ``schema`` where every free string has a ``maxLength`` and every array a ``maxItems``.
-
-    Under guided decoding a 135M model keeps appending list items or string characters that the
-    grammar allows, until the token limit cuts the JSON off; bounds let the grammar close the value.
-    Strings with an ``enum``/``const``/``pattern`` and existing bounds are left as they are.
-    """
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            node = {k: walk(v) for k, v in node.items()}
-            kind = node.get("type")
-            if (kind == "string" and max_string_chars and "maxLength" not in node
-                    and not {"enum", "const", "pattern"} & node.keys()):
-                node["maxLength"] = max(max_string_chars, node.get("minLength", 0))
-            if kind == "array" and max_items and "maxItems" not in node:
-                node["maxItems"] = max(max_items, node.get("minItems", 0))
-            return node
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        return node
-    return walk(copy.deepcopy(schema))
-
+from cm_ray.generation.base import ENGINES, Engine, Generation, GenerationParams
 
 class _GrammarMask:
     """transformers LogitsProcessor masking tokens that would break each row's JSON grammar.
@@ -253,6 +189,7 @@ def vllm_sampling_dict(params: GenerationParams) -> dict:
 
 class VLLMEngine:
     """``vllm.LLM`` called directly (no Ray Data): the baseline of the synthesis benchmark, and eval.
+    Built in the driver from the config (never shipped to a worker).
 
     Entry scripts need an ``if __name__ == "__main__":`` guard: the engine core is a child process.
     """
@@ -290,24 +227,31 @@ class VLLMEngine:
                            latency_s=time.perf_counter() - t0) for o in outs]
 
 
-def threads_per_replica(cfg: Any) -> int:
+def threads_per_replica(synthesis: Any) -> int:
     """CPU threads for one engine replica: the configured number, else the cores split over replicas."""
     import os
 
-    return cfg.synthesis.threads_per_replica or max(1, (os.cpu_count() or 1) // cfg.synthesis.concurrency)
+    return synthesis.threads_per_replica or max(1, (os.cpu_count() or 1) // synthesis.concurrency)
+
+
+def build_engine(kind: str, synthesis: Any, model: str, cache_dir: str | None = None,
+                 replicas: int = 1) -> Engine:
+    """A worker's engine from what it is sent: the synthesis section and the generator's model
+    reference (``replicas``: how many engines share ``synthesis.openai_qps``). transformers or
+    openai; the vLLM path runs through ray.data.llm (or ``VLLMEngine`` in the driver)."""
+    if kind == "transformers":
+        return TransformersEngine(model, dtype=synthesis.dtype, cache_dir=cache_dir,
+                                  batch_size=synthesis.batch_size, num_threads=threads_per_replica(synthesis))
+    if kind == "openai":
+        from cm_ray.generation.openai_client import OpenAIEngine
+
+        return OpenAIEngine.from_synthesis(synthesis, model, replicas=replicas)
+    raise ValueError(f"synthesis.engine: unknown engine {kind!r} (known: {', '.join(ENGINES)})")
 
 
 def make_engine(cfg: Any, engine: str | None = None) -> Engine:
     """Build the engine a config names (``cfg.synthesis.engine``) for ``cfg.models.generator``."""
     kind = engine or cfg.synthesis.engine
-    if kind == "transformers":
-        return TransformersEngine(cfg.models.generator, dtype=cfg.synthesis.dtype,
-                                  cache_dir=cfg.models.cache_dir, batch_size=cfg.synthesis.batch_size,
-                                  num_threads=threads_per_replica(cfg))
     if kind == "vllm":
         return VLLMEngine(cfg)
-    if kind == "openai":
-        from cm_ray.data.openai_engine import OpenAIEngine
-
-        return OpenAIEngine.from_config(cfg)
-    raise ValueError(f"synthesis.engine: unknown engine {kind!r} (known: {', '.join(ENGINES)})")
+    return build_engine(kind, cfg.synthesis, cfg.models.generator, cfg.models.cache_dir)

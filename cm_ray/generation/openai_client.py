@@ -1,40 +1,20 @@
 """Generation through any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM serve, ...).
 
 Async (aiohttp) with a request-rate limit, bounded concurrency, retries with exponential backoff on
-429/5xx and network errors (honouring ``Retry-After``), and per-request token and cost accounting.
-The API key is read from the environment variable the config names and is never logged.
+429/5xx and network errors (honouring ``Retry-After``) - all through ``cm_ray.http`` - and
+per-request token and cost accounting. The API key is read from the environment variable the
+config names, never stored on the engine, and scrubbed from error messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import random
 import time
 from typing import Any, Callable
 
-from cm_ray.data.engines import Generation, GenerationParams
-from cm_ray.data.search import parse_retry_after
-
-RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-
-
-class RateLimiter:
-    """Spaces request starts at least ``1/qps`` apart (per engine instance)."""
-
-    def __init__(self, qps: float | None):
-        self.interval = 1.0 / qps if qps else 0.0
-        self.next_at = 0.0
-
-    async def wait(self) -> None:
-        if not self.interval:
-            return
-        # No await between reading and advancing next_at: atomic within one event loop.
-        now = time.monotonic()
-        delay = self.next_at - now
-        self.next_at = max(now, self.next_at) + self.interval
-        if delay > 0:
-            await asyncio.sleep(delay)
+from cm_ray.generation.base import Generation, GenerationParams
+from cm_ray.http import ProcessRateLimit, RequestFailed, RetryPolicy, json_body, send, with_retries
 
 
 class OpenAIEngine:
@@ -50,20 +30,20 @@ class OpenAIEngine:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key_env = api_key_env
-        self.qps, self.max_in_flight, self.max_retries = qps, max_in_flight, max_retries
-        self.backoff_base_s, self.backoff_max_s, self.timeout_s = backoff_base_s, backoff_max_s, timeout_s
+        self.qps, self.max_in_flight, self.timeout_s = qps, max_in_flight, timeout_s
+        self.retry = RetryPolicy(max_retries, backoff_base_s, backoff_max_s)
         self.price_in, self.price_out = price_in_per_1m, price_out_per_1m
         self.session_factory = session_factory
         self.usage = {"requests": 0, "retries": 0, "errors": 0, "prompt_tokens": 0, "output_tokens": 0,
                       "cost_usd": 0.0}
-        self.limiter = RateLimiter(qps)
+        self.limiter = ProcessRateLimit(qps)
 
     @classmethod
-    def from_config(cls, cfg: Any, replicas: int = 1) -> "OpenAIEngine":
-        """Engine for ``cfg.synthesis``; the qps limit is shared evenly by ``replicas`` actors."""
-        s = cfg.synthesis
+    def from_synthesis(cls, s: Any, model: str, replicas: int = 1) -> "OpenAIEngine":
+        """Engine for the synthesis section ``s`` (``model``: ``models.generator``, used when
+        ``s.openai_model`` is unset); the qps limit is shared evenly by ``replicas`` actors."""
         qps = s.openai_qps / max(1, replicas) if s.openai_qps else None
-        return cls(s.openai_base_url or "https://api.openai.com/v1", s.openai_model or cfg.models.generator,
+        return cls(s.openai_base_url or "https://api.openai.com/v1", s.openai_model or model,
                    api_key_env=s.openai_api_key_env, qps=qps, max_in_flight=s.openai_max_in_flight,
                    max_retries=s.openai_max_retries, backoff_base_s=s.openai_backoff_base_s,
                    backoff_max_s=s.openai_backoff_max_s, timeout_s=s.openai_timeout_s,
@@ -95,47 +75,39 @@ class OpenAIEngine:
         key = os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        factory = self.session_factory or (lambda: aiohttp.ClientSession(
-            headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s)))
+        factory = self.session_factory or (lambda: aiohttp.ClientSession(headers=headers))
 
         async def one(conv: list[dict]) -> Generation:
             async with sem:
-                return await self._request(session, self.payload(conv, params))
+                return await self._request(session, self.payload(conv, params), key)
 
         async with factory() as session:
             return list(await asyncio.gather(*(one(c) for c in conversations)))
 
-    async def _request(self, session: Any, body: dict) -> Generation:
-        import aiohttp
-
+    async def _request(self, session: Any, body: dict, key: str | None = None) -> Generation:
         t0 = time.perf_counter()
-        retries, error = 0, "no attempt"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                retries += 1
-            await self.limiter.wait()
+        attempts = 0
+
+        async def attempt() -> dict:
+            nonlocal attempts
+            attempts += 1
+            await self.limiter.acquire()
             self.usage["requests"] += 1
-            wait = None
-            try:
-                async with session.post(self.url, json=body) as resp:
-                    if resp.status == 200:
-                        g = self._parse(await resp.json(content_type=None), retries)
-                        g.latency_s = time.perf_counter() - t0
-                        return g
-                    text = (await resp.text())[:300]
-                    error = f"HTTP {resp.status}: {text}"
-                    if resp.status not in RETRY_STATUS:
-                        break
-                    wait = parse_retry_after(resp.headers.get("Retry-After"))
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                error = f"{type(e).__name__}: {e}"
-            if attempt < self.max_retries:
-                backoff = min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt) * (0.5 + random.random() / 2)
-                await asyncio.sleep(min(self.backoff_max_s, wait) if wait is not None else backoff)
-        self.usage["retries"] += retries
-        self.usage["errors"] += 1
-        return Generation(text="", finish_reason="error", retries=retries, error=error,
-                          latency_s=time.perf_counter() - t0)
+            resp = await send(session, "POST", self.url, json=body, timeout_s=self.timeout_s,
+                              secrets=[key], detail_chars=300)
+            return json_body(resp.body)
+
+        try:
+            data = await with_retries(attempt, self.retry)
+        except RequestFailed as e:
+            retries = attempts - 1
+            self.usage["retries"] += retries
+            self.usage["errors"] += 1
+            return Generation(text="", finish_reason="error", retries=retries, error=e.reason,
+                              latency_s=time.perf_counter() - t0)
+        g = self._parse(data, attempts - 1)
+        g.latency_s = time.perf_counter() - t0
+        return g
 
     def _parse(self, data: dict, retries: int) -> Generation:
         choice = data["choices"][0]

@@ -1,0 +1,77 @@
+"""The search stage's cache of provider answers, under ``search/cache/provider=P/locale=L/`` in
+the artifact store, keyed by (provider, normalized query, locale). Only HTTP providers are cached
+(BM25 is local and deterministic)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import unicodedata
+import uuid
+from collections import defaultdict
+
+from cm_ray import artifacts
+from cm_ray.data.providers import HTTP_PROVIDERS
+from cm_ray.data.searcher import QUERY_COLUMNS, result_schema
+
+
+def cache_key(provider: str, query: str, locale: str) -> str:
+    """Stable key of (provider, normalized query, locale): NFKC, case- and space-folded."""
+    norm = " ".join(unicodedata.normalize("NFKC", query).casefold().split())
+    return hashlib.sha256(f"{provider}\x1f{norm}\x1f{locale}".encode()).hexdigest()[:32]
+
+
+def _shard_dir(provider: str, locale: str) -> tuple[str, ...]:
+    return artifacts.search_cache_dir(f"provider={provider}", f"locale={locale}")
+
+
+class SearchCache:
+    """Provider answers under ``search/cache/provider=P/locale=L/part-*.parquet`` in the store."""
+
+    def __init__(self, store, providers: list[str]):
+        self.store, self.providers = store, [p for p in providers if p in HTTP_PROVIDERS]
+        self.entries: dict[str, list] = {}
+        self.loaded: set[str] = set()
+        self.pending: dict[tuple[str, str], list[dict]] = defaultdict(list)
+
+    def _load(self, locale: str) -> None:
+        if locale in self.loaded:
+            return
+        self.loaded.add(locale)
+        for p in self.providers:
+            parts = _shard_dir(p, locale)
+            if self.store.listdir(*parts):
+                for r in self.store.read_table(*parts).select(["key", "hits"]).to_pylist():
+                    self.entries[r["key"]] = r["hits"]
+
+    def lookup(self, row: dict) -> dict | None:
+        """A cached result row for ``row`` (first provider of the chain that has one), or None."""
+        self._load(row["locale"])
+        for p in self.providers:
+            hits = self.entries.get(cache_key(p, row["query"], row["locale"]))
+            if hits is not None:
+                return {**{c: row[c] for c in QUERY_COLUMNS}, "status": "ok", "error": None,
+                        "provider": p, "cached": True, "hits": hits, "attempts": 0, "retries": 0,
+                        "latency_ms": 0.0, "pages": []}
+        return None
+
+    def add(self, row: dict) -> None:
+        if row["status"] == "ok" and row["provider"] in self.providers:
+            key = cache_key(row["provider"], row["query"], row["locale"])
+            self.entries[key] = row["hits"]
+            self.pending[(row["provider"], row["locale"])].append(
+                {"key": key, "query": row["query"], "hits": row["hits"]})
+
+    def flush(self) -> int:
+        """Write what was added since the last flush, one shard per (provider, locale)."""
+        import pyarrow as pa
+
+        hit_type = result_schema().field("hits").type
+        schema = pa.schema([("key", pa.string()), ("query", pa.string()), ("hits", hit_type)])
+        n = 0
+        for (p, loc), rows in self.pending.items():
+            name = f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+            self.store.write_table(pa.Table.from_pylist(rows, schema=schema), *_shard_dir(p, loc), name)
+            n += len(rows)
+        self.pending.clear()
+        return n
