@@ -19,7 +19,8 @@ PKG = Path(__file__).resolve().parents[2] / "cm_ray"
 # the CLI and the ablation runner, which reruns stages) sits above every stage.
 RANKS = [
     ("cm_ray.data.queries", 1),
-    ("cm_ray.data.search", 2), ("cm_ray.data.search_cache", 2), ("cm_ray.data.providers", 2),
+    ("cm_ray.data.search", 2), ("cm_ray.data.searcher", 2), ("cm_ray.data.search_cache", 2),
+    ("cm_ray.data.providers", 2),
     ("cm_ray.data.fetch", 2),
     ("cm_ray.data.synthesize", 3), ("cm_ray.data.synth_prompts", 3), ("cm_ray.recipes", 3),
     ("cm_ray.train", 4),
