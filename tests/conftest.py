@@ -156,3 +156,20 @@ class LoopbackChatServer:
 
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result()
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def assert_synth_contract(store) -> int:
+    """Every synth partition in ``store`` has exactly the contract's columns and Arrow schema and
+    passes its row validation; returns the rows checked."""
+    import pyarrow.parquet as pq
+
+    from cm_ray.artifacts import SYNTH_COLUMNS, synth_files, synth_schema, validate_synth_rows
+
+    n = 0
+    for path in synth_files(store):
+        with store.fs.open_input_file(path) as f:
+            table = pq.read_table(f)
+        assert table.column_names == list(SYNTH_COLUMNS) and table.schema.equals(synth_schema()), path
+        validate_synth_rows(table.to_pylist())
+        n += table.num_rows
+    return n

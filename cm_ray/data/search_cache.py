@@ -4,7 +4,6 @@ the artifact store, keyed by (provider, normalized query, locale). Only HTTP pro
 
 from __future__ import annotations
 
-import hashlib
 import time
 import unicodedata
 import uuid
@@ -18,7 +17,7 @@ from cm_ray.data.searcher import QUERY_COLUMNS, result_schema
 def cache_key(provider: str, query: str, locale: str) -> str:
     """Stable key of (provider, normalized query, locale): NFKC, case- and space-folded."""
     norm = " ".join(unicodedata.normalize("NFKC", query).casefold().split())
-    return hashlib.sha256(f"{provider}\x1f{norm}\x1f{locale}".encode()).hexdigest()[:32]
+    return artifacts.stable_id(provider, norm, locale, n=32)
 
 
 def _shard_dir(provider: str, locale: str) -> tuple[str, ...]:

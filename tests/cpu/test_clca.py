@@ -11,6 +11,8 @@ from cm_ray.artifacts import SYNTH_COLUMNS
 from cm_ray.recipes import clca as R
 from cm_ray.storage import ArtifactStore
 
+from tests.conftest import assert_synth_contract
+
 AGENTS = [{"name": "Li Wei", "background": "grew up in Chengdu", "occupation": "teacher",
            "goal": "get the neighbour to turn the music down", "secret": "works night shifts"},
           {"name": "Zhang Min", "background": "student", "occupation": "musician",
@@ -76,23 +78,6 @@ def test_views_are_each_speakers_side_and_intents():
     assert [m["role"] for m in second] == ["system", "user", "assistant", "user", "assistant"]
     assert second[2]["content"] == "*nods*" and second[-1]["content"].startswith("(leaves")
     assert [m["content"] for m in intent if m["role"] == "assistant"] == ["save face"]
-
-
-def assert_synth_contract(store) -> int:
-    """Every synth partition in ``store`` has exactly the contract's columns and Arrow schema and
-    passes its row validation; returns the rows checked."""
-    import pyarrow.parquet as pq
-
-    from cm_ray.artifacts import SYNTH_COLUMNS, synth_files, synth_schema, validate_synth_rows
-
-    n = 0
-    for path in synth_files(store):
-        with store.fs.open_input_file(path) as f:
-            table = pq.read_table(f)
-        assert table.column_names == list(SYNTH_COLUMNS) and table.schema.equals(synth_schema()), path
-        validate_synth_rows(table.to_pylist())
-        n += table.num_rows
-    return n
 
 
 def test_recipe_rows_are_written_in_the_synth_contract(tmp_path):

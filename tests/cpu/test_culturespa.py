@@ -13,6 +13,8 @@ from cm_ray.generation.parsing import extract_json
 from cm_ray.recipes import culturespa as R
 from cm_ray.storage import ArtifactStore
 
+from tests.conftest import assert_synth_contract
+
 
 @pytest.mark.parametrize("obj,reason", [
     ({"question": "How often do you visit your parents?", "options": ["1. Weekly", "2) Monthly", "3 - Never"]}, None),
@@ -51,23 +53,6 @@ def test_parse_json_accepts_wrapped_output():
         "question": "x", "options": []}
     with pytest.raises(ValueError):
         extract_json("no json here", any_value=True)
-
-
-def assert_synth_contract(store) -> int:
-    """Every synth partition in ``store`` has exactly the contract's columns and Arrow schema and
-    passes its row validation; returns the rows checked."""
-    import pyarrow.parquet as pq
-
-    from cm_ray.artifacts import SYNTH_COLUMNS, synth_files, synth_schema, validate_synth_rows
-
-    n = 0
-    for path in synth_files(store):
-        with store.fs.open_input_file(path) as f:
-            table = pq.read_table(f)
-        assert table.column_names == list(SYNTH_COLUMNS) and table.schema.equals(synth_schema()), path
-        validate_synth_rows(table.to_pylist())
-        n += table.num_rows
-    return n
 
 
 def test_recipe_rows_are_written_in_the_synth_contract(tmp_path):

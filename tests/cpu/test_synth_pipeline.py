@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from tests.conftest import LoopbackChatServer
+from tests.conftest import LoopbackChatServer, assert_synth_contract
 
 from cm_ray.artifacts import SYNTH_COLUMNS, read_synth
 from cm_ray.config import load_config
@@ -91,23 +91,6 @@ def fake_cfg(root, url, *extra):
                               "synthesis.openai_model=fake", "synthesis.prompts_per_pair=2",
                               "synthesis.samples_per_prompt=3", "synthesis.snippets_per_prompt=3",
                               "synthesis.relevance_filter=none", *extra])
-
-
-def assert_synth_contract(store) -> int:
-    """Every synth partition in ``store`` has exactly the contract's columns and Arrow schema and
-    passes its row validation; returns the rows checked."""
-    import pyarrow.parquet as pq
-
-    from cm_ray.artifacts import SYNTH_COLUMNS, synth_files, synth_schema, validate_synth_rows
-
-    n = 0
-    for path in synth_files(store):
-        with store.fs.open_input_file(path) as f:
-            table = pq.read_table(f)
-        assert table.column_names == list(SYNTH_COLUMNS) and table.schema.equals(synth_schema()), path
-        validate_synth_rows(table.to_pylist())
-        n += table.num_rows
-    return n
 
 
 def partition_bytes(store):
