@@ -216,10 +216,10 @@ def vllm_engine_kwargs(cfg: Any) -> dict:
     s = cfg.synthesis
     cuda = _cuda_available()
     dtype = s.dtype if s.dtype != "auto" else default_dtype("cuda" if cuda else "cpu")
-    kwargs = dict(dtype=dtype, max_model_len=s.vllm_max_model_len, max_num_seqs=s.vllm_max_num_seqs,
-                  enforce_eager=not cuda if s.vllm_enforce_eager is None else s.vllm_enforce_eager,
+    kwargs = dict(dtype=dtype, max_model_len=s.vllm.max_model_len, max_num_seqs=s.vllm.max_num_seqs,
+                  enforce_eager=not cuda if s.vllm.enforce_eager is None else s.vllm.enforce_eager,
                   seed=cfg.seed)
-    return {**kwargs, **s.vllm_engine_kwargs}
+    return {**kwargs, **s.vllm.engine_kwargs}
 
 
 def vllm_cpu_env() -> dict[str, str]:

@@ -18,7 +18,6 @@ Only HTTP providers are cached (BM25 is local and deterministic).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import random
 import time
@@ -250,10 +249,10 @@ class Searcher:
         else:
             out.update(status="failed", error="; ".join(errors), provider=self.cfg.provider, hits=[])
         pages = []
-        if self.cfg.fetch_pages and out["hits"]:
+        if self.cfg.fetch.enabled and out["hits"]:
             from cm_ray.data.fetch import fetch_pages
 
-            pages = await fetch_pages([h["url"] for h in out["hits"][:self.cfg.fetch_top_k]], self.cfg)
+            pages = await fetch_pages([h["url"] for h in out["hits"][:self.cfg.fetch.top_k]], self.cfg)
         # Time on the wire and in backoff; waits for a slot or a token are not the provider's.
         latency = stats["busy"] * 1000
         return {**{c: row[c] for c in QUERY_COLUMNS}, **out, "cached": False,
@@ -456,7 +455,7 @@ def _search_on_ray(cfg: Config, misses: list[dict], key_env: dict, results: dict
     if key_env:  # keys reach the actors as environment variables only
         remote_args["runtime_env"] = {"env_vars": key_env}
     ds = ray.data.from_arrow(table).repartition(blocks).map_batches(
-        WebSearcher, fn_constructor_kwargs={"search_cfg": dataclasses.asdict(scfg), "buckets": buckets},
+        WebSearcher, fn_constructor_kwargs={"search_cfg": scfg.model_dump(), "buckets": buckets},
         batch_size=scfg.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=scfg.concurrency),
         **remote_args)
     calls, since_flush = 0, 0

@@ -85,7 +85,7 @@ def _evaluate(cfg: Config, root, model, systems: list[str], router) -> tuple[lis
         """Scores per choice (closed form) or generated texts, one per sample, memoized."""
         inputs = [task.render_input(s) for s in samples]
         routes = S.plan_routes(system, culture, inputs, model.adapters, router,
-                               getattr(cfg.train, "joint_system_prompt", None))
+                               None)
         todo: dict[Any, list[int]] = {}
         keys = []
         for i, (r, text) in enumerate(zip(routes, inputs)):

@@ -148,8 +148,8 @@ def plan_routes(system: str, culture: str, request_texts: Sequence[str], adapter
                 router: Router | None = None, joint_prompt: str | None = None) -> list[Route]:
     """Which adapter and system prompt answer each request of ``culture`` under ``system``.
 
-    ``joint_prompt`` is the template the joint adapter was trained with (``train.joint_system_prompt``,
-    fields ``{culture_name}``, ``{culture}``); None = the culture-aware prompt.
+    ``joint_prompt``: a system prompt template for the joint system (fields ``{culture_name}``,
+    ``{culture}``); None = the culture prompt the joint adapter is trained with.
     """
     from cm_ray.cultures import get_culture
 

@@ -18,7 +18,6 @@ A failing culture fails only its own trial; a rerun skips adapters that are comp
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import uuid
 
@@ -76,7 +75,7 @@ def build_datasets(cfg: Config, store, adapter: str) -> tuple[dict, list[tuple[s
 
     Returns (datasets, [(train dataset name, rows)]). Raises when a phase has no usable rows.
     """
-    from cm_ray.cultures import get_culture
+    from cm_ray.artifacts import culture_system_prompt
     from cm_ray.models import resolve_model
     from cm_ray.train.data import pack_rows, read_synth, tokenize_batch
 
@@ -86,8 +85,7 @@ def build_datasets(cfg: Config, store, adapter: str) -> tuple[dict, list[tuple[s
     for i, sources in enumerate(_phase_sources(cfg, store, adapter)):
         parts = []
         for culture, tasks in sources:
-            system = (tc.joint_system_prompt.format(culture_name=get_culture(culture).name, culture=culture)
-                      if adapter == JOINT and tc.joint_system_prompt else None)
+            system = (culture_system_prompt(culture) if adapter == JOINT else None)
             parts.append(read_synth(store, culture, tasks).map_batches(
                 tokenize_batch, batch_format="numpy", batch_size=64, num_cpus=0.25,
                 fn_kwargs={"model_path": model_path, "max_seq_len": tc.max_seq_len,
@@ -170,9 +168,6 @@ def run_culture_trials(cfg: Config, store, names: list[str], fault: dict | None 
     """
     from ray import tune
 
-    from cm_ray.train.lora import apply_preset
-
-    cfg = dataclasses.replace(cfg, train=apply_preset(cfg.train))
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     trainable = tune.with_resources(
         tune.with_parameters(_trial, cfg_dict=cfg.to_dict(), run_id=run_id, fault=fault), {"CPU": 0.01})

@@ -35,10 +35,10 @@ def test_dotted_overrides_are_typed():
     (["recipe=magic"], "recipe"),
     (["cultures=[GB, GBR]"], "cultures"),
     (["serve.port=[1]"], "serve.port"),
-    (["recipe=clca", "recipe_options.turn_format=xml"], "recipe_options.turn_format"),
-    (["recipe=clca", "recipe_options.max_turns=-1"], "recipe_options.max_turns"),
-    (["recipe_options.scenarios_per_culture=two"], "recipe_options.scenarios_per_culture"),
-    (["recipe=culturemanager"], "recipe_options.scenarios_per_culture"),  # clca's options, wrong recipe
+    (["recipe=clca", "clca.turn_format=xml"], "clca.turn_format"),
+    (["recipe=clca", "clca.max_turns=-1"], "clca.max_turns"),
+    (["clca.scenarios_per_culture=two"], "clca.scenarios_per_culture"),
+    (["recipe=culturemanager"], "clca.scenarios_per_culture"),  # clca's options, wrong recipe
 ])
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:
