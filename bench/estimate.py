@@ -73,7 +73,7 @@ def counts(cfg, tokens_per_sample: int | None = None) -> dict:
             "query_generations": pairs * len(q.kinds),
             "query_output_tokens_max": pairs * len(q.kinds) * q.max_new_tokens,
             "queries": pairs * per_pair,
-            "page_fetches": pairs * per_pair * cfg.search.fetch_top_k if cfg.search.fetch_pages else 0,
+            "page_fetches": pairs * per_pair * cfg.search.fetch.top_k if cfg.search.fetch.enabled else 0,
             "synthesis_generations": candidates,
             "synthesis_output_tokens_max": candidates * s.max_new_tokens,
             "tokens_per_sample": tokens_per_sample or s.max_new_tokens,

@@ -25,7 +25,6 @@ fixed cost and reported apart. Linear time = flat s_per_culture; flat memory = f
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -199,7 +198,7 @@ def run_point(args) -> dict:
     cultures = cfg.cultures[:args.point]
     if len(cultures) < args.point:
         raise SystemExit(f"{args.config} lists {len(cfg.cultures)} cultures, fewer than {args.point}")
-    cfg = dataclasses.replace(cfg, cultures=cultures)
+    cfg = cfg.replace(cultures=cultures)
     trained = spread(cultures, args.train_cap)
     store = ArtifactStore(root)
     seconds, summaries = {}, {}
@@ -209,7 +208,7 @@ def run_point(args) -> dict:
         init_ray(cfg, dashboard_port=_free_port())
         for stage in PIPELINE:
             sampler.label = stage
-            stage_cfg = dataclasses.replace(cfg, cultures=trained) if stage == "train" else cfg
+            stage_cfg = cfg.replace(cultures=trained) if stage == "train" else cfg
             t0 = time.time()
             summaries[stage] = run_stage(stage, stage_cfg, store)
             seconds[stage] = time.time() - t0

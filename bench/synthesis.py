@@ -44,8 +44,8 @@ def config(args, engine: str):
     from cm_ray.config import load_config
 
     return load_config(None, [f"synthesis.engine={engine}", f"synthesis.batch_size={args.batch_size}",
-                              "synthesis.concurrency=1", f"synthesis.threads_per_replica={args.threads}", f"synthesis.vllm_max_num_seqs={args.prompts}",
-                              "synthesis.vllm_max_model_len=1024"])
+                              "synthesis.concurrency=1", f"synthesis.threads_per_replica={args.threads}", f"synthesis.vllm.max_num_seqs={args.prompts}",
+                              "synthesis.vllm.max_model_len=1024"])
 
 
 def schema(cfg) -> dict:

@@ -1,9 +1,9 @@
 """Optional page fetch of the top search hits + main-text extraction (trafilatura).
 
-Limits: ``search.fetch_max_bytes`` per page (the body is read in chunks and cut there),
-``search.fetch_timeout_s`` per page, at most 3 redirects. SSRF guard: only http(s); every host,
+Limits: ``search.fetch.max_bytes`` per page (the body is read in chunks and cut there),
+``search.fetch.timeout_s`` per page, at most 3 redirects. SSRF guard: only http(s); every host,
 and every redirect target, must resolve to public addresses. Private, loopback, link-local,
-reserved and multicast targets are refused unless ``search.allow_private_urls`` (tests). The check
+reserved and multicast targets are refused unless ``search.fetch.allow_private_urls`` (tests). The check
 runs inside the connector's resolver, i.e. on the address actually connected to, so a name that
 re-resolves to a private address between check and connect is still refused.
 """
@@ -67,7 +67,7 @@ def extract_text(html: str, url: str | None = None) -> str | None:
 
 async def _fetch_one(session: Any, url: str, cfg: Any) -> dict:
     for _ in range(MAX_REDIRECTS + 1):
-        check_url(url, cfg.allow_private_urls)
+        check_url(url, cfg.fetch.allow_private_urls)
         async with session.get(url, allow_redirects=False) as resp:
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 url = urljoin(url, resp.headers["Location"])
@@ -77,8 +77,8 @@ async def _fetch_one(session: Any, url: str, cfg: Any) -> dict:
             body = bytearray()
             async for chunk in resp.content.iter_chunked(65536):
                 body += chunk
-                if len(body) >= cfg.fetch_max_bytes:
-                    del body[cfg.fetch_max_bytes:]  # keep what fits; the extractor copes
+                if len(body) >= cfg.fetch.max_bytes:
+                    del body[cfg.fetch.max_bytes:]  # keep what fits; the extractor copes
                     break
             html = body.decode(resp.charset or "utf-8", "replace")
         text = await asyncio.to_thread(extract_text, html, url)
@@ -93,8 +93,8 @@ async def fetch_pages(urls: list[str], cfg: Any, session: Any = None) -> list[di
     own = session is None
     if own:
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(resolver=guarded_resolver(cfg.allow_private_urls)),
-            timeout=aiohttp.ClientTimeout(total=cfg.fetch_timeout_s),
+            connector=aiohttp.TCPConnector(resolver=guarded_resolver(cfg.fetch.allow_private_urls)),
+            timeout=aiohttp.ClientTimeout(total=cfg.fetch.timeout_s),
             headers={"User-Agent": "cm_ray/0.1 (+research crawler)"})
 
     async def one(url: str) -> dict:

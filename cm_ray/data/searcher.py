@@ -115,10 +115,10 @@ class Searcher:
         else:
             out.update(status="failed", error="; ".join(errors), provider=self.cfg.provider, hits=[])
         pages = []
-        if self.cfg.fetch_pages and out["hits"]:
+        if self.cfg.fetch.enabled and out["hits"]:
             from cm_ray.data.fetch import fetch_pages
 
-            pages = await fetch_pages([h["url"] for h in out["hits"][:self.cfg.fetch_top_k]], self.cfg)
+            pages = await fetch_pages([h["url"] for h in out["hits"][:self.cfg.fetch.top_k]], self.cfg)
         # Time on the wire and in backoff; waits for a slot or a token are not the provider's.
         latency = stats["busy"] * 1000
         return {**{c: row[c] for c in QUERY_COLUMNS}, **out, "cached": False,

@@ -152,10 +152,10 @@ def vllm_engine_kwargs(cfg: Any) -> dict:
     s = cfg.synthesis
     cuda = _cuda_available()
     dtype = s.dtype if s.dtype != "auto" else default_dtype("cuda" if cuda else "cpu")
-    kwargs = dict(dtype=dtype, max_model_len=s.vllm_max_model_len, max_num_seqs=s.vllm_max_num_seqs,
-                  enforce_eager=not cuda if s.vllm_enforce_eager is None else s.vllm_enforce_eager,
+    kwargs = dict(dtype=dtype, max_model_len=s.vllm.max_model_len, max_num_seqs=s.vllm.max_num_seqs,
+                  enforce_eager=not cuda if s.vllm.enforce_eager is None else s.vllm.enforce_eager,
                   seed=cfg.seed)
-    return {**kwargs, **s.vllm_engine_kwargs}
+    return {**kwargs, **s.vllm.engine_kwargs}
 
 
 def vllm_cpu_env() -> dict[str, str]:
@@ -237,7 +237,7 @@ def threads_per_replica(synthesis: Any) -> int:
 def build_engine(kind: str, synthesis: Any, model: str, cache_dir: str | None = None,
                  replicas: int = 1) -> Engine:
     """A worker's engine from what it is sent: the synthesis section and the generator's model
-    reference (``replicas``: how many engines share ``synthesis.openai_qps``). transformers or
+    reference (``replicas``: how many engines share ``synthesis.openai.qps``). transformers or
     openai; the vLLM path runs through ray.data.llm (or ``VLLMEngine`` in the driver)."""
     if kind == "transformers":
         return TransformersEngine(model, dtype=synthesis.dtype, cache_dir=cache_dir,

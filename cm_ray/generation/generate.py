@@ -84,7 +84,7 @@ class GeneratorUDF:
 
 class AsyncGeneratorUDF:
     """Async Ray Data UDF for HTTP engines: every row of a batch is in flight at once (bounded by
-    ``synthesis.openai_max_in_flight``); the actor's share of ``openai_qps`` paces the requests."""
+    ``synthesis.openai.max_in_flight``); the actor's share of ``openai.qps`` paces the requests."""
 
     def __init__(self, synthesis: SynthesisConfig, model: str, params: dict):
         from cm_ray.generation.base import GenerationParams

@@ -41,13 +41,13 @@ class OpenAIEngine:
     @classmethod
     def from_synthesis(cls, s: Any, model: str, replicas: int = 1) -> "OpenAIEngine":
         """Engine for the synthesis section ``s`` (``model``: ``models.generator``, used when
-        ``s.openai_model`` is unset); the qps limit is shared evenly by ``replicas`` actors."""
-        qps = s.openai_qps / max(1, replicas) if s.openai_qps else None
-        return cls(s.openai_base_url or "https://api.openai.com/v1", s.openai_model or model,
-                   api_key_env=s.openai_api_key_env, qps=qps, max_in_flight=s.openai_max_in_flight,
-                   max_retries=s.openai_max_retries, backoff_base_s=s.openai_backoff_base_s,
-                   backoff_max_s=s.openai_backoff_max_s, timeout_s=s.openai_timeout_s,
-                   price_in_per_1m=s.openai_price_in_per_1m, price_out_per_1m=s.openai_price_out_per_1m)
+        ``s.openai.model`` is unset); the qps limit is shared evenly by ``replicas`` actors."""
+        qps = s.openai.qps / max(1, replicas) if s.openai.qps else None
+        return cls(s.openai.base_url or "https://api.openai.com/v1", s.openai.model or model,
+                   api_key_env=s.openai.api_key_env, qps=qps, max_in_flight=s.openai.max_in_flight,
+                   max_retries=s.openai.max_retries, backoff_base_s=s.openai.backoff_base_s,
+                   backoff_max_s=s.openai.backoff_max_s, timeout_s=s.openai.timeout_s,
+                   price_in_per_1m=s.openai.price_in_per_1m, price_out_per_1m=s.openai.price_out_per_1m)
 
     def payload(self, conversation: list[dict], params: GenerationParams) -> dict:
         body: dict[str, Any] = {"model": self.model, "messages": conversation,

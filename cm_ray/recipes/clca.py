@@ -13,7 +13,7 @@ dialogue is dropped when quality or meta-quality is "bad" with "very confident";
 utterance gets a short intent; (5) rows: the dialogue from each speaker's side (task
 ``clca_dialogue``) and intent prediction (task ``clca_intent``), multi-turn ``messages``.
 
-``recipe_options`` (all optional): scenarios_per_culture (1), max_turns (6), turn_max_new_tokens
+The ``clca:`` config section (all optional): scenarios_per_culture (1), max_turns (6), turn_max_new_tokens
 (64), judge_max_new_tokens (96), turn_format (json). ``turn_format: json`` asks for the seed's
 ``{"action", "output"}`` per turn; ``text`` asks for the next line only and reads the action off it
 (``*...*`` non-verbal, ``[leave]`` leave, nothing said: none, else speak; kept to two sentences).
@@ -132,11 +132,11 @@ def dialogue_views(d: dict) -> list[tuple[str, list[dict]]]:
 
 def run_clca_data(cfg: Config, store: Any, force: bool = False) -> dict:
     """Stage ``clca``: write multi-turn dialogue and intent rows under ``synth/``, drops counted."""
-    opts = cfg.recipe_options
-    n_scen = int(opts.get("scenarios_per_culture", 1))
-    max_turns = int(opts.get("max_turns", 6))
-    turn_tokens, judge_tokens = int(opts.get("turn_max_new_tokens", 64)), int(opts.get("judge_max_new_tokens", 96))
-    turn_format = opts.get("turn_format", "json")
+    opts = cfg.clca
+    n_scen = opts.scenarios_per_culture
+    max_turns = opts.max_turns
+    turn_tokens, judge_tokens = opts.turn_max_new_tokens, opts.judge_max_new_tokens
+    turn_format = opts.turn_format
     log = FilterLog()
 
     # 1. Culture-adapted scenarios.

@@ -12,7 +12,7 @@ culture-unaware and once per culture culture-aware (temperature 0.6, top_p 0.9, 
 only). (3) a (culture, question) pair is kept when both answers parse and differ; the culture-aware
 answer is the label. Every drop is counted by reason in ``synth/summary.json``.
 
-``recipe_options`` (all optional): questions_per_topic (2), topics (all 13, by name or index),
+The ``culturespa:`` config section (all optional): questions_per_topic (2), topics (all 13, by name or index),
 rounds (2), real_examples (3), generated_examples (2), question_max_new_tokens (160).
 """
 
@@ -114,11 +114,11 @@ def run_culturespa_data(cfg: Config, store: Any, force: bool = False) -> dict:
     """Stage ``culturespa``: write survey training rows under ``synth/`` and drop counts."""
     from cm_ray.tasks import load_task
 
-    opts = cfg.recipe_options
-    per_topic = int(opts.get("questions_per_topic", 2))
-    rounds = max(1, int(opts.get("rounds", 2)))
-    n_real, n_gen = int(opts.get("real_examples", 3)), int(opts.get("generated_examples", 2))
-    wanted = opts.get("topics")
+    opts = cfg.culturespa
+    per_topic = opts.questions_per_topic
+    rounds = max(1, opts.rounds)
+    n_real, n_gen = opts.real_examples, opts.generated_examples
+    wanted = opts.topics
     topic_idx = [i for i, (name, _, _) in enumerate(TOPICS)
                  if wanted is None or i in wanted or name in wanted]
     rng = random.Random(cfg.seed)
@@ -137,7 +137,7 @@ def run_culturespa_data(cfg: Config, store: Any, force: bool = False) -> dict:
                 shots += rng.sample(generated[i], min(n_gen, len(generated[i])))
                 reqs.append({"topic": i, "messages": _question_prompt(TOPICS[i][0], shots),
                              "json_schema": QUESTION_SCHEMA})
-        outs = llm(cfg, reqs, max_new_tokens=int(opts.get("question_max_new_tokens", 160)),
+        outs = llm(cfg, reqs, max_new_tokens=opts.question_max_new_tokens,
                    temperature=0.9, top_p=0.95, seed=cfg.seed + r)
         dropped = []
         for out in outs:

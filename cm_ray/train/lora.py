@@ -7,42 +7,15 @@ layout (``adapter_config.json`` + ``adapter_model.safetensors``) and loads with
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
-# LoRA / optimizer settings of the seed papers (docs: METHODS.md). A preset fills the fields a
-# config leaves at their defaults; anything set explicitly wins.
-PRESETS: dict[str, dict[str, Any]] = {
-    # CultureSPA: all linear layers, r=8, alpha=16, dropout 0, lr 1e-4, 1 epoch, cosine, warmup 0.1.
-    "culturespa": {"lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0,
-                   "target_modules": ["all-linear"], "lr": 1e-4, "epochs": 1.0,
-                   "scheduler": "cosine", "warmup_ratio": 0.1},
-    # CLCA: (Q)LoRA r=4, alpha 0.1, q/v projections, dropout 0.5, lr 1e-4, batch 2 x accum 4,
-    # 3 epochs. The 4-bit quantization of QLoRA is not applied (no bitsandbytes on CPU).
-    "clca": {"lora_r": 4, "lora_alpha": 0.1, "lora_dropout": 0.5,
-             "target_modules": ["q_proj", "v_proj"], "lr": 1e-4, "batch_size": 2,
-             "grad_accum": 4, "epochs": 3.0},
-}
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class EmptyAdapterError(RuntimeError):
     """A saved adapter holds no weights (e.g. ZeRO-3 partitions saved without gathering)."""
-
-
-def apply_preset(train_cfg):
-    """Return a copy of a ``TrainConfig`` with its preset's values in the fields left at defaults."""
-    if not train_cfg.preset:
-        return train_cfg
-    if train_cfg.preset not in PRESETS:
-        raise ValueError(f"train.preset: unknown preset {train_cfg.preset!r}; known: {', '.join(PRESETS)}")
-    defaults = type(train_cfg)()
-    changes = {k: v for k, v in PRESETS[train_cfg.preset].items()
-               if getattr(train_cfg, k) == getattr(defaults, k)}
-    return dataclasses.replace(train_cfg, **changes)
 
 
 def lora_config(train_cfg):

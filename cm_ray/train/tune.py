@@ -163,10 +163,8 @@ def run_culture_trials(cfg: Config, store, names: list[str], fault: dict | None 
     """
     from ray import tune
 
-    from cm_ray.train.lora import apply_preset
-
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    trial_inputs = {"train": apply_preset(cfg.train), "model_ref": cfg.models.base or cfg.models.generator,
+    trial_inputs = {"train": cfg.train, "model_ref": cfg.models.base or cfg.models.generator,
                     "cache_dir": cfg.models.cache_dir, "root": store.root, "seed": cfg.seed,
                     "sources": {n: _phase_sources(cfg, store, n) for n in names}}
     trainable = tune.with_resources(

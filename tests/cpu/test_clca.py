@@ -104,8 +104,8 @@ def test_recipe_writes_multiturn_rows_with_counted_drops(ray_local, tiny_model_d
 
     cfg = load_config("configs/clca.yaml", [
         f"root={tmp_path}", f"models.generator={tiny_model_dir}", "cultures=[GB, CN]",
-        "recipe_options.scenarios_per_culture=2", "recipe_options.max_turns=2",
-        "recipe_options.turn_max_new_tokens=32", "recipe_options.judge_max_new_tokens=64",
+        "clca.scenarios_per_culture=2", "clca.max_turns=2",
+        "clca.turn_max_new_tokens=32", "clca.judge_max_new_tokens=64",
         "synthesis.guided_max_string_chars=24"])
     store = ArtifactStore(cfg.root)
     out = run_stage("clca", cfg, store)

@@ -79,8 +79,8 @@ def test_recipe_writes_survey_rows_with_counted_drops(ray_local, tiny_model_dir,
 
     cfg = load_config("configs/culturespa.yaml", [
         f"root={tmp_path}", f"models.generator={tiny_model_dir}", f"evaluate.data_dir={tmp_path / 'none'}",
-        "recipe_options.topics=[0, 5]", "recipe_options.questions_per_topic=3", "recipe_options.rounds=2",
-        "recipe_options.question_max_new_tokens=96", "synthesis.guided_max_string_chars=40",
+        "culturespa.topics=[0, 5]", "culturespa.questions_per_topic=3", "culturespa.rounds=2",
+        "culturespa.question_max_new_tokens=96", "synthesis.guided_max_string_chars=40",
         "synthesis.guided_max_items=4"])
     store = ArtifactStore(cfg.root)
     out = run_stage("culturespa", cfg, store)

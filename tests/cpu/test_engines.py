@@ -101,13 +101,13 @@ def test_stop_string_ends_the_text_before_it(smol):
 def test_config_rejects_an_unknown_engine_naming_the_field():
     with pytest.raises(ConfigError, match=r"^synthesis\.engine: "):
         load_config(None, ["synthesis.engine=llamacpp"])
-    with pytest.raises(ConfigError, match=r"^synthesis\.openai_qps: "):
-        load_config(None, ["synthesis.openai_qps=0"])
+    with pytest.raises(ConfigError, match=r"^synthesis\.openai.qps: "):
+        load_config(None, ["synthesis.openai.qps=0"])
 
 
 def test_make_engine_builds_the_configured_engine(tiny_model_dir):
     cfg = load_config(None, [f"models.generator={tiny_model_dir}", "synthesis.engine=openai",
-                             "synthesis.openai_base_url=http://127.0.0.1:9/v1", "synthesis.openai_qps=4"])
+                             "synthesis.openai.base_url=http://127.0.0.1:9/v1", "synthesis.openai.qps=4"])
     eng = make_engine(cfg)
     assert eng.name == "openai" and eng.url == "http://127.0.0.1:9/v1/chat/completions"
     assert make_engine(cfg, "transformers").name == "transformers"

@@ -142,9 +142,9 @@ def test_generate_runs_the_http_engine_as_an_async_ray_data_udf(ray_local, serve
     from cm_ray.generation.generate import generate, usage_totals
 
     cfg = load_config(None, [f"models.generator={tiny_model_dir}", "synthesis.engine=openai",
-                             f"synthesis.openai_base_url={server.url()}", "synthesis.openai_model=m",
-                             "synthesis.batch_size=4", "synthesis.openai_backoff_base_s=0.05",
-                             "synthesis.openai_price_out_per_1m=1.0"])
+                             f"synthesis.openai.base_url={server.url()}", "synthesis.openai.model=m",
+                             "synthesis.batch_size=4", "synthesis.openai.backoff_base_s=0.05",
+                             "synthesis.openai.price_out_per_1m=1.0"])
     schema = json.dumps({"type": "object", "properties": {"text": {"type": "string"}}})
     rows = [{"id": i, "messages": [{"role": "user", "content": f"{'FAIL429 ' if i == 2 else ''}row {i}"}],
              "json_schema": schema if i % 2 else None} for i in range(6)]

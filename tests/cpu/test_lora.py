@@ -5,12 +5,12 @@ python -m pytest tests/cpu/test_lora.py -q
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 
 from cm_ray.config import ConfigError, TrainConfig, load_config
-from cm_ray.train.lora import (EmptyAdapterError, PRESETS, apply_preset, check_adapter, load_base_model,
+from cm_ray.config import PRESETS, apply_preset
+from cm_ray.train.lora import (EmptyAdapterError, check_adapter, load_base_model,
                                make_lora_model, save_adapter, trainable_parameter_names)
 
 
@@ -101,7 +101,7 @@ def test_bad_train_settings_name_their_field(override, field):
 def test_zero3_deepspeed_config_gathers_weights_on_save():
     from cm_ray.train.setup import deepspeed_config
 
-    tc = dataclasses.replace(TrainConfig(), deepspeed={"zero_optimization": {"stage": 3}}, grad_accum=2)
+    tc = TrainConfig().replace(deepspeed={"zero_optimization": {"stage": 3}}, grad_accum=2)
     ds = deepspeed_config(tc, world_size=2, use_gpu=False)
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert ds["train_batch_size"] == tc.batch_size * 2 * 2 and ds["bf16"]["enabled"] is False

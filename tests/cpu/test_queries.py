@@ -109,7 +109,7 @@ def query_llm():
 def test_stage_writes_one_partition_per_culture_with_counts_and_resumes(ray_local, query_llm, tmp_path):
     cfg = load_config(None, [f"root={tmp_path / 'run'}", "cultures=[GB, CN, MX]", "tasks=[offensive, survey]",
                              "queries.n_specific=2", "queries.n_agnostic=2", "synthesis.engine=openai",
-                             f"synthesis.openai_base_url={query_llm.url}", "synthesis.openai_model=fake"])
+                             f"synthesis.openai.base_url={query_llm.url}", "synthesis.openai.model=fake"])
     store = ArtifactStore(cfg.root)
     summary = run_queries(cfg, store)
     assert len(query_llm.requests) == 3 * 2 * 2

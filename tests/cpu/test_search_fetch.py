@@ -60,8 +60,7 @@ async def site():
 
 
 def _cfg(**kw) -> SearchConfig:
-    return SearchConfig(**{"allow_private_urls": False, "fetch_timeout_s": 1.0,
-                           "fetch_max_bytes": 50_000, **kw})
+    return SearchConfig(fetch={"allow_private_urls": False, "timeout_s": 1.0, "max_bytes": 50_000, **kw})
 
 
 @pytest.mark.parametrize("address,public", [("8.8.8.8", True), ("127.0.0.1", False), ("10.1.2.3", False),
@@ -129,7 +128,7 @@ async def test_searcher_attaches_fetched_pages_to_hits(site):
     await server.start_server()
     try:
         cfg = SearchConfig(provider="searxng", endpoint=f"http://127.0.0.1:{server.port}/search",
-                           qps=None, fetch_pages=True, fetch_top_k=1, allow_private_urls=True)
+                           qps=None, fetch={"enabled": True, "top_k": 1, "allow_private_urls": True})
         searcher = Searcher(cfg)
         row = await searcher.search_row({"query_id": "1", "culture": "MX", "task": "survey",
                                          "kind": "agnostic", "query": "modales", "locale": "es-MX"})

@@ -87,8 +87,8 @@ def write_search_fixture(store: ArtifactStore, cultures=CULTURES, tasks=TASKS, n
 
 def fake_cfg(root, url, *extra):
     return load_config(None, [f"root={root}", f"cultures={CULTURES}", f"tasks={TASKS}",
-                              "synthesis.engine=openai", f"synthesis.openai_base_url={url}",
-                              "synthesis.openai_model=fake", "synthesis.prompts_per_pair=2",
+                              "synthesis.engine=openai", f"synthesis.openai.base_url={url}",
+                              "synthesis.openai.model=fake", "synthesis.prompts_per_pair=2",
                               "synthesis.samples_per_prompt=3", "synthesis.snippets_per_prompt=3",
                               "synthesis.relevance_filter=none", *extra])
 

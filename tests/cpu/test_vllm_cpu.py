@@ -26,8 +26,8 @@ def _rows(spec, n):
 
 
 def _cfg():
-    return load_config(None, ["synthesis.engine=vllm", "synthesis.batch_size=4", "synthesis.vllm_max_num_seqs=4",
-                              "synthesis.vllm_max_model_len=1024", "synthesis.guided_max_string_chars=80"])
+    return load_config(None, ["synthesis.engine=vllm", "synthesis.batch_size=4", "synthesis.vllm.max_num_seqs=4",
+                              "synthesis.vllm.max_model_len=1024", "synthesis.guided_max_string_chars=80"])
 
 
 def test_ray_data_llm_vllm_cpu_writes_schema_valid_samples(ray_local):

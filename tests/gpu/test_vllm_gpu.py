@@ -24,7 +24,7 @@ def test_ray_data_llm_vllm_gpu_writes_schema_valid_samples(ray_local):
 
     spec = load_task("survey")
     cfg = load_config(None, ["synthesis.engine=vllm", "synthesis.batch_size=8",
-                             "synthesis.vllm_engine_kwargs={gpu_memory_utilization: 0.5}"])
+                             "synthesis.vllm.engine_kwargs={gpu_memory_utilization: 0.5}"])
     ask = f"{spec.description} Write one new sample as JSON. Example:\n{spec.example_json(1)}"
     rows = [{"id": i, "messages": [{"role": "user", "content": ask}], "json_schema": json.dumps(spec.json_schema())}
             for i in range(16)]

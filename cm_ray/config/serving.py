@@ -1,0 +1,105 @@
+"""Sections of the later stages: router, serve, evaluate."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from cm_ray.config.base import Section, invalid
+
+
+class RouterConfig(Section):
+    kind: Literal["embedding", "header"] = "embedding"
+    """embedding (MiniLM + linear head) or header (explicit model / X-Culture / culture field only;
+    everything else goes to the base model)."""
+    threshold: float = Field(0.4, ge=0.0, le=1.0)
+    """Below this calibrated probability the request goes to the base model (`none`)."""
+    use_metadata: bool = True
+    """Use a declared country / language when the request carries one."""
+    c: float = Field(10.0, gt=0)
+    """Inverse L2 strength of the logistic-regression head (sklearn's C)."""
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    route_prefix: str = "/"
+    max_adapters_per_replica: int = Field(8, ge=1)
+    num_replicas: int | str = 1
+    """An int, or "auto" to use autoscaling below."""
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = 4
+    target_ongoing_requests: int = Field(8, ge=1)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = 0.01
+    max_prompt_chars: int = Field(8000, ge=1)
+    max_new_tokens: int = Field(128, ge=1)
+    api_key_env: str | None = None
+    """Name of the env var holding a Bearer key; None = no auth."""
+    ray_actor_cpus: float = 1.0
+    """CPUs reserved per adapter-server replica."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per adapter-server replica; > 0 puts the base model on CUDA (bfloat16)."""
+    max_ongoing_requests: int = 32
+    """Requests one adapter-server replica accepts at once (must cover max_batch_size)."""
+    app_name: str = "cm_ray"
+    """Serve application name (several apps can share one Serve instance)."""
+    demo_prompt: str | None = None
+    """Prompt of the demo request `cm-ray serve` sends; None = a validation input from synth/."""
+    request_timeout_s: float = 120.0
+    """Client timeout of the demo request."""
+
+    @field_validator("num_replicas")
+    @classmethod
+    def _replicas(cls, n):
+        if not (isinstance(n, int) and n >= 1 or n == "auto"):
+            raise ValueError(f"must be a positive integer or 'auto', got {n!r}")
+        return n
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, prefix):
+        if not prefix.startswith("/"):
+            raise ValueError(f"must start with '/', got {prefix!r}")
+        return prefix
+
+    @model_validator(mode="after")
+    def _capacity(self):
+        if self.min_replicas > self.max_replicas:
+            raise invalid("min_replicas", f"must be >= 1 and <= serve.max_replicas, got {self.min_replicas}")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise invalid("max_ongoing_requests",
+                          f"must be >= serve.max_batch_size ({self.max_batch_size}) or batches never fill")
+        return self
+
+
+Benchmark = Literal["wvs", "culture_tasks", "blend", "router"]
+System = Literal["base", "prompted", "joint", "culturemanager", "oracle"]
+Variant = Literal["both", "specific_only", "agnostic_only", "all_culture", "sft_adaptation"]
+
+
+class EvalConfig(Section):
+    data_dir: str | None = None
+    """Root of the public evaluation data; None = ../shared/data when present."""
+    systems: list[System] = ["base", "prompted", "joint", "culturemanager", "oracle"]
+    max_questions: int | None = Field(50, gt=0)
+    """Per culture and benchmark; None = all."""
+    bootstrap: int = 1000
+    """Bootstrap resamples for the 95% confidence intervals (0 = none)."""
+    benchmarks: list[Benchmark] = ["wvs", "culture_tasks", "blend", "router"]
+    """wvs (WVS alignment), culture_tasks (offensive-style classification), blend (short answers),
+    router (routing accuracy on held-out culture-marked text)."""
+    wvs_subset: Literal["auto", "all", "clca"] = "auto"
+    """all (every WVS question with answers), clca (Q1-Q45 without Q42) or auto (clca for the
+    clca recipe, else all)."""
+    max_new_tokens: int = 24
+    """Greedy tokens for short answers (BLEnD)."""
+    batch_size: int = 8
+    ablation: bool = False
+    """`cm-ray evaluate CONFIG evaluate.ablation=true`: run the ablation variants, each in its own
+    root under <root>/ablation/<variant>, evaluate each and write one comparison table."""
+    ablation_variants: list[Variant] = ["both", "specific_only", "agnostic_only", "all_culture",
+                                        "sft_adaptation"]
+    """Subset of: both (TaskSFT, per-culture adapters), specific_only, agnostic_only,
+    all_culture (one joint adapter), sft_adaptation (train.mode=continual)."""
