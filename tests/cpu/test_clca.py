@@ -80,24 +80,6 @@ def test_views_are_each_speakers_side_and_intents():
     assert [m["content"] for m in intent if m["role"] == "assistant"] == ["save face"]
 
 
-def test_recipe_rows_are_written_in_the_synth_contract(tmp_path):
-    """What the recipe writer puts on disk: exactly the contract's columns, schema and rows,
-    each (culture, task) partition split on its own."""
-    from cm_ray.recipes.common import recipe_row, write_synth
-
-    cfg = load_config("configs/clca.yaml", [f"root={tmp_path}"])
-    store = ArtifactStore(cfg.root)
-    rows = [recipe_row(cfg, culture=c, task="clca_dialogue", sample={"n": i}, input=f"in {i}", output=f"out {i}",
-                       messages=[{"role": "user", "content": f"in {i}"}, {"role": "assistant", "content": f"out {i}"}],
-                       label=None, engine="transformers", model="m", prompt=["p", i])
-            for c in ("GB", "CN") for i in range(5)]
-    counts = write_synth(store, rows, ["GB", "CN"], 0.2)
-    assert counts == {"CN/clca_dialogue": 5, "GB/clca_dialogue": 5}
-    assert assert_synth_contract(store) == 10
-    for c in ("GB", "CN"):
-        assert [r["split"] for r in store.read_rows("synth", f"culture={c}")].count("validation") == 1
-
-
 @pytest.mark.slow
 def test_recipe_writes_multiturn_rows_with_counted_drops(ray_local, tiny_model_dir, tmp_path):
     from cm_ray.stages import run_stage

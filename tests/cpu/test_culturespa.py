@@ -8,7 +8,7 @@ import json
 import pytest
 
 from cm_ray.config import load_config
-from cm_ray.artifacts import SYNTH_COLUMNS
+from cm_ray.artifacts import SYNTH_COLUMNS, read_synth
 from cm_ray.generation.parsing import extract_json
 from cm_ray.recipes import culturespa as R
 from cm_ray.storage import ArtifactStore
@@ -55,22 +55,24 @@ def test_parse_json_accepts_wrapped_output():
         extract_json("no json here", any_value=True)
 
 
-def test_recipe_rows_are_written_in_the_synth_contract(tmp_path):
-    """What the recipe writer puts on disk: exactly the contract's columns, schema and rows,
-    each (culture, task) partition split on its own."""
+@pytest.mark.parametrize("config,task", [("configs/culturespa.yaml", "survey"),
+                                         ("configs/clca.yaml", "clca_dialogue")])
+def test_recipe_rows_are_written_in_the_synth_contract(tmp_path, config, task):
+    """What the recipe writer (shared by CultureSPA and CLCA) puts on disk: exactly the contract's
+    columns, schema and rows, each (culture, task) partition split on its own."""
     from cm_ray.recipes.common import recipe_row, write_synth
 
-    cfg = load_config("configs/culturespa.yaml", [f"root={tmp_path}"])
+    cfg = load_config(config, [f"root={tmp_path}"])
     store = ArtifactStore(cfg.root)
-    rows = [recipe_row(cfg, culture=c, task="survey", sample={"n": i}, input=f"in {i}", output=f"out {i}",
+    rows = [recipe_row(cfg, culture=c, task=task, sample={"n": i}, input=f"in {i}", output=f"out {i}",
                        messages=[{"role": "user", "content": f"in {i}"}, {"role": "assistant", "content": f"out {i}"}],
                        label=None, engine="transformers", model="m", prompt=["p", i])
             for c in ("GB", "CN") for i in range(5)]
     counts = write_synth(store, rows, ["GB", "CN"], 0.2)
-    assert counts == {"CN/survey": 5, "GB/survey": 5}
+    assert counts == {f"CN/{task}": 5, f"GB/{task}": 5}
     assert assert_synth_contract(store) == 10
     for c in ("GB", "CN"):
-        assert [r["split"] for r in store.read_rows("synth", f"culture={c}")].count("validation") == 1
+        assert [r["split"] for r in read_synth(store, c).to_pylist()].count("validation") == 1
 
 
 @pytest.mark.slow
