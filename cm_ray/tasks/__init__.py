@@ -84,30 +84,44 @@ class TaskSpec:
         return {"type": "object", "properties": props, "required": self.fields,
                 "additionalProperties": False}
 
+    def validation_schema(self) -> dict:
+        """JSON schema that a parsed sample must satisfy: the guided schema's structure, leniently
+        (extra keys allowed, an integer answer accepted, whitespace-only strings refused)."""
+        text = {"type": "string", "pattern": r"\S"}
+        props: dict[str, Any] = {f.name: ({"type": "array", "minItems": 2, "items": text} if f.type == "list" else text)
+                                 for f in self.inputs}
+        props[self.answer_field] = {"anyOf": [{**text, "maxLength": self.max_answer_chars},
+                                              {"type": "integer"}]}
+        return {"type": "object", "properties": props, "required": self.fields}
+
     def validate(self, sample: Any) -> str | None:
-        """None when ``sample`` is a valid sample of this task, else the reason it is not."""
+        """None when ``sample`` is a valid sample of this task, else the reason it is not.
+
+        Structure is checked with jsonschema (``validation_schema``); what a schema cannot say —
+        the stripped label in the label set, an option number within the sample's own options —
+        is checked here."""
         if not isinstance(sample, dict):
             return "not a JSON object"
-        for f in self.inputs:
-            v = sample.get(f.name)
-            if f.type == "list":
-                if not isinstance(v, list) or len(v) < 2 or not all(isinstance(x, str) and x.strip() for x in v):
-                    return f"field {f.name!r} must be a list of at least 2 non-empty strings"
-            elif not isinstance(v, str) or not v.strip():
-                return f"missing or empty field {f.name!r}"
-        ans = sample.get(self.answer_field)
-        if isinstance(ans, (int, float)) and not isinstance(ans, bool):
-            ans = str(int(ans))
-        if not isinstance(ans, str) or not ans.strip():
-            return f"missing or empty field {self.answer_field!r}"
-        if self.labels and ans.strip() not in self.labels:
-            return f"label {ans.strip()!r} not in {self.labels}"
+        bad = {}
+        for err in _validator(self).iter_errors(sample):
+            name = err.path[0] if err.path else (err.message.split("'")[1] if err.validator == "required" else None)
+            bad.setdefault(name, err)
+        for name in [n for n in self.fields if n in bad]:
+            field_ = next((f for f in self.inputs if f.name == name), None)
+            if field_ is not None and field_.type == "list":
+                return f"field {name!r} must be a list of at least 2 non-empty strings"
+            value = sample.get(name)
+            if name == self.answer_field and isinstance(value, str) and value.strip():
+                return f"answer longer than {self.max_answer_chars} characters"
+            return f"missing or empty field {name!r}"
+        ans = sample[self.answer_field]
+        ans = str(int(ans)) if isinstance(ans, (int, float)) else ans.strip()
+        if self.labels and ans not in self.labels:
+            return f"label {ans!r} not in {self.labels}"
         if self.kind in ("survey", "multiple_choice"):
             options = self._options(sample)
-            if not ans.strip().isdigit() or not 1 <= int(ans) <= len(options):
+            if not ans.isdigit() or not 1 <= int(ans) <= len(options):
                 return f"answer {ans!r} is not an option number 1..{len(options)}"
-        if len(ans) > self.max_answer_chars:
-            return f"answer longer than {self.max_answer_chars} characters"
         return None
 
     def normalize(self, sample: dict) -> dict:
@@ -182,3 +196,14 @@ def load_task(name_or_path: str) -> TaskSpec:
     if not isinstance(data, dict):
         raise ConfigError(f"task {name_or_path!r}: the YAML must be a mapping")
     return build(TaskSpec, data, f"task {data.get('name', name_or_path)}")
+
+
+@lru_cache(maxsize=64)
+def _validator_for(schema_json: str):
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(json.loads(schema_json))
+
+
+def _validator(spec: "TaskSpec"):
+    return _validator_for(json.dumps(spec.validation_schema(), sort_keys=True))

@@ -54,6 +54,18 @@ def test_validate_rejects_labels_outside_the_set_and_out_of_range_options():
     assert "option number" in survey.validate({"question": "q?", "options": ["a", "b"], "answer": "3"})
 
 
+def test_validate_checks_structure_with_the_json_schema_and_names_the_field():
+    survey, qa = load_task("survey"), load_task("cultural_qa")
+    ok = {"question": "q?", "options": ["a", "b"], "answer": 2, "sources": [1]}
+    assert survey.validate(ok) is None  # an integer answer and extra keys are accepted
+    assert survey.validate({**ok, "question": "   "}) == "missing or empty field 'question'"
+    assert survey.validate({**ok, "options": ["a", " "]}).startswith("field 'options' must be a list")
+    assert survey.validate({k: v for k, v in ok.items() if k != "answer"}) == "missing or empty field 'answer'"
+    long = {f.name: "x" for f in qa.inputs} | {qa.answer_field: "y" * (qa.max_answer_chars + 1)}
+    assert qa.validate(long) == f"answer longer than {qa.max_answer_chars} characters"
+    assert qa.validate([1, 2]) == "not a JSON object"
+
+
 def test_a_spec_with_an_invalid_seed_example_is_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\ndescription: d\nkind: classification\ninstruction: i\n"
