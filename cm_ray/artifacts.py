@@ -212,8 +212,9 @@ def synth_row(*, culture: str, task: str, split: str, sample: Any, input: str, o
     return {"id": id or stable_id(culture, task, sample_json), "culture": culture, "task": task,
             "split": split, "sample_json": sample_json, "input": input, "output": output,
             "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
-            "label": None if label is None else str(label), "query_ids": list(query_ids or []),
-            "snippet_urls": list(snippet_urls or []), "engine": engine or "", "model": model or "",
+            "label": None if label is None else str(label),
+            "query_ids": [] if query_ids is None else [str(q) for q in query_ids],
+            "snippet_urls": [] if snippet_urls is None else [str(u) for u in snippet_urls], "engine": engine or "", "model": model or "",
             "prompt_hash": prompt_hash or "",
             "relevance": None if relevance is None or relevance != relevance else float(relevance)}
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import jsonschema
 import pytest
 
@@ -144,7 +146,10 @@ def test_finalized_rows_are_exactly_the_synth_contract():
     rows = [cand("Go back to your village, naco, nobody wants you here"),
             cand("The tacos at the corner stall are the best in town", "not_offensive", rel=float("nan")),
             cand("You people from the north are all thieves and liars")]
+    # Ray Data hands list columns it could not convert to Arrow over as numpy arrays.
+    rows[2] = {**rows[2], "query_ids": np.array(["q1", "q2"]), "snippet_urls": np.array(["https://a.example/1"])}
     out, _ = finalize_partition(cfg, "MX", "offensive", rows)
     assert out and all(list(r) == list(SYNTH_COLUMNS) for r in out)
+    assert sorted(tuple(r["query_ids"]) for r in out) == [("q1",), ("q1",), ("q1", "q2")]
     validate_synth_rows(out)
     assert [r["relevance"] for r in out if r["label"] == "not_offensive"] == [None]  # NaN: not scored
