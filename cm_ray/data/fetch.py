@@ -7,9 +7,10 @@ included), at most 3 redirects.
 SSRF guard (refusals unless ``search.fetch.allow_private_urls``, for tests):
 
 - ``check_url`` parses a URL with yarl exactly as aiohttp will (IDNA/NFKC: fullwidth digits,
-  U+3002 dots and "①②⑦" all become ASCII), so an address in any spelling is classified as the
-  address it is. Numeric IPv4 spellings other than the dotted quad (2130706433, 0x7f.1, 0177.0.0.1,
-  127.1) are refused outright, as are hosts IDNA rejects; only http(s) is fetched.
+  U+3002 dots and "①②⑦" all become ASCII; userinfo and a trailing dot dropped), so an address
+  in any spelling is classified as the address it is. Numeric IPv4 spellings other than the
+  dotted quad (2130706433, 0x7f.1, 0177.0.0.1, 127.1), ``localhost``/``*.localhost`` and hosts
+  IDNA rejects are refused outright; only http(s) is fetched.
 - ``address_problem`` classifies an address with ``ipaddress``: anything not global (private,
   loopback, link-local, CGNAT, reserved, site-local, multicast, unspecified) is refused, and an
   IPv4 address embedded in IPv6 (v4-mapped, v4-compatible, NAT64 64:ff9b::/96, 6to4 2002::/16,
@@ -88,7 +89,7 @@ def normalized_host(url: str) -> tuple[Any, str]:
 
     try:
         parsed = yarl.URL(url)
-        host = parsed.raw_host
+        host, _ = parsed.raw_host, parsed.host  # .host decodes IDNA: a broken label raises
     except (ValueError, UnicodeError) as e:
         raise BlockedURL(f"refused {url!r}: invalid URL ({e})") from None
     return parsed, (host or "").rstrip(".").lower()
@@ -100,6 +101,8 @@ def check_url(url: str, allow_private: bool = False) -> None:
     parsed, host = normalized_host(url)
     if parsed.scheme not in ("http", "https") or not host:
         raise BlockedURL(f"refused {url!r}: only http(s) URLs with a host are fetched")
+    if (host == "localhost" or host.endswith(".localhost")) and not allow_private:
+        raise BlockedURL(f"refused {url!r}: {host} is a loopback name (RFC 6761)")
     try:
         ipaddress.ip_address(host.split("%")[0])
     except ValueError:
