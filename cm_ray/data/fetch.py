@@ -67,8 +67,8 @@ def address_problem(address: str) -> str | None:
         why = _ipv4_problem(v4)
         if why:
             return f"{kind} form of {v4}: {why}"
-    if ip.ipv4_mapped is not None or ip in _NAT64:
-        return None  # these reach exactly the embedded (public) IPv4 address
+    if ip.ipv4_mapped is not None or ip in _NAT64 or ip.sixtofour is not None:
+        return None  # these reach the embedded (public) IPv4 address; same verdict on any Python
     if ip in _NAT64_LOCAL:
         return "local-use NAT64"
     if ip.is_multicast:
@@ -201,7 +201,8 @@ async def _download(session: Any, url: str, cfg: Any) -> tuple[str, str | None, 
 def _refusal(e: BaseException) -> str | None:
     """Our refusal behind an aiohttp connection error, if that is what it is."""
     for err in (getattr(e, "os_error", None), e.__cause__):
-        if isinstance(err, BlockedURL) or (err is not None and "refused" in str(err)):
+        # Several refused addresses of one host come back as one "Multiple exceptions" OSError.
+        if isinstance(err, BlockedURL) or str(err).startswith("Multiple exceptions: refused "):
             return str(err)
     return None
 
@@ -222,7 +223,8 @@ async def fetch_pages(urls: list[str], cfg: Any) -> list[dict]:
         except BlockedURL as e:
             return {"url": url, "text": None, "error": str(e)}
         except (asyncio.TimeoutError, TimeoutError):
-            return {"url": url, "text": None, "error": f"TimeoutError: over {limit:g}s in all"}
+            return {"url": url, "text": None, "error": f"TimeoutError: not fetched within {limit:g}s "
+                                                        f"(all redirects included)"}
         except aiohttp.ClientConnectorError as e:
             return {"url": url, "text": None, "error": _refusal(e) or f"connection error: {e}"}
         except Exception as e:  # noqa: BLE001 - ClientError, or a hostile answer aiohttp chokes on
