@@ -144,11 +144,12 @@ def guarded_connector(allow_private: bool, **kwargs: Any):
 
 
 def decode_page(body: bytes, charset: str | None) -> str:
-    """``body`` as text: the declared charset if Python knows it as a text encoding, else UTF-8
-    if it decodes, else charset_normalizer's guess, else UTF-8 with replacement characters."""
+    """``body`` as storable text: the declared charset if Python knows it as a text encoding,
+    else UTF-8 if it decodes, else charset_normalizer's guess, else UTF-8 with replacement
+    characters. Lone surrogates (UTF-7 can make them; Arrow cannot store them) become '?'."""
     if charset:
         try:
-            return body.decode(charset, "replace")
+            return body.decode(charset, "replace").encode("utf-8", "replace").decode("utf-8")
         except (LookupError, ValueError, TypeError):
             pass  # a bogus or non-text charset= is the page's problem, not the stage's
     try:

@@ -54,7 +54,10 @@ async def site():
 
     async def charset(request):
         hits.append(request.path)
-        body = ARTICLE.replace("provecho", "provecho, ¡qué rico!").encode(request.query.get("enc", "utf-8"))
+        text = ARTICLE.replace("provecho", "provecho, ¡qué rico!")
+        body = text.encode(request.query.get("enc", "utf-8"))
+        if "extra" in request.query:  # raw bytes spliced into the first paragraph
+            body = body.replace(b"Paragraph 0:", b"Paragraph 0: " + request.query["extra"].encode())
         declared = request.match_info["cs"]
         ctype = "text/html" if declared == "none" else f"text/html; charset={declared}"
         return web.Response(body=body, headers={"Content-Type": ctype})
@@ -162,6 +165,17 @@ async def test_a_bogus_or_missing_charset_falls_back_instead_of_raising(site, de
     assert page["error"] is None and "provecho" in page["text"], page
     if declared in ("none", "zlib", "iso-8859-1"):  # detected or declared right: the accents survive
         assert "¡qué rico!" in page["text"]
+
+
+async def test_a_utf7_page_with_lone_surrogates_stays_storable(site):
+    import pyarrow as pa
+
+    base, _ = site
+    # "+2AA-" is a lone surrogate in UTF-7: legal to decode, impossible to write to Parquet.
+    (page,) = await fetch_pages([f"{base}/charset/utf-7?enc=utf-7&extra=%2B2AA-"],
+                                _cfg(allow_private_urls=True))
+    assert page["error"] is None and "provecho" in page["text"] and "?" in page["text"]
+    pa.array([page["text"]])  # storable (before, the surrogate cut the extracted text short)
 
 
 async def test_an_extractor_failure_is_that_page_s_error(site, monkeypatch):
