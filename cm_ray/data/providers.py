@@ -15,7 +15,7 @@ import time
 from importlib import resources
 from typing import Any
 
-from cm_ray.http import RequestFailed
+from cm_ray.http import RequestFailed, json_body
 
 HIT_FIELDS = ("title", "url", "snippet", "rank", "provider", "locale", "fetched_at")
 
@@ -24,10 +24,22 @@ class ProviderError(RequestFailed):
     """A provider refused (missing API key, malformed answer); a ``RequestFailed`` like the HTTP ones."""
 
 
+def _text(value: Any) -> str:
+    """A field as storable text: lone surrogates (legal in JSON, not in UTF-8/Arrow) become '?'."""
+    return str(value or "").encode("utf-8", "replace").decode("utf-8")
+
+
 def make_hit(title: Any, url: Any, snippet: Any, rank: int, provider: str, locale: str) -> dict:
-    return {"title": str(title or ""), "url": str(url or ""), "snippet": str(snippet or ""),
+    return {"title": _text(title), "url": _text(url), "snippet": _text(snippet),
             "rank": rank, "provider": provider, "locale": locale,
             "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _rank(value: Any, default: int) -> int:
+    """A provider's own rank if it is a sane int (it is stored as int32), else ``default``."""
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1_000_000:
+        return value
+    return default
 
 
 def _items(data: Any, *path: str) -> list:
@@ -65,6 +77,21 @@ class HttpProvider:
 
     def parse(self, data: Any, locale: str, top_k: int) -> list[dict]:
         raise NotImplementedError
+
+    def answer(self, body: bytes, locale: str, top_k: int) -> list[dict]:
+        """Hits from a raw answer body. Broken JSON is a retryable ``RequestFailed``; an answer
+        that parses but does not have the documented shape is a ``ProviderError`` with its
+        reason (one failed row, never an exception that ends the stage)."""
+        try:
+            data = json_body(body)
+        except RecursionError:
+            raise ProviderError("malformed response: JSON nested too deeply") from None
+        try:
+            return self.parse(data, locale, top_k)
+        except RequestFailed:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError, RecursionError) as e:
+            raise ProviderError(f"malformed response: {type(e).__name__}: {e}"[:300]) from None
 
 
 class SearXNG(HttpProvider):
@@ -105,7 +132,7 @@ class Serper(HttpProvider):
     def parse(self, data, locale, top_k):
         rows = _items(data, "organic")[:top_k]
         return [make_hit(r.get("title"), r.get("link"), r.get("snippet"),
-                         int(r.get("position") or i + 1), self.name, locale)
+                         _rank(r.get("position"), i + 1), self.name, locale)
                 for i, r in enumerate(rows)]
 
 
@@ -139,7 +166,8 @@ class You(HttpProvider):
         rows = _items(data, "results", "web")[:top_k]
         out = []
         for i, r in enumerate(rows):
-            snippets = r.get("snippets") or []
+            snippets = r.get("snippets")
+            snippets = snippets if isinstance(snippets, list) else []
             text = " ".join(s for s in snippets if isinstance(s, str)) or r.get("description")
             out.append(make_hit(r.get("title"), r.get("url"), text, i + 1, self.name, locale))
         return out

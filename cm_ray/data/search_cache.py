@@ -1,9 +1,17 @@
 """The search stage's cache of provider answers, under ``search/cache/provider=P/locale=L/`` in
 the artifact store, keyed by (provider, normalized query, locale). Only HTTP providers are cached
-(BM25 is local and deterministic)."""
+(BM25 is local and deterministic).
+
+Crash consistency: every shard is written whole under a fresh name (``ArtifactStore.write_table``:
+a temporary file renamed into place locally, one PUT on S3), so a crash leaves at most a
+temporary (``*.tmp-*``), never half a shard. The reader takes only complete ``part-*.parquet``
+shards, skips a shard it cannot read (its answers are simply asked again) and removes
+temporaries older than ``STALE_TMP_S``.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 import unicodedata
 import uuid
@@ -12,6 +20,11 @@ from collections import defaultdict
 from cm_ray import artifacts
 from cm_ray.data.providers import HTTP_PROVIDERS
 from cm_ray.data.searcher import QUERY_COLUMNS, result_schema
+
+log = logging.getLogger(__name__)
+
+STALE_TMP_S = 3600.0
+"""A temporary older than this is a crashed writer's leftover (a live write takes seconds)."""
 
 
 def cache_key(provider: str, query: str, locale: str) -> str:
@@ -39,9 +52,35 @@ class SearchCache:
         self.loaded.add(locale)
         for p in self.providers:
             parts = _shard_dir(p, locale)
-            if self.store.listdir(*parts):
-                for r in self.store.read_table(*parts).select(["key", "hits"]).to_pylist():
+            for name in self._complete_shards(parts):
+                try:
+                    rows = self.store.read_table(*parts, name).select(["key", "hits"]).to_pylist()
+                except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                    log.warning("search cache: skipping unreadable shard %s (%s: %s)",
+                                name, type(e).__name__, e)
+                    continue
+                for r in rows:
                     self.entries[r["key"]] = r["hits"]
+
+    def _complete_shards(self, parts: tuple[str, ...]) -> list[str]:
+        """Names of the complete shards under ``parts``; stale temporaries are removed."""
+        import pyarrow.fs as pafs
+
+        sel = pafs.FileSelector(self.store.fs_path(*parts), allow_not_found=True)
+        shards, now = [], time.time()
+        for info in self.store.fs.get_file_info(sel):
+            if info.type != pafs.FileType.File:
+                continue
+            if ".tmp" in info.base_name:
+                mtime = info.mtime.timestamp() if info.mtime is not None else now
+                if now - mtime > STALE_TMP_S:
+                    try:
+                        self.store.fs.delete_file(info.path)
+                    except OSError:
+                        pass  # another run removed it first
+            elif info.base_name.startswith("part-") and info.base_name.endswith(".parquet"):
+                shards.append(info.base_name)
+        return sorted(shards)
 
     def lookup(self, row: dict) -> dict | None:
         """A cached result row for ``row`` (first provider of the chain that has one), or None."""

@@ -11,7 +11,7 @@ import time
 
 from cm_ray.config import SearchConfig
 from cm_ray.data.providers import make_provider
-from cm_ray.http import RequestFailed, SharedRateLimit, json_body, send, with_retries
+from cm_ray.http import RequestFailed, SharedRateLimit, send, with_retries
 
 QUERY_COLUMNS = ("query_id", "culture", "task", "kind", "query", "locale")
 
@@ -70,7 +70,7 @@ class Searcher:
         req = dict(provider.request(query, culture, locale, self.cfg.top_k))
         resp = await send(self.session, req.pop("method"), req.pop("url"), timeout_s=self.cfg.timeout_s,
                           secrets=[provider.key], **req)
-        return provider.parse(json_body(resp.body), locale, self.cfg.top_k)
+        return provider.answer(resp.body, locale, self.cfg.top_k)
 
     async def _with_retries(self, name: str, query: str, culture: str, locale: str, stats: dict):
         provider, limiter = self.providers[name], self.limiters.get(name)

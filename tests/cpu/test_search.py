@@ -199,3 +199,55 @@ def test_api_key_reaches_the_actors_from_the_driver_environment(ray_local, tmp_p
     rows = store.read_rows("search", "results")
     assert {r["hits"][0]["snippet"] for r in rows} == {"brave MX"}
     assert "key-from-env" not in json.dumps(summary) + json.dumps(rows, default=str)
+
+
+@pytest.fixture(params=["local", "s3"])
+def cache_root(request, tmp_path):
+    return str(tmp_path / "run") if request.param == "local" else request.getfixturevalue("s3_root")
+
+
+def test_cache_reads_only_complete_shards_after_a_crashed_writer(cache_root):
+    import os
+
+    from cm_ray.data.search_cache import STALE_TMP_S, SearchCache, _shard_dir
+
+    store = ArtifactStore(cache_root)
+    mx = {"query_id": "MX-000", "culture": "MX", "task": "survey", "kind": "agnostic",
+          "query": "modales en la mesa", "locale": "es-MX"}
+    gb = {**mx, "query_id": "GB-000", "culture": "GB", "query": "table manners", "locale": "en-GB"}
+    hits = [{"title": "t", "url": "https://example.org/1", "snippet": "s", "rank": 1,
+             "provider": "searxng", "locale": "es-MX", "fetched_at": "2026-01-01T00:00:00Z"}]
+    cache = SearchCache(store, ["searxng"])
+    cache.add({**mx, "status": "ok", "provider": "searxng", "hits": hits})
+    assert cache.flush() == 1
+
+    # What crashed writers leave: a temporary beside a complete shard, a locale whose only file
+    # is a temporary (the rerun used to die on it with FileNotFoundError), and a broken shard.
+    def raw_write(data: bytes, *parts: str) -> str:
+        path = store.fs_path(*parts)
+        store.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with store.fs.open_output_stream(path) as f:
+            f.write(data)
+        return path
+
+    fresh_tmp = raw_write(b"PAR1 half a shard", *_shard_dir("searxng", "es-MX"), "part-2.parquet.tmp-4242")
+    raw_write(b"PAR1 half", *_shard_dir("searxng", "en-GB"), "part-1.parquet.tmp-4242")
+    raw_write(b"not parquet at all", *_shard_dir("searxng", "es-MX"), "part-3.parquet")
+    stale_tmp = None
+    if not store.is_s3:
+        stale_tmp = raw_write(b"PAR1", *_shard_dir("searxng", "es-MX"), "part-0.parquet.tmp-99")
+        old = time.time() - STALE_TMP_S - 60
+        os.utime(stale_tmp, (old, old))
+
+    rerun = SearchCache(store, ["searxng"])
+    got = rerun.lookup(mx)
+    assert got is not None and got["cached"] and got["hits"] == hits  # the complete shard counts
+    assert rerun.lookup(gb) is None  # nothing complete for en-GB: asked again, no crash
+    assert store.fs.get_file_info(fresh_tmp).size > 0  # a live writer's temporary is left alone
+    if stale_tmp:
+        assert not os.path.exists(stale_tmp)  # a crashed writer's leftover is cleaned up
+    rerun.add({**gb, "status": "ok", "provider": "searxng", "hits": hits})
+    assert rerun.flush() == 1
+    assert SearchCache(store, ["searxng"]).lookup(gb)["hits"] == hits
+    shards = store.files("search", "cache", suffix=".parquet")
+    assert all(s.rsplit("/", 1)[-1].startswith("part-") for s in shards) and len(shards) == 3

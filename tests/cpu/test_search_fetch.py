@@ -1,6 +1,8 @@
 """Page fetch + main-text extraction of search hits against a real aiohttp server on 127.0.0.1:
 SSRF refusals (loopback, private, link-local, redirects into them, non-http schemes), size and time
-limits, and extraction with trafilatura.
+limits, extraction with trafilatura, and hostile pages and provider answers (bogus charsets,
+malformed JSON shapes) that must each stay one row's problem. Every spelling of a private
+address: tests/cpu/test_fetch_ssrf.py.
 
 python -m pytest tests/cpu/test_search_fetch.py -v
 """
@@ -50,8 +52,19 @@ async def site():
         hits.append(request.path)
         raise web.HTTPFound("file:///etc/passwd")
 
+    async def charset(request):
+        hits.append(request.path)
+        text = ARTICLE.replace("provecho", "provecho, ¡qué rico!")
+        body = text.encode(request.query.get("enc", "utf-8"))
+        if "extra" in request.query:  # raw bytes spliced into the first paragraph
+            body = body.replace(b"Paragraph 0:", b"Paragraph 0: " + request.query["extra"].encode())
+        declared = request.match_info["cs"]
+        ctype = "text/html" if declared == "none" else f"text/html; charset={declared}"
+        return web.Response(body=body, headers={"Content-Type": ctype})
+
     app = web.Application()
-    for path, h in [("/article", article), ("/big", big), ("/slow", slow), ("/redirect", redirect)]:
+    for path, h in [("/article", article), ("/big", big), ("/slow", slow), ("/redirect", redirect),
+                    ("/charset/{cs}", charset)]:
         app.router.add_get(path, h)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
@@ -84,9 +97,13 @@ async def test_loopback_fetch_is_refused_and_nothing_is_sent(site):
     assert page["text"] is None and "refused" in page["error"] and hits == []
 
 
-async def test_names_resolving_to_loopback_are_refused_at_connect_time(site):
+async def test_names_resolving_to_loopback_are_refused_at_connect_time(site, monkeypatch):
+    from cm_ray.data import fetch
+
     base, hits = site
     port = base.rsplit(":", 1)[1]
+    # check_url refuses "localhost" by name; past it, the connector's resolver refuses it too.
+    monkeypatch.setattr(fetch, "check_url", lambda url, allow_private=False: None)
     (page,) = await fetch_pages([f"http://localhost:{port}/article"], _cfg())
     assert page["text"] is None and "refused localhost" in page["error"] and hits == []
 
@@ -137,3 +154,90 @@ async def test_searcher_attaches_fetched_pages_to_hits(site):
         await server.close()
     assert row["status"] == "ok" and row["pages"][0]["url"] == f"{base}/article"
     assert "provecho" in row["pages"][0]["text"]
+
+
+@pytest.mark.parametrize("declared,enc", [("bogus-xyz", "utf-8"), ("base64", "utf-8"), ("zlib", "cp1252"),
+                                          ("none", "cp1252"), ("iso-8859-1", "iso-8859-1"),
+                                          ("utf-8", "cp1252")])
+async def test_a_bogus_or_missing_charset_falls_back_instead_of_raising(site, declared, enc):
+    base, _ = site
+    (page,) = await fetch_pages([f"{base}/charset/{declared}?enc={enc}"], _cfg(allow_private_urls=True))
+    assert page["error"] is None and "provecho" in page["text"], page
+    if declared in ("none", "zlib", "iso-8859-1"):  # detected or declared right: the accents survive
+        assert "¡qué rico!" in page["text"]
+
+
+async def test_a_utf7_page_with_lone_surrogates_stays_storable(site):
+    import pyarrow as pa
+
+    base, _ = site
+    # "+2AA-" is a lone surrogate in UTF-7: legal to decode, impossible to write to Parquet.
+    (page,) = await fetch_pages([f"{base}/charset/utf-7?enc=utf-7&extra=%2B2AA-"],
+                                _cfg(allow_private_urls=True))
+    assert page["error"] is None and "provecho" in page["text"] and "?" in page["text"]
+    pa.array([page["text"]])  # storable (before, the surrogate cut the extracted text short)
+
+
+async def test_an_extractor_failure_is_that_page_s_error(site, monkeypatch):
+    from cm_ray.data import fetch
+
+    def broken(html, url=None):
+        raise ValueError("lxml choked")
+
+    base, _ = site
+    monkeypatch.setattr(fetch, "extract_text", broken)
+    bad, refused = await fetch_pages([f"{base}/article", "file:///etc/passwd"], _cfg(allow_private_urls=True))
+    assert bad["text"] is None and bad["error"] == "extraction failed: ValueError: lxml choked"
+    assert refused["error"].startswith("refused")
+
+
+DEEP = b'{"results": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+HOSTILE_ANSWERS = {  # provider, answer body, expected status, expected error prefix
+    "deep": ("searxng", DEEP, "failed", "searxng: malformed response: JSON nested too deeply"),
+    "not-a-list": ("searxng", b'{"results": "nope"}', "failed", "searxng: malformed response"),
+    "surrogate": ("searxng", b'{"results": [{"title": "\\ud800 x", "url": "https://e.org/", "content": 5}]}',
+                  "ok", None),
+    "word-rank": ("serper", b'{"organic": [{"title": "t", "link": "https://e.org/", "position": "first"}]}',
+                  "ok", None),
+    "inf-rank": ("serper", b'{"organic": [{"title": "t", "link": "https://e.org/", "position": 1e400}]}',
+                 "ok", None),
+    "huge-rank": ("serper", b'{"organic": [{"title": "t", "link": "https://e.org/", "position": 1e30}]}',
+                  "ok", None),
+    "int-snippets": ("you", b'{"results": {"web": [{"title": "t", "url": "https://e.org/", "snippets": 5,'
+                            b' "description": "d"}]}}', "ok", None),
+    "not-json": ("searxng", b"\xff\xfe<html>proxy error", "failed", "searxng: invalid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_ANSWERS))
+async def test_a_hostile_provider_answer_is_one_row_s_result_never_an_exception(case, monkeypatch):
+    import pyarrow as pa
+
+    from cm_ray.data.searcher import result_schema
+
+    provider, body, status, error = HOSTILE_ANSWERS[case]
+    monkeypatch.setenv("SERPER_API_KEY", "k")
+    monkeypatch.setenv("YDC_API_KEY", "k")
+
+    async def answer(request):
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        cfg = SearchConfig(provider=provider, endpoint=f"http://127.0.0.1:{server.port}/s", qps=None,
+                           max_retries=1, backoff_base_s=0.01)
+        searcher = Searcher(cfg)
+        row = await searcher.search_row({"query_id": "1", "culture": "MX", "task": "survey",
+                                         "kind": "agnostic", "query": "modales", "locale": "es-MX"})
+        await searcher.close()
+    finally:
+        await server.close()
+    assert row["status"] == status, row
+    if error:
+        assert row["error"].startswith(error) and row["hits"] == []
+    else:
+        assert row["error"] is None and len(row["hits"]) == 1 and row["hits"][0]["rank"] == 1
+    pa.Table.from_pylist([row], schema=result_schema())  # the row is storable as it is
