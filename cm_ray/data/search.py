@@ -75,7 +75,7 @@ def _summary(store, cultures: list[str], provider: str, calls: int, skipped: lis
     for c in cultures:
         if not store.exists(*artifacts.search_results_dir(c)):
             continue
-        cols = ["status", "provider", "cached", "retries", "hits"]
+        cols = ["status", "provider", "cached", "retries", "hits", "pages"]
         for r in store.read_table(*artifacts.search_results_dir(c)).select(cols).to_pylist():
             k = per[r["provider"]]
             k[r["status"]] += 1
@@ -83,8 +83,11 @@ def _summary(store, cultures: list[str], provider: str, calls: int, skipped: lis
             k["retried"] += r["retries"] > 0
             total[r["status"]] += 1
             total["hits"] += len(r["hits"] or [])
+            for page in r["pages"] or []:
+                total["pages_failed" if page["error"] else "pages_fetched"] += 1
     n = total["ok"] + total["failed"]
     return {"queries": n, "ok": total["ok"], "failed": total["failed"], "hits": total["hits"],
+            "pages": {"fetched": total["pages_fetched"], "failed": total["pages_failed"]},
             "provider_calls": calls, "skipped_cultures": skipped,
             "per_provider": {p: {k: c[k] for k in ("ok", "failed", "retried", "cached")}
                              for p, c in sorted(per.items())},

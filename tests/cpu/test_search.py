@@ -251,3 +251,22 @@ def test_cache_reads_only_complete_shards_after_a_crashed_writer(cache_root):
     assert SearchCache(store, ["searxng"]).lookup(gb)["hits"] == hits
     shards = store.files("search", "cache", suffix=".parquet")
     assert all(s.rsplit("/", 1)[-1].startswith("part-") for s in shards) and len(shards) == 3
+
+
+def test_summary_counts_fetched_and_failed_pages(tmp_path):
+    import pyarrow as pa
+
+    from cm_ray import artifacts
+    from cm_ray.data.search import _summary
+
+    store = ArtifactStore(str(tmp_path))
+    page = lambda url, err: {"url": url, "text": "" if err else "body", "error": err}  # noqa: E731
+    rows = [{"query_id": f"q{i}", "culture": "MX", "task": "t", "kind": "specific", "query": "x",
+             "locale": "es-MX", "status": "ok", "error": None, "provider": "bm25", "cached": False,
+             "retries": 0, "hits": [], "latency_ms": 1.0, "pages": pages}
+            for i, pages in enumerate([[page("u1", None), page("u2", "blocked: private address")],
+                                       [page("u3", "timeout")], []])]
+    rows = [{k: r.get(k) for k in result_schema().names} for r in rows]
+    store.write_table(pa.Table.from_pylist(rows, schema=result_schema()), *artifacts.search_results_file("MX"))
+    summary = _summary(store, ["MX"], "bm25", 0, [])
+    assert summary["queries"] == 3 and summary["pages"] == {"fetched": 1, "failed": 2}
