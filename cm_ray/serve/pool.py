@@ -185,8 +185,10 @@ class LoadedAdapter:
     """What the multiplexed loader returns. Serve calls ``__del__`` on LRU eviction and Python may
     call it again at garbage collection: the second call is a no-op."""
 
-    def __init__(self, pool: AdapterPool, culture: str, name: str, load_ms: float):
+    def __init__(self, pool: AdapterPool, culture: str, name: str, load_ms: float,
+                 version: str | None = None):
         self.pool, self.culture, self.name, self.load_ms = pool, culture, name, load_ms
+        self.version = version  # the published content hash (None: a dir written in place)
         self.uses = 0
         self._unloaded = False
 
