@@ -6,6 +6,11 @@ on demand, mixed-adapter batches (the model and its adapters live in ``cm_ray.se
 * ``@serve.batch`` collects whatever requests arrive, for any adapter this replica holds, into
   one forward pass. Serve splits batches by multiplexed model id, so requests enter the batch
   queue with the id cleared from their context (the adapter name travels in the request).
+
+Adapters are read at their current published version (``artifacts.published_adapter``; the
+version id is the content hash, kept on ``LoadedAdapter.version``). A version that is malformed
+or fails to load answers 422 naming the adapter, is not retried until a new version is
+published, and is not advertised by ``adapter_ids`` (``/v1/models``).
 """
 
 from __future__ import annotations
@@ -154,20 +159,23 @@ class AdapterServer:
         if known:
             raise ApiError(422, known, "model", "invalid_adapter_error")
         t0 = time.perf_counter()
-        tmp = None
+        tmp, fetched = None, False
         try:
             if problem := await asyncio.to_thread(_problem, self.store, culture, parts, version):
+                fetched = True
                 raise ValueError(problem)
             local = self.store.local_path(*parts)
             if local is None:  # S3: copy the small adapter dir locally, load, then drop the copy
                 tmp = tempfile.mkdtemp(prefix=f"adapter-{culture}-")
                 local = await asyncio.to_thread(self.store.download_dir, tmp, *parts)
+            fetched = True
             name = await asyncio.to_thread(self.pool.load, str(local), culture)
         except Exception as e:
             msg = (f"model: adapter {culture!r} (version {version or 'in place'}) on the store "
                    f"could not be loaded: {type(e).__name__}: {str(e)[:300]}")
-            key = await asyncio.to_thread(_version_key, self.store, parts, version)
-            _BROKEN[(self.store.root, culture)] = (key, msg)
+            if fetched:  # the adapter itself is bad (not a store hiccup): do not retry this version
+                key = await asyncio.to_thread(_version_key, self.store, parts, version)
+                _BROKEN[(self.store.root, culture)] = (key, msg)
             raise ApiError(422, msg, "model", "invalid_adapter_error") from None
         finally:
             if tmp:

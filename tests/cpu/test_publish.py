@@ -265,3 +265,18 @@ def test_a_broken_version_is_not_retried_until_republished(store, adapters, tiny
     br = asyncio.run(server._load_adapter("BR"))
     assert br.version == _current(store, "BR")[1] and loads == ["GB", "BR", "BR"]
     assert "BR" in adapter_ids(store) and sorted(server.pool.loaded) == sorted([gb.name, br.name])
+
+
+def test_eval_and_training_read_the_current_version(store, adapters):
+    from cm_ray.eval.systems import cleanup, load_adapters
+
+    store.publish_dir(adapters["v1"], *artifacts.adapter_dir("GB"))
+    store.publish_dir(adapters["v2"], *artifacts.adapter_dir("GB"))
+    store.publish_dir(adapters["v3"], *artifacts.adapter_dir("_joint"))
+    found, tmp = load_adapters(store, ["GB", "MX", "_joint"])
+    try:
+        assert sorted(found) == ["GB", "_joint"]
+        assert json.loads(Path(found["GB"], "metrics.json").read_text())["tag"] == "v2"
+        assert json.loads(Path(found["_joint"], "metrics.json").read_text())["tag"] == "v3"
+    finally:
+        cleanup(tmp)
