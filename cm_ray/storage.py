@@ -183,7 +183,10 @@ class ArtifactStore:
 
     # -- directories (adapters, checkpoints, models) ---------------------------------------
     def upload_dir(self, local_dir: str | Path, *parts: str) -> str:
-        """Copy a local directory to ``parts`` under the root (replacing what was there)."""
+        """Copy a local directory to ``parts`` under the root (replacing what was there).
+
+        Not atomic (it deletes, then copies): what readers may load meanwhile (adapters, the
+        router) is published with ``publish_dir`` instead."""
         import pyarrow.fs as pafs
 
         dest = self.fs_path(*parts)
