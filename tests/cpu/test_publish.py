@@ -281,3 +281,28 @@ def test_eval_and_training_read_the_current_version(store, adapters):
         assert json.loads(Path(found["_joint"], "metrics.json").read_text())["tag"] == "v3"
     finally:
         cleanup(tmp)
+
+
+def test_a_broken_dir_written_in_place_is_not_retried_until_it_changes(tmp_path, tiny_model_dir, adapters):
+    from cm_ray.serve.adapters import AdapterServer
+    from cm_ray.serve.api import ApiError
+    from cm_ray.serve.pool import AdapterPool
+
+    store = ArtifactStore(str(tmp_path / "root"))
+    store.upload_dir(corrupt_adapter(tiny_model_dir, tmp_path / "CN", "garbage"), *artifacts.adapter_dir("CN"))
+    server = AdapterServer.func_or_class.__new__(AdapterServer.func_or_class)
+    server.store, server.pool = store, AdapterPool(tiny_model_dir)
+    loads = []
+    real_load = server.pool.load
+    server.pool.load = lambda path, culture: loads.append(culture) or real_load(path, culture)
+
+    async def fail_times(n):
+        for _ in range(n):
+            with pytest.raises(ApiError, match="'CN'.*in place"):
+                await server._load_adapter("CN")
+
+    asyncio.run(fail_times(5))
+    assert loads == ["CN"] and server.pool.loaded == []
+    store.upload_dir(adapters["v1"], *artifacts.adapter_dir("CN"))  # fixed by hand, in place
+    cn = asyncio.run(server._load_adapter("CN"))
+    assert loads == ["CN", "CN"] and server.pool.loaded == [cn.name] and cn.version is None
