@@ -104,7 +104,9 @@ def ray_path(model_dir: str, rows: list[dict], overrides: list[str], root: str) 
     summary = run_training(cfg, store, force=True)
     if summary["failed"]:
         raise RuntimeError(f"Ray Train run failed: {summary['failed']}")
-    return store.read_json("adapters", "GB", "metrics.json")
+    from cm_ray.artifacts import published_adapter
+
+    return store.read_json(*published_adapter(store, "GB")[0], "metrics.json")
 
 
 def random_arch(arch: str, tokenizer_dir: str, out: Path) -> str:

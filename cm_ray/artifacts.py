@@ -9,8 +9,9 @@ Layout under the root (one culture key names every per-culture thing):
     search/cache/<provider>/...                    provider answers (resume, reruns)
     synth/culture=XX/task=T/part-0.parquet         synthesized samples (SYNTH_COLUMNS)
     synth/_stats/XX.T.json  synth/summary.json     per-partition filter counts, their merge
-    adapters/<culture>/  adapters/_joint/          PEFT adapter dirs (+ metrics.json)
-    router/                                        router head, config, metrics
+    adapters/<name>/current.json                   pointer naming the current version (atomic)
+    adapters/<name>/versions/<hash>/               a plain PEFT adapter dir (+ metrics.json)
+    router/current.json  router/versions/<hash>/   router head, config, metrics (same scheme)
     checkpoints/                                   Ray Train checkpoints
     manifests/<stage>.json                         what each stage wrote, with counts
     recipes/<recipe>/<name>                        a recipe's inspection files (questions, dialogues)
@@ -93,6 +94,24 @@ def adapter_dir(name: str) -> tuple[str, ...]:
 
 def router_dir(*parts: str) -> tuple[str, ...]:
     return ("router", *parts)
+
+
+def published(store: Any, parts: tuple[str, ...], marker: str) -> tuple[tuple[str, ...], str | None] | None:
+    """(parts of the current version, version id) of a directory published with
+    ``store.publish_dir`` (the id is its content hash; None for a directory written in place),
+    or None when no version holding ``marker`` is published. Every reader resolves this way."""
+    got = store.resolve_dir(*parts)
+    return got if got is not None and store.exists(*got[0], marker) else None
+
+
+def published_adapter(store: Any, name: str) -> tuple[tuple[str, ...], str | None] | None:
+    """The current version of adapter ``name`` (a plain PEFT dir), see ``published``."""
+    return published(store, adapter_dir(name), "adapter_config.json")
+
+
+def published_router(store: Any) -> tuple[tuple[str, ...], str | None] | None:
+    """The current version of the router (head.npz, router.json, metrics.json)."""
+    return published(store, router_dir(), "router.json")
 
 
 def checkpoints_dir(*parts: str) -> tuple[str, ...]:

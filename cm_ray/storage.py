@@ -8,11 +8,13 @@ S3 endpoints other than AWS (moto, MinIO) come from ``AWS_ENDPOINT_URL``, as bot
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import posixpath
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -20,6 +22,14 @@ from urllib.parse import urlparse
 if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.fs as pafs
+
+
+VERSIONS = "versions"
+"""Subdirectory of a published directory holding its versions, one per content hash."""
+POINTER = "current.json"
+"""A published directory's pointer: names the version readers use (written last, atomically)."""
+LEGACY = "."
+"""``previous`` of a first versioned publish over a directory that was written in place."""
 
 
 def is_s3(uri: str) -> bool:
@@ -95,6 +105,15 @@ class ArtifactStore:
         return sorted(posixpath.relpath(i.path, base) for i in self.fs.get_file_info(sel)
                       if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
+    def file_sizes(self, *parts: str) -> dict[str, int]:
+        """{relative path: size} of every file under a directory ({} when it does not exist)."""
+        import pyarrow.fs as pafs
+
+        base = self.fs_path(*parts)
+        sel = pafs.FileSelector(base, allow_not_found=True, recursive=True)
+        return {posixpath.relpath(i.path, base): i.size for i in self.fs.get_file_info(sel)
+                if i.type == pafs.FileType.File}
+
     # -- bytes / json ----------------------------------------------------------------------
     def write_bytes(self, data: bytes, *parts: str) -> str:
         path = self.fs_path(*parts)
@@ -164,7 +183,10 @@ class ArtifactStore:
 
     # -- directories (adapters, checkpoints, models) ---------------------------------------
     def upload_dir(self, local_dir: str | Path, *parts: str) -> str:
-        """Copy a local directory to ``parts`` under the root (replacing what was there)."""
+        """Copy a local directory to ``parts`` under the root (replacing what was there).
+
+        Not atomic (it deletes, then copies): what readers may load meanwhile (adapters, the
+        router) is published with ``publish_dir`` instead."""
         import pyarrow.fs as pafs
 
         dest = self.fs_path(*parts)
@@ -175,6 +197,76 @@ class ArtifactStore:
         pafs.copy_files(str(Path(local_dir).resolve()), dest,
                         source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
         return self.uri(*parts)
+
+    # -- versioned directories: write a new version, then switch one pointer -----------------
+    def publish_dir(self, local_dir: str | Path, *parts: str) -> str:
+        """Publish a local directory at ``parts`` atomically; returns its version id.
+
+        The files go to ``<parts>/versions/<content hash>/`` first; only then does one small
+        pointer file, ``<parts>/current.json``, switch to it (a local rename or one S3 PUT). A
+        crash before the switch leaves the previous version current; readers resolve through
+        ``resolve_dir``. Afterwards every version but this one and the previous is deleted (a
+        reader that resolved just before the switch still finds its files), and so are files
+        written in place before versioning once they are no longer the previous version.
+        """
+        import pyarrow.fs as pafs
+
+        src = Path(local_dir).resolve()
+        files = sorted(p for p in src.rglob("*") if p.is_file())
+        digest = hashlib.sha256()
+        for p in files:
+            digest.update(f"{p.relative_to(src).as_posix()}\0{p.stat().st_size}\0".encode())
+            with p.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        version = digest.hexdigest()[:16]
+        sizes = {p.relative_to(src).as_posix(): p.stat().st_size for p in files}
+        current = self.read_pointer(*parts)
+        if current and current["version"] == version:
+            return version  # already current
+        if self.file_sizes(*parts, VERSIONS, version) != sizes:  # absent, or a crashed copy
+            dest = self.fs_path(*parts, VERSIONS, version)
+            self.fs.create_dir(dest, recursive=True)
+            pafs.copy_files(str(src), dest, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self.fs)
+        if current:
+            previous = current["version"]
+        else:  # a directory written in place (no pointer yet) is the previous version
+            previous = LEGACY if self._in_place(*parts) else None
+        self.write_json({"format": 1, "version": version, "previous": previous,
+                         "published_at": time.time(), "files": sizes}, *parts, POINTER)
+        for old in set(self.listdir(*parts, VERSIONS)) - {version, previous}:
+            self.delete(*parts, VERSIONS, old)
+        if previous != LEGACY:
+            for old in set(self.listdir(*parts)) - {VERSIONS, POINTER}:  # + crashed pointer temps
+                self.delete(*parts, old)
+        return version
+
+    def _in_place(self, *parts: str) -> list[str]:
+        """Entries of a published directory that are neither its versions nor its pointer."""
+        return [n for n in self.listdir(*parts) if n != VERSIONS and not n.startswith(POINTER)]
+
+    def read_pointer(self, *parts: str) -> dict | None:
+        """The pointer of a published directory ({version, previous, files, ...}); None when
+        there is none, or it is not a pointer this code wrote."""
+        try:
+            ptr = self.read_json(*parts, POINTER)
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+        ok = isinstance(ptr, dict) and isinstance(ptr.get("version"), str) and isinstance(
+            ptr.get("files"), dict) and ptr["version"].isalnum()
+        return ptr if ok else None
+
+    def resolve_dir(self, *parts: str) -> tuple[tuple[str, ...], str | None] | None:
+        """Where the current version of a published directory lies: ``(parts of that version,
+        version id)``; a directory written in place without a pointer is its own version (id
+        None); None when nothing is there. The one way readers find an adapter or the router."""
+        ptr = self.read_pointer(*parts)
+        if ptr is not None:
+            return (*parts, VERSIONS, ptr["version"]), ptr["version"]
+        if self.exists(*parts, POINTER):
+            return None  # a pointer that does not parse names nothing
+        return ((*parts,), None) if self.exists(*parts) else None
 
     def download_dir(self, local_dir: str | Path, *parts: str) -> Path:
         """Copy ``parts`` under the root into a local directory; returns that directory."""

@@ -184,19 +184,20 @@ def load_adapters(store: Any, names: Sequence[str]) -> tuple[dict[str, str], Pat
     found: dict[str, str] = {}
     tmp: Path | None = None
     for name in names:
-        if not store.exists(*artifacts.adapter_dir(name), "adapter_config.json"):
+        got = artifacts.published_adapter(store, name)  # its current version, never a half-written one
+        if got is None:
             continue
-        local = store.local_path(*artifacts.adapter_dir(name))
+        local = store.local_path(*got[0])
         if local is None:
             tmp = tmp or Path(tempfile.mkdtemp(prefix="cm_ray_eval_"))
-            local = store.download_dir(tmp / name, *artifacts.adapter_dir(name))
+            local = store.download_dir(tmp / name, *got[0])
         found[name] = str(local)
     return found, tmp
 
 
 def load_router_fn(store: Any) -> Router | None:
     """The trained router as a function of texts, or None when there is no router artifact."""
-    if not store.exists(*artifacts.router_dir("router.json")):
+    if artifacts.published_router(store) is None:
         return None
     from cm_ray.router.model import load_router
 

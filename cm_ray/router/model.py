@@ -4,8 +4,9 @@
 default), fits a multinomial logistic regression (label = culture), then calibrates it with
 temperature scaling on the validation split. The artifact under ``router/`` is plain data, no
 pickle: ``head.npz`` (weights, bias) + ``router.json`` (cultures, encoder, temperature, threshold)
-+ ``metrics.json`` (validation accuracy, confusion, ECE). The ``route`` stage that trains it on the
-synthetic inputs is ``cm_ray.router.stage``.
++ ``metrics.json`` (validation accuracy, confusion, ECE), published together as one version
+(``ArtifactStore.publish_dir``: readers see the old router or the new one, never a mix). The
+``route`` stage that trains it on the synthetic inputs is ``cm_ray.router.stage``.
 
 Inference (``load_router(store_or_dir).predict(texts, metadata)``) needs neither Ray nor sklearn.
 A calibrated probability below ``router.threshold`` answers ``none``. Metadata, when
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cm_ray.artifacts import NONE, router_dir
+from cm_ray.artifacts import NONE, published, router_dir
 
 LANGUAGE_MISMATCH_WEIGHT = 0.2
 """Prior weight of a culture whose languages do not include the request's declared language."""
@@ -122,22 +123,31 @@ class CultureRouter:
         return key if key in self.cultures else None
 
     # -- persistence (plain npz + json) -----------------------------------------------------
-    def save(self, store, *parts: str) -> None:
-        buf = io.BytesIO()
-        np.savez(buf, weight=self.weight, bias=self.bias)
-        store.write_bytes(buf.getvalue(), *parts, "head.npz")
-        store.write_json({"cultures": self.cultures, "temperature": self.temperature,
-                          "threshold": self.threshold, "encoder": self.encoder_ref,
-                          "use_metadata": self.use_metadata, "dim": int(self.weight.shape[1]),
-                          "format": 1}, *parts, "router.json")
+    def save(self, store, *parts: str, metrics: dict | None = None) -> str:
+        """Publish head.npz + router.json (+ ``metrics``) as one new version of ``parts`` (one
+        pointer switch: a crash never leaves half a router); returns the version id."""
+        import json
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory(prefix="router-") as d:
+            np.savez(Path(d, "head.npz"), weight=self.weight, bias=self.bias)
+            meta = {"cultures": self.cultures, "temperature": self.temperature,
+                    "threshold": self.threshold, "encoder": self.encoder_ref,
+                    "use_metadata": self.use_metadata, "dim": int(self.weight.shape[1]), "format": 1}
+            Path(d, "router.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            if metrics is not None:
+                Path(d, "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True,
+                                                              default=str))
+            return store.publish_dir(d, *parts)
 
 
 def load_router(store_or_dir, encoder: Any = None, threshold: float | None = None) -> CultureRouter:
-    """Load the router saved under ``<store>/router/`` (or a plain directory holding router.json).
+    """Load the router published under ``<store>/router/`` (or a plain directory holding it).
 
     Args:
         store_or_dir: an ArtifactStore (reads ``router/``), a local directory or an s3:// URI of
-            the router directory itself.
+            the router directory itself (its current version, or router.json written in place).
         encoder: an already-loaded Encoder to share; None loads the one named in router.json.
         threshold: override the saved confidence threshold.
     """
@@ -147,8 +157,10 @@ def load_router(store_or_dir, encoder: Any = None, threshold: float | None = Non
         store, parts = store_or_dir, router_dir()
     else:
         store, parts = ArtifactStore(str(store_or_dir)), ()
-    if not store.exists(*parts, "router.json"):
+    got = published(store, parts, "router.json")
+    if got is None:
         raise FileNotFoundError(f"no router at {store.uri(*parts)}: run `cm-ray route CONFIG` first")
+    parts = got[0]
     meta = store.read_json(*parts, "router.json")
     with np.load(io.BytesIO(store.read_bytes(*parts, "head.npz")), allow_pickle=False) as npz:
         weight, bias = npz["weight"], npz["bias"]

@@ -33,9 +33,8 @@ def _fit_and_save(router_cfg, models, seed: int, store) -> dict:
     encoder = Encoder(models.encoder, models.cache_dir)
     router, metrics = train_router(train, val, encoder, router_cfg.threshold,
                                    router_cfg.use_metadata, router_cfg.c, seed)
-    router.save(store, *artifacts.router_dir())
     metrics["seconds"] = round(time.time() - t0, 1)
-    store.write_json(metrics, *artifacts.router_dir("metrics.json"))
+    router.save(store, *artifacts.router_dir(), metrics=metrics)  # head, config, metrics: one version
     return metrics
 
 

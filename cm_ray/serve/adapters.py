@@ -6,6 +6,11 @@ on demand, mixed-adapter batches (the model and its adapters live in ``cm_ray.se
 * ``@serve.batch`` collects whatever requests arrive, for any adapter this replica holds, into
   one forward pass. Serve splits batches by multiplexed model id, so requests enter the batch
   queue with the id cleared from their context (the adapter name travels in the request).
+
+Adapters are read at their current published version (``artifacts.published_adapter``; the
+version id is the content hash, kept on ``LoadedAdapter.version``). A version that is malformed
+or fails to load answers 422 naming the adapter, is not retried until a new version is
+published, and is not advertised by ``adapter_ids`` (``/v1/models``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import json
 import shutil
 import tempfile
 import threading
@@ -26,12 +32,80 @@ from cm_ray.serve.api import ApiError, check_adapter_id
 from cm_ray.serve.pool import BASE_ADAPTER, AdapterPool, LoadedAdapter
 
 
+WEIGHTS = "adapter_model.safetensors"
+_VALID: dict[tuple[str, str, str], str | None] = {}
+"""(root, adapter, version) -> why that published version is unusable (None: it is fine).
+Versions are content-addressed, so a verdict never goes stale."""
+_BROKEN: dict[tuple[str, str], tuple[str, str]] = {}
+"""(root, adapter) -> (version key, error) of a version that failed to load in this process."""
+
+
+def adapter_problem(store, parts: tuple[str, ...]) -> str | None:
+    """Why the PEFT adapter dir at ``parts`` cannot load (missing file, config that is not a
+    PEFT config, a safetensors file whose header or length is wrong), or None. Reads only the
+    config and the safetensors header."""
+    sizes = store.file_sizes(*parts)
+    for f in ("adapter_config.json", WEIGHTS):
+        if f not in sizes:
+            return f"{f} is missing"
+    try:
+        config = json.loads(store.read_bytes(*parts, "adapter_config.json"))
+    except ValueError:
+        return "adapter_config.json is not JSON"
+    if not isinstance(config, dict) or "peft_type" not in config:
+        return "adapter_config.json is not a PEFT config"
+    size = sizes[WEIGHTS]
+    try:
+        with store.fs.open_input_file(store.fs_path(*parts, WEIGHTS)) as f:
+            n = int.from_bytes(f.read_at(8, 0), "little") if size >= 8 else -1
+            header = json.loads(f.read_at(n, 8)) if 0 < n <= size - 8 else None
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OSError):
+        ends = None
+    if not ends or 8 + n + max(ends) != size:
+        return f"{WEIGHTS} is not a complete safetensors file"
+    return None
+
+
+def _problem(store, name: str, parts: tuple[str, ...], version: str | None) -> str | None:
+    """``adapter_problem`` of a published version (cached per version id, and checked against
+    the file sizes its pointer recorded); dirs written in place are not checked here."""
+    if version is None:
+        return None
+    key = (store.root, name, version)
+    if key not in _VALID:
+        ptr = store.read_pointer(*artifacts.adapter_dir(name)) or {}
+        problem = adapter_problem(store, parts)
+        if problem is None and ptr.get("version") == version and \
+                store.file_sizes(*parts) != ptr.get("files"):
+            problem = "its files differ from what was published"
+        _VALID[key] = problem
+    return _VALID[key]
+
+
+def _version_key(store, parts: tuple[str, ...], version: str | None) -> str:
+    """The version id, or for a dir written in place a fingerprint of its file sizes."""
+    return version or "in-place:" + artifacts.stable_id(sorted(store.file_sizes(*parts).items()))
+
+
+def _known_broken(store, name: str, parts: tuple[str, ...], version: str | None) -> str | None:
+    """The load error of this very version when it already failed here, else None."""
+    hit = _BROKEN.get((store.root, name))
+    return hit[1] if hit and hit[0] == _version_key(store, parts, version) else None
+
+
 def adapter_ids(store) -> list[str]:
-    """Adapter ids (culture keys, ``_joint``) that have an adapter_config.json on the store."""
+    """Adapter ids (culture keys, ``_joint``) that ``/v1/models`` advertises: a published
+    version that is complete and well-formed (or an adapter_config.json written in place), and
+    not known to fail loading in this process."""
     from cm_ray.cultures import is_culture_key
 
-    return [d for d in store.listdir(*artifacts.adapters_dir()) if (is_culture_key(d) or d == JOINT)
-            and store.exists(*artifacts.adapter_dir(d), "adapter_config.json")]
+    out = []
+    for d in store.listdir(*artifacts.adapters_dir()):
+        got = (is_culture_key(d) or d == JOINT) and artifacts.published_adapter(store, d)
+        if got and _problem(store, d, *got) is None and not _known_broken(store, d, *got):
+            out.append(d)
+    return out
 
 
 def _without_model_id() -> contextvars.Context:
@@ -72,28 +146,42 @@ class AdapterServer:
             load)
 
     async def _load_adapter(self, culture: str) -> LoadedAdapter:
+        """Load the current published version of ``culture``. A version that fails is cached as
+        broken (422 at once, no new load) until another version is published."""
         culture = check_adapter_id(culture)
-        if not self.store.exists(*artifacts.adapter_dir(culture), "adapter_config.json"):
+        got = await asyncio.to_thread(artifacts.published_adapter, self.store, culture)
+        if got is None:
             raise ApiError(404, f"model: no adapter {culture!r} under "
                                 f"{self.store.uri(*artifacts.adapters_dir())}",
                            "model", "not_found_error")
+        parts, version = got
+        known = await asyncio.to_thread(_known_broken, self.store, culture, parts, version)
+        if known:
+            raise ApiError(422, known, "model", "invalid_adapter_error")
         t0 = time.perf_counter()
-        local = self.store.local_path(*artifacts.adapter_dir(culture))
-        tmp = None
+        tmp, fetched = None, False
         try:
+            if problem := await asyncio.to_thread(_problem, self.store, culture, parts, version):
+                fetched = True
+                raise ValueError(problem)
+            local = self.store.local_path(*parts)
             if local is None:  # S3: copy the small adapter dir locally, load, then drop the copy
                 tmp = tempfile.mkdtemp(prefix=f"adapter-{culture}-")
-                local = await asyncio.to_thread(self.store.download_dir, tmp,
-                                                *artifacts.adapter_dir(culture))
+                local = await asyncio.to_thread(self.store.download_dir, tmp, *parts)
+            fetched = True
             name = await asyncio.to_thread(self.pool.load, str(local), culture)
         except Exception as e:
-            raise ApiError(422, f"model: adapter {culture!r} on the store could not be loaded: "
-                                f"{type(e).__name__}: {str(e)[:300]}", "model",
-                           "invalid_adapter_error") from None
+            msg = (f"model: adapter {culture!r} (version {version or 'in place'}) on the store "
+                   f"could not be loaded: {type(e).__name__}: {str(e)[:300]}")
+            if fetched:  # the adapter itself is bad (not a store hiccup): do not retry this version
+                key = await asyncio.to_thread(_version_key, self.store, parts, version)
+                _BROKEN[(self.store.root, culture)] = (key, msg)
+            raise ApiError(422, msg, "model", "invalid_adapter_error") from None
         finally:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
-        return LoadedAdapter(self.pool, culture, name, (time.perf_counter() - t0) * 1000)
+        _BROKEN.pop((self.store.root, culture), None)
+        return LoadedAdapter(self.pool, culture, name, (time.perf_counter() - t0) * 1000, version)
 
     async def _resolve(self, req: dict) -> tuple[dict, LoadedAdapter | None]:
         """The generation item for a request; loads the request's adapter (multiplexed id)."""

@@ -143,7 +143,7 @@ class CultureIngress:
         self.key_sha256 = api_key_sha256
         self.metrics = _Metrics()
         self.router = None
-        has_router = self.store.exists(*artifacts.router_dir("router.json"))
+        has_router = artifacts.published_router(self.store) is not None
         if router_cfg.kind == "embedding" and has_router:
             self.router = load_router(self.store, threshold=router_cfg.threshold)
             self.router.use_metadata = router_cfg.use_metadata

@@ -42,15 +42,35 @@ class AdapterPool:
         return list(getattr(self.model, "peft_config", {}))
 
     def load(self, path: str, culture: str) -> str:
-        """Load the adapter at ``path``; returns its unique PEFT name (e.g. ``MX-3``)."""
-        from peft import PeftModel
+        """Load the adapter at ``path``; returns its unique PEFT name (e.g. ``MX-3``).
+
+        PEFT registers an adapter (config + fresh LoRA layers) before it reads the weights, so a
+        load that fails is undone here (the adapter deleted, or the wrapper removed when it was
+        the first): failed loads never accumulate in the model.
+        """
+        from peft import PeftConfig, PeftModel
+        from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 
         name = f"{culture}-{next(self._ids)}"
         with self.lock:
             if isinstance(self.model, PeftModel):
-                self.model.load_adapter(path, adapter_name=name)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+                try:
+                    self.model.load_adapter(path, adapter_name=name)
+                except BaseException:
+                    if name in self.loaded:
+                        self.model.delete_adapter(name)  # never the last one: others are loaded
+                    raise
+            else:  # PeftModel.from_pretrained, in two steps so that a failed load can be undone
+                config = PeftConfig.from_pretrained(path)
+                config.inference_mode = True
+                cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
+                wrapped = cls(self.model, config, name)
+                try:
+                    wrapped.load_adapter(path, adapter_name=name)
+                except BaseException:
+                    self.model = wrapped.unload()  # removes the injected LoRA layers
+                    raise
+                self.model = wrapped
             self.model.eval()
             self._reap()
         return name
@@ -165,8 +185,10 @@ class LoadedAdapter:
     """What the multiplexed loader returns. Serve calls ``__del__`` on LRU eviction and Python may
     call it again at garbage collection: the second call is a no-op."""
 
-    def __init__(self, pool: AdapterPool, culture: str, name: str, load_ms: float):
+    def __init__(self, pool: AdapterPool, culture: str, name: str, load_ms: float,
+                 version: str | None = None):
         self.pool, self.culture, self.name, self.load_ms = pool, culture, name, load_ms
+        self.version = version  # the published content hash (None: a dir written in place)
         self.uses = 0
         self._unloaded = False
 

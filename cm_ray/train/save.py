@@ -1,5 +1,5 @@
 """End of a Train run: gather the LoRA weights (ZeRO-3), probe logits, write the PEFT adapter and
-``metrics.json`` and publish them to ``adapters/<name>/`` in the store (rank 0)."""
+``metrics.json`` and publish them as a new version of ``adapters/<name>/`` (rank 0)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def adapter_metrics(ws: WorkerSetup, spec: dict, state: dict, report: dict, prob
 
 
 def publish_adapter(ws: WorkerSetup, spec: dict, metrics: dict, report: dict, lora_sd: dict | None) -> None:
-    """Rank 0: save the adapter (checked non-empty) + metrics, upload to ``adapters/<name>/`` and
+    """Rank 0: save the adapter (checked non-empty) + metrics, publish to ``adapters/<name>/`` and
     report them as the run's final checkpoint."""
     import ray.train
 
@@ -64,5 +64,7 @@ def publish_adapter(ws: WorkerSetup, spec: dict, metrics: dict, report: dict, lo
     with tempfile.TemporaryDirectory() as d:
         save_adapter(ws.model, d, state_dict=lora_sd)
         Path(d, "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-        ArtifactStore(spec["root"]).upload_dir(d, *artifacts.adapter_dir(spec["adapter"]))
+        # A new version beside the current one, then one pointer switch: a crash here never
+        # leaves a half-written or missing adapter (ArtifactStore.publish_dir).
+        ArtifactStore(spec["root"]).publish_dir(d, *artifacts.adapter_dir(spec["adapter"]))
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))

@@ -28,8 +28,10 @@ from cm_ray.config import Config
 
 
 def adapter_complete(store, name: str) -> bool:
-    return all(store.exists(*artifacts.adapter_dir(name), f) for f in
-               ("adapter_config.json", "adapter_model.safetensors", "metrics.json"))
+    """Whether the current published version of ``name`` holds weights and metrics."""
+    got = artifacts.published_adapter(store, name)
+    return got is not None and all(store.exists(*got[0], f) for f in
+                                   ("adapter_model.safetensors", "metrics.json"))
 
 
 def adapter_names(cfg: Config) -> list[str]:
@@ -180,7 +182,8 @@ def run_culture_trials(cfg: Config, store, names: list[str], fault: dict | None 
     for result in grid:
         name = result.config["adapter"]
         if result.error is None and adapter_complete(store, name):
-            out[name] = {"status": "ok", "metrics": store.read_json(*artifacts.adapter_dir(name), "metrics.json")}
+            where = artifacts.published_adapter(store, name)[0]
+            out[name] = {"status": "ok", "metrics": store.read_json(*where, "metrics.json")}
         else:
             err = result.error or RuntimeError("trial ended without a complete adapter")
             out[name] = {"status": "failed", "error": f"{type(err).__name__}: {str(err).strip()[-500:]}"}

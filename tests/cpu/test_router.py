@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cm_ray import artifacts
 from cm_ray.artifacts import NONE
 from cm_ray.config import load_config
 from cm_ray.router.model import CultureRouter, Encoder, load_router, train_router
@@ -137,9 +138,10 @@ def test_declared_country_wins_and_language_reweights(trained):
 def test_artifact_is_plain_npz_and_json_and_reloads_identically(trained, encoder, tmp_path):
     router, _ = trained
     store = ArtifactStore(str(tmp_path))
-    router.save(store, "router")
-    assert sorted(store.listdir("router")) == ["head.npz", "router.json"]
-    with np.load(tmp_path / "router" / "head.npz", allow_pickle=False) as npz:
+    version = router.save(store, "router")
+    assert sorted(store.listdir("router")) == ["current.json", "versions"]
+    assert sorted(store.listdir("router", "versions", version)) == ["head.npz", "router.json"]
+    with np.load(tmp_path / "router" / "versions" / version / "head.npz", allow_pickle=False) as npz:
         assert set(npz.files) == {"weight", "bias"}
     again = load_router(store, encoder=encoder)
     texts = [t for t, _ in split_pairs()[1]]
@@ -165,7 +167,7 @@ def test_route_stage_trains_from_synth_rows_on_s3(s3_root, ray_local):
     summary = run_router_training(cfg, store)
     assert summary["cultures"] == 3 and summary["n_validation"] == 12
     assert summary["accuracy"] >= 0.8 and "router accuracy" in summary["headline"]
-    metrics = store.read_json("router", "metrics.json")
+    metrics = store.read_json(*artifacts.published_router(store)[0], "metrics.json")  # same version
     assert metrics["n_train"] == 30 and "confusion" in metrics
     assert load_router(store).predict(["Comimos tacos en el tianguis."])[0][0] == "MX"
 

@@ -106,3 +106,55 @@ def test_chat_payload_uses_the_chat_template(pool):
     text = pool.prompt_text({"messages": [{"role": "user", "content": "Hola"}]})
     assert "Hola" in text and text != "Hola"
     assert pool.prompt_text({"prompt": "raw"}) == "raw"
+
+
+def corrupt_adapter(base_dir: str, out_dir: Path, how: str) -> Path:
+    """A real adapter dir whose weights cannot load: garbage bytes, or the wrong LoRA rank."""
+    make_adapter(base_dir, out_dir, seed=11)
+    if how == "garbage":
+        (out_dir / "adapter_model.safetensors").write_bytes(b"\x07" * 4096)
+    else:  # config says r=4, the weights have r=8: PEFT fails after registering the adapter
+        import json
+        import shutil
+
+        shutil.copy(make_adapter(base_dir, out_dir.with_name(out_dir.name + "-r8"), 12, r=8)
+                    / "adapter_model.safetensors", out_dir / "adapter_model.safetensors")
+        assert json.loads((out_dir / "adapter_config.json").read_text())["r"] == 4
+    return out_dir
+
+
+def _lora_names(pool) -> set[str]:
+    """Adapter names by identity in the model's LoRA layers (not only in peft_config)."""
+    names: set[str] = set()
+    for module in pool.model.modules():
+        if hasattr(module, "lora_A"):
+            names |= set(module.lora_A.keys())
+    return names
+
+
+@pytest.mark.parametrize("how", ["garbage", "rank"])
+@pytest.mark.parametrize("first", [True, False], ids=["first-load", "after-good-load"])
+def test_failed_loads_leave_nothing_behind(pool, adapter_dirs, tiny_model_dir, tmp_path, how, first):
+    """Issue 18 defect 2: every failed load used to leave its adapter registered (8 -> 102)."""
+    bad = corrupt_adapter(tiny_model_dir, tmp_path / "BR", how)
+    good = None if first else pool.load(str(adapter_dirs["GB"]), "GB")
+    before = list(pool.loaded)
+    params = sum(p.numel() for p in pool.model.parameters())
+    for _ in range(6):
+        with pytest.raises(Exception):
+            pool.load(str(bad), "BR")
+        assert pool.loaded == before and _lora_names(pool) == set(before)
+        assert sum(p.numel() for p in pool.model.parameters()) == params
+    # the pool still serves: the good adapter (or the base model) and a new good load
+    cn = pool.load(str(adapter_dirs["CN"]), "CN")
+    out = pool.generate([_item("hi", a, 2) for a in filter(None, [good, cn, BASE_ADAPTER])])
+    assert all(o["completion_tokens"] == 2 for o in out)
+    assert set(pool.loaded) == {cn} | ({good} if good else set()) == _lora_names(pool)
+
+
+def test_a_failed_first_load_restores_the_plain_base_model(pool, tiny_model_dir, tmp_path):
+    base_out = pool.generate([_item("Hello", BASE_ADAPTER, 5)])[0]["text"]
+    with pytest.raises(Exception):
+        pool.load(str(corrupt_adapter(tiny_model_dir, tmp_path / "BR", "garbage")), "BR")
+    assert pool.loaded == [] and not _lora_names(pool)
+    assert pool.generate([_item("Hello", BASE_ADAPTER, 5)])[0]["text"] == base_out

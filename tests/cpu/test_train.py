@@ -17,10 +17,17 @@ import pytest
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", "/root/.cache/cm_ray/torch_extensions")
 pytest.importorskip("deepspeed")
 
+from cm_ray.artifacts import published_adapter  # noqa: E402
 from cm_ray.config import load_config  # noqa: E402
 from cm_ray.storage import ArtifactStore  # noqa: E402
 from cm_ray.tasks import load_task  # noqa: E402
 from cm_ray.train.tune import run_training  # noqa: E402
+
+
+def published(store, name: str) -> tuple[str, ...]:
+    """Where the current version of an adapter lies (adapters are published as versions)."""
+    return published_adapter(store, name)[0]
+
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +96,7 @@ def test_parallel_culture_trials_resume_isolate_failures_and_skip_on_rerun(
     # PE has no synth partition at all: no trial is spent on it, and the summary names it.
     assert summary["no_data"] == ["PE"] and "no synth data: PE" in summary["headline"]
 
-    metrics = {c: store.read_json("adapters", c, "metrics.json") for c in ("GB", "CN", "MX")}
+    metrics = {c: store.read_json(*published(store, c), "metrics.json") for c in ("GB", "CN", "MX")}
     for c, m in metrics.items():
         steps = [s for s, _ in m["loss_curve"]]
         assert steps == list(range(1, m["total_steps"] + 1)), c  # each step once, none lost
@@ -103,7 +110,7 @@ def test_parallel_culture_trials_resume_isolate_failures_and_skip_on_rerun(
 
     # Adapters load with plain PeftModel.from_pretrained, reproduce the trained model's logits and
     # differ from each other and from the base model.
-    local = {c: store.download_dir(tmp_path / c, "adapters", c) for c in ("GB", "CN", "MX")}
+    local = {c: store.download_dir(tmp_path / c, *published(store, c)) for c in ("GB", "CN", "MX")}
     logits = {c: _logits(tiny_model_dir, d) for c, d in local.items()}
     for c in local:
         torch.testing.assert_close(logits[c][:8], torch.tensor(metrics[c]["probe_logits"]),
@@ -116,7 +123,7 @@ def test_parallel_culture_trials_resume_isolate_failures_and_skip_on_rerun(
     # A rerun skips complete adapters (no retraining) and retries only the failed culture.
     again = run_training(cfg, store)
     assert sorted(again["skipped"]) == ["CN", "GB", "MX"] and list(again["failed"]) == ["BR"]
-    assert store.read_json("adapters", "GB", "metrics.json") == metrics["GB"]
+    assert store.read_json(*published(store, "GB"), "metrics.json") == metrics["GB"]
 
 
 def test_zero3_joint_adapter_holds_real_weights(ray_local, tiny_model_dir, tmp_path):
@@ -131,10 +138,10 @@ def test_zero3_joint_adapter_holds_real_weights(ray_local, tiny_model_dir, tmp_p
                "train.packing=true", "train.deepspeed={zero_optimization: {stage: 3}}")
     summary = run_training(cfg, store)
     assert summary["trained"] == ["_joint"] and not summary["failed"]
-    adapter = store.local_path("adapters", "_joint")
+    adapter = store.local_path(*published(store, "_joint"))
     shapes = check_adapter(adapter)  # raises on empty (ungathered ZeRO-3) tensors
     assert all(0 not in s for s in shapes.values()) and any("mlp" in k for k in shapes)
-    m = store.read_json("adapters", "_joint", "metrics.json")
+    m = store.read_json(*published(store, "_joint"), "metrics.json")
     assert m["zero_stage"] == 3 and m["rows"]["train_0"] > 0
     torch.testing.assert_close(_logits(tiny_model_dir, adapter)[:8], torch.tensor(m["probe_logits"]),
                                atol=1e-4, rtol=1e-4)

@@ -37,7 +37,10 @@ def test_bf16_lora_trains_on_gpu_and_reloads(ray_local, tiny_model_dir, tmp_path
                              f"train.deepspeed={{zero_optimization: {{stage: {stage}}}}}"])
     summary = run_training(cfg, store)
     assert summary["trained"] == ["GB"], summary
-    m = store.read_json("adapters", "GB", "metrics.json")
+    from cm_ray.artifacts import published_adapter
+
+    gb = published_adapter(store, "GB")[0]  # the current published version
+    m = store.read_json(*gb, "metrics.json")
     assert m["device"] == "cuda" and m["final_loss"] < m["first_loss"]
-    check_adapter(store.local_path("adapters", "GB"))
-    PeftModel.from_pretrained(load_base_model(tiny_model_dir), str(store.local_path("adapters", "GB")))
+    check_adapter(store.local_path(*gb))
+    PeftModel.from_pretrained(load_base_model(tiny_model_dir), str(store.local_path(*gb)))
