@@ -244,6 +244,7 @@ class SharedRateLimit:
         """Wait for a cluster-wide slot; returns the local start time."""
         if self.local is None:
             rate = await self.bucket.get_rate.remote() if self.remote else self.bucket.get_rate()
-            self.local = ProcessRateLimit(rate, clock=self.clock, sleep=self.sleep)
+            if self.local is None:  # another waiter may have set it meanwhile: keep one gate
+                self.local = ProcessRateLimit(rate, clock=self.clock, sleep=self.sleep)
         await (self.bucket.acquire.remote() if self.remote else self.bucket.acquire())
         return await self.local.acquire()
