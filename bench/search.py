@@ -6,7 +6,9 @@ The stage runs 2,000 queries with 2 actors and search.qps=200, three times:
 
   1. clean            -> achieved qps / limit (measured at the server), p50/p99 latency, 429s
   2. 20% faults       -> 429+Retry-After, 500, timeouts, invalid JSON, truncated bodies (4% each);
-                         queries lost (input rows missing from the output) and failed
+                         rows counted by query id (``count_by_identity``: lost = ids in but not
+                         out, duplicated = ids out more than once, unexpected = ids never in),
+                         and queries failed
   3. forced rerun of 2 -> provider calls the server sees (cache)
 
 python bench/search.py --queries 2000
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import random
 import socket
 import statistics
@@ -102,6 +105,23 @@ def control(port: int, **body) -> dict:
         return json.loads(r.read())
 
 
+def count_by_identity(ids_in, ids_out) -> dict:
+    """Every query id in must come out as exactly one row. Counted from the ids, so a missing row
+    and a duplicated one cannot cancel out: ``lost`` (ids in, not out), ``duplicated`` (ids out
+    more than once), ``unexpected`` (ids out that never went in), with a few examples of each."""
+    from collections import Counter
+
+    sent, got = Counter(ids_in), Counter(ids_out)
+    if any(c > 1 for c in sent.values()):
+        raise ValueError("query ids in are not unique: " + ", ".join(sorted(i for i, c in sent.items() if c > 1)[:5]))
+    lost = sorted(set(sent) - set(got))
+    dup = sorted(i for i, c in got.items() if c > 1 and i in sent)
+    unexpected = sorted(set(got) - set(sent))
+    return {"lost": len(lost), "duplicated": len(dup), "unexpected": len(unexpected),
+            "rows_in": sum(sent.values()), "rows_out": sum(got.values()),
+            "examples": {"lost": lost[:5], "duplicated": dup[:5], "unexpected": unexpected[:5]}}
+
+
 def write_queries(store, n: int, tag: str) -> None:
     cultures = [("GB", "en-GB"), ("CN", "zh-CN"), ("MX", "es-MX"), ("US", "en-US")]
     per = -(-n // len(cultures))
@@ -142,7 +162,7 @@ def main() -> None:
             "search.batch_size=32", "search.timeout_s=1.0", "search.max_retries=6",
             "search.backoff_base_s=0.05", "search.backoff_max_s=1.0", "cultures=[GB, CN, MX, US]"]
     init_ray(load_config(None, base), include_dashboard=False)
-    out: dict = {}
+    out: dict = {"load_avg_1m": round(os.getloadavg()[0], 2)}
     try:
         # 1. clean run
         cfg = load_config(None, [*base, f"root={tmp / 'clean'}"])
@@ -154,12 +174,15 @@ def main() -> None:
         wall1 = time.time() - t0
         st = control(port)
         qps = (st["ok"] - 1) / (st["last_ok"] - st["first_ok"])
-        lat = sorted(r["latency_ms"] for r in store.read_rows("search", "results") if r["status"] == "ok")
+        rows = store.read_rows("search", "results")
+        clean = count_by_identity([r["query_id"] for r in store.read_rows("queries")], [r["query_id"] for r in rows])
+        lat = sorted(r["latency_ms"] for r in rows if r["status"] == "ok")
         out.update(qps=round(qps, 1), qps_ratio=round(qps / LIMIT_QPS, 3),
                    p50_ms=round(statistics.median(lat), 1),
                    p99_ms=round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1),
                    over_limit_429=st["over_limit"], clean_wall_s=round(wall1, 1),
-                   clean_calls=st["calls"], clean_ok=s1["ok"])
+                   clean_calls=st["calls"], clean_ok=s1["ok"], clean_lost=clean["lost"],
+                   clean_duplicated=clean["duplicated"], clean_unexpected=clean["unexpected"])
 
         # 2. with 20% injected faults
         cfg = load_config(None, [*base, f"root={tmp / 'faults'}"])
@@ -170,33 +193,44 @@ def main() -> None:
         s2 = run_search(cfg, store)
         st = control(port)
         rows = store.read_rows("search", "results")
-        sent = {r["query_id"] for r in store.read_rows("queries")}
-        out.update(lost=len(sent - {r["query_id"] for r in rows}) + (len(rows) - len(sent)),
-                   failed=s2["failed"], retried=s2["per_provider"]["searxng"]["retried"],
+        ident = count_by_identity([r["query_id"] for r in store.read_rows("queries")],
+                                  [r["query_id"] for r in rows])
+        examples = ident.pop("examples")
+        if any(examples.values()):
+            print("faults run: rows not one-to-one with query ids:", examples, file=sys.stderr)
+        out.update(**ident, failed=s2["failed"], retried=s2["per_provider"]["searxng"]["retried"],
                    faults_injected=st["faults"], faults_wall_s=round(time.time() - t0, 1),
                    faults_calls=st["calls"])
 
         # 3. the same job again, forced (every stage output rebuilt; the cache answers)
         control(port, fault_rate=0.0)
         s3 = run_search(cfg, store, force=True)
-        out.update(rerun_calls=control(port)["calls"], rerun_cached=s3["per_provider"]["searxng"]["cached"])
+        again = count_by_identity([r["query_id"] for r in store.read_rows("queries")],
+                                  [r["query_id"] for r in store.read_rows("search", "results")])
+        out.update(rerun_calls=control(port)["calls"], rerun_cached=s3["per_provider"]["searxng"]["cached"],
+                   rerun_lost=again["lost"], rerun_duplicated=again["duplicated"])
     finally:
         server.terminate()
         import ray
 
         ray.shutdown()
 
+    out["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     print(f"\nsearch bench: {args.queries} queries, 2 actors, limit {LIMIT_QPS:g} qps, "
           f"{LATENCY_S * 1000:g} ms server latency")
     print(f"{'figure':<28}{'value':>12}   goal")
     for key, goal in [("qps_ratio", ">= 0.95"), ("qps", ""), ("p50_ms", ""), ("p99_ms", ""),
-                      ("over_limit_429", "~0"), ("lost", "0"), ("failed", ""), ("retried", ""),
+                      ("over_limit_429", "~0"), ("clean_lost", "0"), ("clean_duplicated", "0"),
+                      ("lost", "0"), ("duplicated", "0"), ("unexpected", "0"), ("rows_in", ""),
+                      ("rows_out", "= rows_in"), ("failed", ""), ("retried", ""),
                       ("faults_injected", ""), ("rerun_calls", "0"), ("rerun_cached", ""),
+                      ("rerun_lost", "0"), ("rerun_duplicated", "0"), ("load_avg_1m", "start"),
+                      ("load_avg_1m_end", "end"),
                       ("clean_wall_s", ""), ("faults_wall_s", "")]:
         print(f"{key:<28}{out[key]!s:>12}   {goal}")
     result = {"name": "search", "date": time.strftime("%Y-%m-%d"),
               "command": "python bench/search.py " + " ".join(sys.argv[1:]),
-              "machine": "2 cores, no GPU (shared, noisy)", "figures": out}
+              "machine": f"{os.cpu_count()} cores, no GPU, load average {out['load_avg_1m']} at start", "figures": out}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -7,11 +7,12 @@ engine send requests through.
   answer (a broken body is retryable: often a proxy's error page or a cut connection).
 - ``with_retries`` runs an attempt under tenacity: exponential backoff with jitter (50-100% of
   ``backoff_base_s * 2**retry``, capped at ``backoff_max_s``); a ``Retry-After`` wins (capped too).
-- ``ProcessRateLimit`` spaces request starts in one process (aiolimiter); ``TokenBucket`` as a named
-  Ray actor (``shared_bucket``) is the one limit a whole cluster shares, and ``SharedRateLimit``
-  is one process's side of it (tokens granted in batches, never hoarded).
+- ``TokenBucket`` (capacity 1: starts ``1/qps`` apart, no burst after an idle or stalled period)
+  as a named Ray actor (``shared_bucket``) is the one limit a whole cluster shares;
+  ``SharedRateLimit`` is one process's side of it (a slot per request, asked for when the request
+  is ready, never hoarded) and ``ProcessRateLimit`` the same limit within one process.
 
-Importing this module is cheap: aiohttp, tenacity, aiolimiter and ray load on first use.
+Importing this module is cheap: aiohttp, tenacity and ray load on first use.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import deque
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Awaitable, Callable, Iterable
@@ -151,90 +151,100 @@ async def with_retries(attempt: Callable[[], Awaitable[Any]], policy: Any, rng: 
 # Rate limits.
 
 
-class ProcessRateLimit:
-    """Request starts at least ``1/qps`` apart within this process (aiolimiter; no limit for
-    ``qps=None``). The limiter is rebuilt when a new event loop uses it (``asyncio.run`` per call)."""
-
-    def __init__(self, qps: float | None):
-        self.qps = qps
-        self._limiter = self._loop = None
-
-    async def acquire(self) -> None:
-        if not self.qps:
-            return
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            from aiolimiter import AsyncLimiter
-
-            # Capacity 1 per 1/qps s: no burst, every start is spaced.
-            self._limiter, self._loop = AsyncLimiter(1, 1.0 / self.qps), loop
-        await self._limiter.acquire()
-
-
 class TokenBucket:
-    """Token bucket (async). As a named Ray actor it is the one limit all processes share."""
+    """A token bucket of capacity 1: request starts granted at least ``1/rate`` s apart, first come
+    first served. As a named Ray actor (``shared_bucket``) it is the one limit a whole cluster shares.
 
-    def __init__(self, rate: float, burst: float):
-        self.configure(rate, burst)
+    No burst by construction: a grant is stamped with the clock's reading when it is made, and the
+    next one waits until ``grant + 1/rate``. Nothing accumulates while the bucket is idle or while
+    its process is stalled: after a gap the first caller is served at once and the next one
+    ``1/rate`` later, never several together. ``clock`` and ``sleep`` are injectable (tests drive a
+    fake monotonic clock).
+    """
 
-    def configure(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, max(1.0, burst)
-        self.tokens, self.t, self._lock = self.burst, time.monotonic(), None
+    def __init__(self, rate: float, *, clock: Callable[[], float] | None = None,
+                 sleep: Callable[[float], Awaitable[Any]] | None = None):
+        self.clock = clock or time.monotonic
+        self.sleep = sleep or asyncio.sleep
+        self.last = float("-inf")  # clock reading of the latest grant
+        self._lock = self._loop = None
+        self.configure(rate)
 
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
-        self.t = now
+    def configure(self, rate: float) -> None:
+        """Change the rate; the spacing after the latest grant follows the new rate at once."""
+        if not rate or rate <= 0:
+            raise ValueError(f"rate must be > 0, got {rate!r}")
+        self.rate = float(rate)
 
-    async def acquire(self, n: int) -> int:
-        """Wait for at least one token; grant up to ``n`` (callers ask for batches)."""
-        self._lock = self._lock or asyncio.Lock()
+    def get_rate(self) -> float:
+        return self.rate
+
+    async def acquire(self) -> float:
+        """Wait for the next start slot and return its time on the bucket's clock (one slot per
+        call: slots are never handed out ahead, so none can pile up and be spent together)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # asyncio.Lock binds to one loop (asyncio.run per call)
+            self._lock, self._loop = asyncio.Lock(), loop
         async with self._lock:  # FIFO across callers
-            self._refill()
-            if self.tokens < 1:
-                await asyncio.sleep((1 - self.tokens) / self.rate)
-                self._refill()
-            k = min(n, int(self.tokens))
-            self.tokens -= k
-            return k
+            while True:
+                now = self.clock()
+                wait = 1.0 / self.rate - (now - self.last)  # as a difference: exact spacing
+                if wait <= 0:
+                    self.last = now
+                    return now
+                await self.sleep(wait + 1e-6)  # past the slot, so rounding can't wake us short
+
+
+class ProcessRateLimit:
+    """Request starts at least ``1/qps`` apart within this process (a capacity-1 ``TokenBucket``;
+    no limit for ``qps=None``). ``acquire`` returns the grant time (``None`` when unlimited).
+
+    aiolimiter's capacity-1 limiter spaces starts too, but it reads the event loop's clock, which a
+    test cannot drive; this one shares the cluster bucket's schedule and takes ``clock``/``sleep``."""
+
+    def __init__(self, qps: float | None, *, clock: Callable[[], float] | None = None,
+                 sleep: Callable[[float], Awaitable[Any]] | None = None):
+        self.qps = qps
+        self.bucket = TokenBucket(qps, clock=clock, sleep=sleep) if qps else None
+
+    async def acquire(self) -> float | None:
+        return None if self.bucket is None else await self.bucket.acquire()
 
 
 def shared_bucket(name: str, qps: float):
     """The cluster-wide ``TokenBucket`` actor called ``name`` (created once, reconfigured to
-    ``qps`` with a burst of ``qps / 20``, at least 1)."""
+    ``qps``; capacity 1, so its grants are ``1/qps`` apart whatever the number of callers)."""
     import ray
 
     actor = ray.remote(TokenBucket).options(
         name=name, namespace="cm_ray", get_if_exists=True,
-        num_cpus=0, max_concurrency=1000).remote(qps, qps / 20)
-    ray.get(actor.configure.remote(qps, qps / 20))
+        num_cpus=0, max_concurrency=1000).remote(qps)
+    ray.get(actor.configure.remote(qps))
     return actor
 
 
 class SharedRateLimit:
-    """One process's side of a shared ``TokenBucket`` (its actor handle, or the bucket itself):
-    waiting requests are granted tokens in batches, so a busy process makes one bucket call per
-    batch instead of one per request, and a token is only asked for when a request is ready to
-    use it (no hoarding, so no bursts above the limit)."""
+    """One process's side of a shared ``TokenBucket`` (its actor handle, or the bucket itself).
 
-    def __init__(self, bucket: Any, max_batch: int = 16):
-        self.bucket, self.max_batch = bucket, max_batch
-        self.waiters: deque = deque()
-        self.pump: asyncio.Task | None = None
+    Each waiting request asks the bucket for its own slot when it is ready to start (no tokens are
+    fetched ahead or hoarded, so nothing is left over to spend in a burst). The bucket's grants are
+    ``1/qps`` apart; a local capacity-1 gate at the same rate then makes sure that grants which
+    reach this process together (its loop was stalled while they were delivered) still start
+    ``1/qps`` apart here: the local side can delay a start, never add a burst.
+    """
 
-    async def acquire(self) -> None:
-        fut = asyncio.get_running_loop().create_future()
-        self.waiters.append(fut)
-        if self.pump is None or self.pump.done():
-            self.pump = asyncio.ensure_future(self._pump())
-        await fut
+    def __init__(self, bucket: Any, *, clock: Callable[[], float] | None = None,
+                 sleep: Callable[[float], Awaitable[Any]] | None = None):
+        self.bucket = bucket
+        self.remote = hasattr(bucket.acquire, "remote")
+        self.clock, self.sleep = clock, sleep
+        self.local: ProcessRateLimit | None = None
 
-    async def _pump(self) -> None:
-        while self.waiters:
-            n = min(len(self.waiters), self.max_batch)
-            call = self.bucket.acquire.remote(n) if hasattr(self.bucket.acquire, "remote") \
-                else self.bucket.acquire(n)
-            for _ in range(await call):
-                fut = self.waiters.popleft()
-                if not fut.done():
-                    fut.set_result(None)
+    async def acquire(self) -> float:
+        """Wait for a cluster-wide slot; returns the local start time."""
+        if self.local is None:
+            rate = await self.bucket.get_rate.remote() if self.remote else self.bucket.get_rate()
+            if self.local is None:  # another waiter may have set it meanwhile: keep one gate
+                self.local = ProcessRateLimit(rate, clock=self.clock, sleep=self.sleep)
+        await (self.bucket.acquire.remote() if self.remote else self.bucket.acquire())
+        return await self.local.acquire()
