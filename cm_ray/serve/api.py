@@ -186,8 +186,9 @@ def parse_request(cls: type[_Common], body: Any, s) -> _Common:
                             f"{s.max_prompt_chars} (serve.max_prompt_chars)", field)
     if (req.new_tokens() or 0) > s.max_new_tokens:
         got = req.new_tokens()
-        raise ApiError(422, f"max_tokens: at most {s.max_new_tokens} (serve.max_new_tokens), got "
-                            f"{got if got < 10**30 else 'a larger number'}", "max_tokens")
+        name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+        raise ApiError(422, f"{name}: at most {s.max_new_tokens} (serve.max_new_tokens), got "
+                            f"{got if got < 10**30 else 'a larger number'}", name)
     return req
 
 
