@@ -141,6 +141,53 @@ CASES = [  # (id, path, body: dict | bytes | generator factory, extra headers, w
 ]
 
 
+# -- the checks themselves, without Serve -------------------------------------------------------
+
+
+def test_ids_are_matched_whole_so_a_trailing_newline_is_refused():
+    from cm_ray.serve.api import ApiError, check_adapter_id
+
+    assert check_adapter_id("gb") == "GB" and check_adapter_id("_joint") == "_joint"
+    for bad in ("GB\n", "GB\r\n", "\nGB", "ＧＢ", "GB\u200b", "G" * 65):
+        with pytest.raises(ApiError, match="letters, digits") as e:
+            check_adapter_id(bad, "culture")
+        assert e.value.status == 400 and e.value.param == "culture"
+
+
+def test_scrub_removes_the_root_uris_and_local_paths():
+    from cm_ray.serve.api import scrub
+
+    msg = ("adapter 'BR' could not be loaded: HFValidationError: Repo id must be in the form "
+           "'repo_name': '/tmp/tmpab12/adapter-BR-x9'; store s3://bkt/run-1/adapters/BR; "
+           "file:///srv/data/x; C:\\Users\\me\\a.bin; at /work/runs/demo/adapters/BR")
+    out = scrub(msg, "s3://bkt/run-1", "/work/runs/demo")
+    for leak in ("/tmp", "s3://", "bkt", "file://", "Users", "/work", "run-1"):
+        assert leak not in out, out
+    assert "adapter 'BR' could not be loaded: HFValidationError" in out
+    kept = "model: '../GB' must not contain path separators or '..'"
+    assert scrub(kept) == kept
+
+
+def test_prompt_tokens_count_the_rendered_chat_not_characters(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from cm_ray.serve.api import ApiError, ChatRequest, check_prompt_tokens
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    one = ChatRequest.model_validate({"messages": [{"role": "user", "content": "a b c d e f g h"}]})
+    many = ChatRequest.model_validate({"messages": [{"role": "user", "content": "a b c d e f g h"}] * 16})
+    assert many.chars() == 16 * one.chars() == 240  # few characters ...
+    n1 = check_prompt_tokens(one, tok, 1000)
+    text = tok.apply_chat_template(many.payload()["messages"], tokenize=False, add_generation_prompt=True)
+    assert check_prompt_tokens(many, tok, 1000) == len(tok(text, add_special_tokens=False)["input_ids"]) > 5 * n1
+    with pytest.raises(ApiError, match=r"serve\.max_prompt_tokens") as e:  # ... many tokens
+        check_prompt_tokens(many, tok, 120)
+    assert e.value.status == 400
+
+
+# -- the catalogue over HTTP ----------------------------------------------------------------------
+
+
 def _post(url, path, body, headers):
     h = {**AUTH, "Content-Type": "application/json", **headers}
     if callable(body):
