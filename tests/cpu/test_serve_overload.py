@@ -22,6 +22,27 @@ REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S, RETRY_AFTER_S = 4.0, 2
 
 
+def test_both_deployments_get_queue_bounds_and_retry_after_from_the_config():
+    from cm_ray.config import ConfigError
+    from cm_ray.serve.app import adapter_server_options, ingress_options
+
+    s = load_config(REPO / "configs" / "demo.yaml", [
+        "serve.max_queued_requests=3", "serve.ingress_max_queued_requests=7",
+        "serve.ingress_max_ongoing_requests=9", "serve.retry_after_s=2.5"]).serve
+    a, i = adapter_server_options(s), ingress_options(s)
+    assert (a["max_ongoing_requests"], a["max_queued_requests"]) == (s.max_ongoing_requests, 3)
+    assert (i["max_ongoing_requests"], i["max_queued_requests"]) == (9, 7)
+    for opts in (a, i):
+        assert (opts["backpressure_config"].status_code, opts["backpressure_config"].retry_after_s) \
+            == (503, 2.5)
+    for bad, field in (("serve.max_queued_requests=0", "serve.max_queued_requests"),
+                       ("serve.generation_timeout_s=0", "serve.generation_timeout_s"),
+                       ("serve.max_body_bytes=10", "serve.max_body_bytes"),
+                       ("serve.max_messages=0", "serve.max_messages")):
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            load_config(REPO / "configs" / "demo.yaml", [bad])
+
+
 @pytest.fixture(scope="module")
 def url(ray_local, tiny_model_dir, tmp_path_factory):
     from ray import serve
