@@ -34,21 +34,42 @@ class ServeConfig(Section):
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = 0.01
     max_prompt_chars: int = Field(8000, ge=1)
+    """Cheap first bound on a request's prompt: content characters summed over all messages."""
+    max_prompt_tokens: int = Field(2048, ge=1)
+    """Prompt tokens of the rendered chat (base model's tokenizer and chat template); more = 400."""
+    max_messages: int = Field(64, ge=1)
+    """Messages one chat request may carry; more = 400."""
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    """Request body size limit, checked from Content-Length and while reading; more = 413."""
     max_new_tokens: int = Field(128, ge=1)
+    """Upper bound of max_tokens / max_completion_tokens; a larger request = 422."""
     api_key_env: str | None = None
     """Name of the env var holding a Bearer key; None = no auth."""
     ray_actor_cpus: float = 1.0
     """CPUs reserved per adapter-server replica."""
     num_gpus: float = Field(0.0, ge=0)
     """GPUs per adapter-server replica; > 0 puts the base model on CUDA (bfloat16)."""
-    max_ongoing_requests: int = 32
+    max_ongoing_requests: int = Field(32, ge=1)
     """Requests one adapter-server replica accepts at once (must cover max_batch_size)."""
+    max_queued_requests: int = Field(64, ge=1)
+    """Requests the ingress queues for the adapter servers while every replica is full; more get
+    503 + Retry-After at once instead of waiting without bound."""
+    ingress_max_ongoing_requests: int = Field(256, ge=1)
+    """Requests one ingress replica handles at once."""
+    ingress_max_queued_requests: int = Field(512, ge=1)
+    """Requests the HTTP proxy queues for the ingress; more get 503 + Retry-After."""
+    retry_after_s: float = Field(1.0, ge=0, allow_inf_nan=False)
+    """Retry-After (seconds, rounded up) sent with every 503 for overload or timeout."""
+    generation_timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False)
+    """Deployment-side bound on one request (queue wait + generation, whole stream): past it the
+    ingress cancels the request and answers 503 + Retry-After."""
     app_name: str = "cm_ray"
     """Serve application name (several apps can share one Serve instance)."""
     demo_prompt: str | None = None
     """Prompt of the demo request `cm-ray serve` sends; None = a validation input from synth/."""
-    request_timeout_s: float = 120.0
-    """Client timeout of the demo request."""
+    request_timeout_s: float = Field(120.0, gt=0)
+    """Client timeout of the demo request `cm-ray serve` sends (the deployment-side bound is
+    generation_timeout_s)."""
 
     @field_validator("num_replicas")
     @classmethod

@@ -1,33 +1,60 @@
 """OpenAI-shaped requests and responses, and the checks every request passes before it runs.
 
 Errors are ``ApiError(status, message, param)`` and render as OpenAI's
-``{"error": {"message", "type", "param", "code"}}``. Bad input is always a 4xx naming the problem.
+``{"error": {"message", "type", "param", "code"}}``. Bad input is always a 4xx naming the problem;
+nothing a client gets back names the artifact root, a local path or a storage URI (``scrub``).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
+import unicodedata
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cm_ray.artifacts import AUTO
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # always fullmatch: '$' would accept a trailing newline
+_LANGUAGE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8}){0,3}")
+_URI = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://\S*")
+_PATH = re.compile(r"(?<![\w.:/])(?:[A-Za-z]:)?[/\\](?:[^\s/\\'\"]+[/\\])+[^\s'\"]*")
+MAX_MESSAGE = 1000
+"""Longest error message sent to a client (an echoed value never makes a huge answer)."""
 
 
 class ApiError(Exception):
     """A request the server refuses, with its HTTP status and the offending parameter."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 type_: str = "invalid_request_error"):
+                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        message = str(message)
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE] + "..."
         super().__init__(message)
         self.status, self.message, self.param, self.type = status, message, param, type_
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.status}}
+
+
+def scrub(message: str, *roots: str | None) -> str:
+    """``message`` without the artifact root, storage URIs or local filesystem paths."""
+    for root in roots:
+        if root:
+            message = message.replace(str(root), "<root>")
+    return _PATH.sub("<path>", _URI.sub("<uri>", message))
+
+
+def _printable(v: str, what: str) -> str:
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") for c in v):
+        raise ValueError(f"{what} contains control or format characters")
+    return v
 
 
 class Message(BaseModel):
@@ -39,7 +66,7 @@ class Message(BaseModel):
 class _Common(BaseModel):
     # strict: "5" is not an integer and 1 is not a string; unknown OpenAI fields are ignored.
     model_config = ConfigDict(strict=True, extra="ignore")
-    model: str = AUTO
+    model: str = Field(AUTO, max_length=64)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     """Default 0 = greedy (reproducible answers; OpenAI's default is 1)."""
@@ -47,15 +74,39 @@ class _Common(BaseModel):
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stop: str | list[str] | None = None
-    culture: str | None = None
+    """Up to 4 stop strings of at most 256 characters (as OpenAI)."""
+    culture: str | None = Field(None, max_length=64)
     """Explicit culture override (same as the X-Culture header) when model is auto."""
-    metadata: dict[str, str] | None = None
-    """Router hints: ``language`` (ISO 639) and ``country`` (any culture alias)."""
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    """Router hints: ``language`` (ISO 639) and ``country`` (any culture alias). At most 16 pairs,
+    keys <= 64 and values <= 512 characters, no control characters."""
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
-        return [v] if isinstance(v, str) else v
+        v = [v] if isinstance(v, str) else v
+        if v is not None and (len(v) > 4 or any(len(x) > 256 for x in v)):
+            raise ValueError("at most 4 stop strings of at most 256 characters")
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v):
+        from cm_ray.cultures import normalize_culture
+
+        for key, value in (v or {}).items():
+            if len(key) > 64 or len(value) > 512:
+                raise ValueError(f"key {key[:64]!r}: keys <= 64 and values <= 512 characters")
+            _printable(key, "a key"), _printable(value, f"{key[:64]!r}")
+        if (v or {}).get("language") and not _LANGUAGE.fullmatch(v["language"]):
+            raise ValueError(f"language {v['language'][:64]!r} is not an ISO 639 / BCP 47 tag")
+        if (v or {}).get("country"):
+            try:
+                normalize_culture(v["country"])
+            except KeyError:
+                raise ValueError(f"country {v['country'][:64]!r} is not a known culture "
+                                 "(use an ISO 3166-1 code such as 'MX')") from None
+        return v
 
 
 class ChatRequest(_Common):
@@ -98,34 +149,79 @@ class CompletionRequest(_Common):
         return self.max_tokens
 
 
-def parse_request(cls: type[_Common], body: Any, max_chars: int, max_new_tokens: int) -> _Common:
-    """Validate a decoded JSON body; raise ApiError 400/413/422 naming the field."""
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode_json(raw: bytes) -> Any:
+    """The JSON body, or ApiError 400 naming what is wrong (syntax, NaN, huge numbers, nesting)."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, "malformed JSON body: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, >4300-digit integers, NaN
+        raise ApiError(400, f"malformed JSON body: {e}") from None
+
+
+def parse_request(cls: type[_Common], body: Any, s) -> _Common:
+    """Validate a decoded JSON body against the serve section ``s``; raise ApiError 400/413/422
+    naming the field and the limit."""
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}")
+    msgs = body.get("messages")
+    if isinstance(msgs, list) and len(msgs) > s.max_messages:
+        raise ApiError(400, f"messages: {len(msgs)} messages; the limit is {s.max_messages} "
+                            "(serve.max_messages)", "messages")
     try:
         req = cls.model_validate(body)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or None
+        err = e.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(p)[:64] for p in err["loc"]) or None
         raise ApiError(422, f"{where}: {err['msg']}" if where else err["msg"], where) from None
-    if req.chars() > max_chars:
-        raise ApiError(413, f"prompt has {req.chars()} characters; the limit is {max_chars} "
-                            f"(serve.max_prompt_chars)", "messages" if cls is ChatRequest else "prompt")
-    if (req.new_tokens() or 0) > max_new_tokens:
-        raise ApiError(422, f"max_tokens: at most {max_new_tokens} (serve.max_new_tokens), got "
-                            f"{req.new_tokens()}", "max_tokens")
+    except RecursionError:
+        raise ApiError(400, "request nested too deeply") from None
+    field = "messages" if cls is ChatRequest else "prompt"
+    if req.chars() > s.max_prompt_chars:
+        raise ApiError(413, f"prompt has {req.chars()} characters; the limit is "
+                            f"{s.max_prompt_chars} (serve.max_prompt_chars)", field)
+    if (req.new_tokens() or 0) > s.max_new_tokens:
+        got = req.new_tokens()
+        name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+        raise ApiError(422, f"{name}: at most {s.max_new_tokens} (serve.max_new_tokens), got "
+                            f"{got if got < 10**30 else 'a larger number'}", name)
     return req
+
+
+def check_prompt_tokens(req: _Common, tokenizer, limit: int) -> int:
+    """Prompt tokens of ``req`` as the replica will run it (chat template rendered with the
+    generation prompt, no extra special tokens); ApiError 400 past ``limit``."""
+    field = "messages" if isinstance(req, ChatRequest) else "prompt"
+    if isinstance(req, ChatRequest):
+        try:
+            text = tokenizer.apply_chat_template(req.payload()["messages"], tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as e:  # a template that refuses this sequence of roles
+            raise ApiError(400, f"messages: the model's chat template refused them: "
+                                f"{type(e).__name__}: {e}", field) from None
+    else:
+        text = req.prompt
+    n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if n > limit:
+        raise ApiError(400, f"{field}: the prompt is {n} tokens; the limit is {limit} "
+                            "(serve.max_prompt_tokens)", field, "context_length_exceeded")
+    return n
 
 
 def check_adapter_id(value: str, param: str = "model") -> str:
     """Normalise a culture/adapter id (``mx`` -> ``MX``); refuse anything path-like with a 400."""
     if not isinstance(value, str) or not value:
         raise ApiError(400, f"{param}: must be a non-empty string", param)
+    shown = repr(value[:64])
     if "/" in value or "\\" in value or ".." in value:
-        raise ApiError(400, f"{param}: {value!r} must not contain path separators or '..'", param)
-    if not _ID.match(value):
-        raise ApiError(400, f"{param}: {value!r} may only contain letters, digits, '_' and '-'",
-                       param)
+        raise ApiError(400, f"{param}: {shown} must not contain path separators or '..'", param)
+    if not _ID.fullmatch(value):
+        raise ApiError(400, f"{param}: {shown} may only contain letters, digits, '_' and '-' "
+                            "(at most 64)", param)
     return value.upper() if len(value) == 2 else value
 
 

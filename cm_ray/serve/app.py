@@ -4,7 +4,9 @@
 
 Each deployment is bound with its own config sections only: the adapter servers get the serve
 section, the model refs and the root; the ingress gets the serve and router sections, the model
-refs, the root and the hash of the API key (the key itself never ships).
+refs, the root and the hash of the API key (the key itself never ships). Both deployments have
+bounded queues: past them a request gets 503 + Retry-After at once (``serve.max_queued_requests``,
+``serve.ingress_max_queued_requests``, ``serve.retry_after_s``).
 """
 
 from __future__ import annotations
@@ -14,9 +16,25 @@ import os
 from typing import Any
 
 
+def _backpressure(s):
+    """Requests past a queue bound get 503 + Retry-After (Serve's BackpressureConfig)."""
+    from ray.serve.config import BackpressureConfig
+
+    return BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s)
+
+
+def ingress_options(s) -> dict:
+    """Deployment options of CultureIngress: its own concurrency and proxy-side queue bounds."""
+    return {"max_ongoing_requests": s.ingress_max_ongoing_requests,
+            "max_queued_requests": s.ingress_max_queued_requests,
+            "backpressure_config": _backpressure(s)}
+
+
 def adapter_server_options(s) -> dict:
     """Deployment options of AdapterServer from ServeConfig (``num_replicas: auto`` = autoscaling)."""
     opts: dict = {"max_ongoing_requests": s.max_ongoing_requests,
+                  "max_queued_requests": s.max_queued_requests,
+                  "backpressure_config": _backpressure(s),
                   "ray_actor_options": {"num_cpus": s.ray_actor_cpus}}
     if s.num_gpus:
         opts["ray_actor_options"]["num_gpus"] = s.num_gpus
@@ -42,7 +60,7 @@ def build_app(cfg) -> Any:
             raise ValueError(f"serve.api_key_env: environment variable {s.api_key_env} is not set")
         key_sha256 = hashlib.sha256(key.encode()).hexdigest()  # the key itself never ships
     adapters = AdapterServer.options(**adapter_server_options(s)).bind(s, cfg.models, cfg.root)
-    return CultureIngress.bind(s, cfg.router, cfg.models, cfg.root, adapters, key_sha256)
+    return CultureIngress.options(**ingress_options(s)).bind(s, cfg.router, cfg.models, cfg.root, adapters, key_sha256)
 
 
 def app_builder(args: dict) -> Any:

@@ -9,6 +9,10 @@ Endpoints: POST /v1/chat/completions and /v1/completions (``stream: true`` = SSE
 culture); ``model="<culture>"`` pins an adapter; ``model="base"`` uses no adapter. Responses carry
 ``culture``, ``router_confidence`` and ``routed_by`` fields and ``X-Culture`` / ``X-Router-*``
 headers.
+
+Limits (serve section): body bytes (413), messages and prompt tokens of the rendered chat (400),
+max_new_tokens (422); a full adapter-server queue or a request past ``generation_timeout_s`` is a
+503 with ``Retry-After``. Every error is JSON and names no path, URI or artifact root.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
+import logging
 import time
 import uuid
 from typing import Callable
@@ -29,14 +33,19 @@ from cm_ray import artifacts
 from cm_ray.artifacts import AUTO, BASE, NONE
 from cm_ray.serve.adapters import adapter_ids
 from cm_ray.serve.api import (ApiError, ChatRequest, CompletionRequest, check_adapter_id,
-                              chunk_body, completion_body, parse_request, route_headers)
+                              check_prompt_tokens, chunk_body, completion_body, decode_json,
+                              parse_request, route_headers, scrub)
+from cm_ray.serve.limits import (load_tokenizer, overload_error, read_body, replica_error,
+                                 timeout_error)
+
+log = logging.getLogger("cm_ray.serve")
 
 fastapi_app = FastAPI(title="cm_ray", description="Culture-routed LoRA adapters, OpenAI-shaped")
 
 
 @fastapi_app.exception_handler(ApiError)
 async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 def pick_culture(req, header: str | None, has_adapter: Callable[[str], bool],
@@ -101,26 +110,39 @@ class _Metrics:
 # the decorators run.
 
 
-async def _sse_events(gen, first: dict, chat: bool, cid: str, model: str, route: dict):
-    """OpenAI-style SSE: one chunk per text delta, a final chunk with finish_reason, [DONE]."""
+async def _sse_events(gen, first: dict, chat: bool, cid: str, model: str, route: dict,
+                      deadline: float, s):
+    """OpenAI-style SSE: one chunk per text delta, a final chunk with finish_reason, [DONE].
+    Past ``deadline`` (loop time) the stream ends with a timeout error event."""
     item = first
     while True:
         if "delta" in item:
             yield _sse(chunk_body(chat, cid, model, item["delta"], None, route))
         elif "error" in item:
-            yield _sse(item["error"])
+            err = item["error"]["error"]
+            yield _sse({"error": {**err, "message": scrub(str(err.get("message")))}})
             break
         else:
             yield _sse(chunk_body(chat, cid, model, None, item.get("finish_reason"), route))
             break
         try:
-            item = await gen.__anext__()
+            item = await asyncio.wait_for(gen.__anext__(), deadline - time.monotonic())
         except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            gen.cancel()
+            yield _sse(timeout_error(s).body())
+            break
+        except Exception as e:  # the replica died mid-stream: say so, without details
+            log.warning("stream failed: %s", scrub(repr(e)))
+            yield _sse(ApiError(503, "generation failed; retry later", None, "server_error").body())
             break
     yield "data: [DONE]\n\n"
 
 
 def _sse(obj: dict) -> str:
+    import json
+
     return f"data: {json.dumps(obj)}\n\n"
 
 
@@ -142,6 +164,8 @@ class CultureIngress:
         self.adapters = adapters
         self.key_sha256 = api_key_sha256
         self.metrics = _Metrics()
+        self.tokenizer = load_tokenizer(self.base_model, models.cache_dir)
+        self.root = root
         self.router = None
         has_router = artifacts.published_router(self.store) is not None
         if router_cfg.kind == "embedding" and has_router:
@@ -210,12 +234,9 @@ class CultureIngress:
         culture, status = "-", 500
         try:
             self._auth(request)
-            try:
-                body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ApiError(400, f"malformed JSON body: {e}") from None
             s = self.serve_cfg
-            req = parse_request(cls, body, s.max_prompt_chars, s.max_new_tokens)
+            req = parse_request(cls, decode_json(await read_body(request, s.max_body_bytes)), s)
+            await asyncio.to_thread(check_prompt_tokens, req, self.tokenizer, s.max_prompt_tokens)
             route = await asyncio.to_thread(
                 pick_culture, req, request.headers.get("x-culture"), self._has_adapter,
                 self._predict if self.router else None)
@@ -224,13 +245,13 @@ class CultureIngress:
             payload = {"payload": req.payload(), "max_new_tokens": req.new_tokens(),
                        "temperature": req.temperature, "top_p": req.top_p, "stop": req.stop}
             chat = cls is ChatRequest
+            deadline = time.monotonic() + s.generation_timeout_s
             if req.stream:
-                resp = await self._stream(handle, payload, chat, req.model, route)
+                resp = await self._stream(handle, payload, chat, req.model, route, deadline)
             else:
-                result = await handle.generate.remote(payload)
+                result = await self._call(handle.generate.remote(payload), deadline)
                 if "error" in result:
-                    raise ApiError(result["error"]["error"]["code"], result["error"]["error"]["message"],
-                                   result["error"]["error"]["param"], result["error"]["error"]["type"])
+                    raise ApiError(**replica_error(result["error"]))
                 if result.get("adapter_cold"):
                     self.metrics.loads.labels(culture).inc()
                 resp = JSONResponse(completion_body(chat, req.model, result, route),
@@ -239,17 +260,41 @@ class CultureIngress:
             return resp
         except ApiError as e:
             status = e.status
-            return JSONResponse(e.body(), status_code=e.status)
+            body = e.body()
+            body["error"]["message"] = scrub(e.message, self.root)
+            return JSONResponse(body, status_code=e.status, headers=e.headers)
+        except Exception as e:  # a bug or a dead replica: JSON, no details (they may name paths)
+            log.exception("request failed: %s", scrub(repr(e), self.root))
+            return JSONResponse(ApiError(500, "internal error", None, "server_error").body(),
+                                status_code=500)
         finally:
             self.metrics.requests.labels(endpoint, culture, str(status)).inc()
             self.metrics.latency.labels(culture).observe(time.perf_counter() - t0)
 
-    async def _stream(self, handle, payload: dict, chat: bool, model: str, route: dict) -> Response:
+    async def _call(self, awaitable, deadline: float, cancel=None):
+        """Await a handle call until ``deadline``; overload / timeout become 503 + Retry-After."""
+        s = self.serve_cfg
+        try:
+            return await asyncio.wait_for(awaitable, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            if cancel is not None:
+                cancel()
+            elif hasattr(awaitable, "cancel"):
+                awaitable.cancel()
+            raise timeout_error(s) from None
+        except Exception as e:
+            err = overload_error(e, s.retry_after_s)
+            if err is None:
+                raise
+            raise err from None
+
+    async def _stream(self, handle, payload: dict, chat: bool, model: str, route: dict,
+                      deadline: float) -> Response:
         gen = handle.options(stream=True).generate_stream.remote(payload)
-        first = await gen.__anext__()
+        first = await self._call(gen.__anext__(), deadline, cancel=gen.cancel)
         if "error" in first:  # fails before any token: a plain JSON error, not a broken stream
-            err = first["error"]["error"]
-            raise ApiError(err["code"], err["message"], err["param"], err["type"])
+            raise ApiError(**replica_error(first["error"]))
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        return StreamingResponse(_sse_events(gen, first, chat, cid, model, route),
+        return StreamingResponse(_sse_events(gen, first, chat, cid, model, route, deadline,
+                                             self.serve_cfg),
                                  media_type="text/event-stream", headers=route_headers(route))

@@ -21,6 +21,13 @@ def _demo_prompt(cfg, store) -> str:
     return "¿Qué se suele comer en una fiesta de cumpleaños en Ciudad de México?"
 
 
+def _auth_headers(s) -> dict[str, str]:
+    """The Authorization header of the app's own requests (``serve.api_key_env``), or none."""
+    if not s.api_key_env:
+        return {}
+    return {"Authorization": f"Bearer {os.environ[s.api_key_env]}"}
+
+
 def run_serve(cfg, store, force: bool = False, keep_serving: bool = False) -> dict:
     """Stage ``serve``: deploy the app, send one routed demo request over HTTP, summarise.
 
@@ -47,15 +54,15 @@ def run_serve(cfg, store, force: bool = False, keep_serving: bool = False) -> di
         prompt = _demo_prompt(cfg, store)
         body = json.dumps({"model": AUTO, "messages": [{"role": "user", "content": prompt}],
                            "max_tokens": s.max_new_tokens}).encode()
-        headers = {"Content-Type": "application/json"}
-        if s.api_key_env:
-            headers["Authorization"] = f"Bearer {os.environ[s.api_key_env]}"
+        auth = _auth_headers(s)  # every request of its own carries the key when auth is on
         t1 = time.perf_counter()
         with urllib.request.urlopen(urllib.request.Request(
-                f"{url}/v1/chat/completions", body, headers), timeout=s.request_timeout_s) as r:
+                f"{url}/v1/chat/completions", body, {"Content-Type": "application/json", **auth}),
+                timeout=s.request_timeout_s) as r:
             answer = json.loads(r.read())
         latency_ms = (time.perf_counter() - t1) * 1000
-        with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as r:
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/models", headers=auth),
+                                    timeout=30) as r:
             n_adapters = len(json.loads(r.read())["data"]) - 2
         text = answer["choices"][0]["message"]["content"]
         summary = {"url": url, "prompt": prompt, "answer": text, "culture": answer["culture"],

@@ -25,7 +25,8 @@ KEY = "sk-test-" + uuid.uuid4().hex
 
 @pytest.fixture(scope="module")
 def store(s3_endpoint, tiny_model_dir, tmp_path_factory):
-    """An S3 store with a trained router, adapters GB/CN/MX and one broken adapter (FR)."""
+    """An S3 store with a trained router, adapters GB/CN/MX and two broken adapters: FR (a bad
+    config), BR (a config without weights: PEFT's error names the local copy's path)."""
     from cm_ray.router.model import Encoder, train_router
 
     ensure_bucket("s3://cm-ray-test")
@@ -34,6 +35,8 @@ def store(s3_endpoint, tiny_model_dir, tmp_path_factory):
     for seed, culture in enumerate(["GB", "CN", "MX"]):
         store.upload_dir(make_adapter(tiny_model_dir, local / culture, seed), "adapters", culture)
     store.write_json({"peft_type": "LORA", "r": "not a number"}, "adapters", "FR",
+                     "adapter_config.json")
+    store.write_json(json.loads((local / "GB" / "adapter_config.json").read_text()), "adapters", "BR",
                      "adapter_config.json")
     router, _ = train_router(*split_pairs(), Encoder("embedded:all-minilm-l6-v2"))
     router.save(store, "router")
@@ -44,7 +47,8 @@ def store(s3_endpoint, tiny_model_dir, tmp_path_factory):
 def cfg_overrides(store, tiny_model_dir):
     return [f"root={store.root}", f"models.base={tiny_model_dir}", "serve.max_adapters_per_replica=2",
             "serve.max_new_tokens=8", "serve.max_prompt_chars=500", "serve.batch_wait_timeout_s=0.25",
-            "serve.ray_actor_cpus=0.5"]
+            "serve.ray_actor_cpus=0.5", "serve.max_prompt_tokens=120", "serve.max_messages=16",
+            "serve.max_body_bytes=65536"]
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +73,8 @@ def url(ray_local, cfg_overrides, monkeypatch_module):
         time.sleep(1)
     yield base
     serve.delete("cm_ray_test")
+    if not serve.status().applications:  # the next module starts Serve on a port of its own
+        serve.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +194,8 @@ BAD = [  # (path, raw body or json, headers, status, words in the message)
     ("/v1/chat/completions", {"model": "GB/../../etc", "messages": _msgs("hi")}, {}, 400, "path separators"),
     ("/v1/chat/completions", {"model": "..", "messages": _msgs("hi")}, {}, 400, "'..'"),
     ("/v1/chat/completions", {"model": "G B", "messages": _msgs("hi")}, {}, 400, "letters, digits"),
+    ("/v1/chat/completions", {"model": "GB\n", "messages": _msgs("hi")}, {}, 400, "letters, digits"),
+    ("/v1/chat/completions", {"culture": "MX\n", "messages": _msgs("hi")}, {}, 400, "culture"),
     ("/v1/chat/completions", {"messages": _msgs("hi")}, {"X-Culture": "..\\x"}, 400, "X-Culture"),
     ("/v1/chat/completions", {"messages": _msgs("hi"), "culture": "Narnia"}, {}, 404, "unknown culture"),
     ("/v1/chat/completions", {"model": "FR", "messages": _msgs("hi")}, {}, 422, "could not be loaded"),
@@ -210,6 +218,18 @@ def test_bad_input_gets_a_4xx_naming_the_problem(url, path, body, headers, statu
     assert words in r.json()["error"]["message"]
 
 
+def test_errors_name_no_store_uri_or_local_path(url, store):
+    import tempfile
+
+    for model, stream in (("BR", False), ("BR", True), ("FR", False)):
+        r = chat(url, "hi", model=model, stream=stream)  # a broken adapter: a load error
+        assert r.status_code in (404, 422), r.text  # 404 once broken adapters are not listed
+        msg = r.json()["error"]["message"]
+        assert model in msg
+        for leak in (store.root, "s3://", tempfile.gettempdir(), "adapter-BR-"):
+            assert leak not in msg, msg
+
+
 def test_server_keeps_serving_after_bad_input_and_counts_per_culture(url):
     assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
     assert chat(url, "Fuimos a comer tacos al pastor.").status_code == 200
@@ -222,6 +242,7 @@ def test_server_keeps_serving_after_bad_input_and_counts_per_culture(url):
 
 
 def test_run_serve_deploys_routes_one_demo_request_and_cleans_up(url, store, cfg_overrides):
+    """With auth on (serve.api_key_env): run_serve's own requests carry the key."""
     from ray import serve
 
     from cm_ray.serve.stage import run_serve
@@ -229,7 +250,7 @@ def test_run_serve_deploys_routes_one_demo_request_and_cleans_up(url, store, cfg
     port = int(url.rsplit(":", 1)[1])
     cfg = load_config(REPO / "configs" / "demo.yaml",
                       [*cfg_overrides, f"serve.port={port}", "serve.route_prefix=/demo",
-                       "serve.app_name=cm_ray_demo",
+                       "serve.app_name=cm_ray_demo", "serve.api_key_env=CM_RAY_TEST_KEY",
                        f"serve.demo_prompt={TEXTS['MX'][0]}"])
     summary = run_serve(cfg, store)
     assert summary["culture"] == "MX" and summary["routed_by"] == "router"

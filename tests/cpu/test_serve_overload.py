@@ -1,0 +1,119 @@
+"""Overload over real HTTP on 127.0.0.1: bounded queues and a deployment-side request timeout.
+
+One adapter-server replica that takes one request at a time (max_ongoing_requests=1) with one
+queued request (max_queued_requests=1): capacity 2. Under about 4x that, the excess gets 503 +
+Retry-After at once and every answer arrives within serve.generation_timeout_s; a request that
+runs past that timeout gets 503 + Retry-After instead of holding its client.
+
+python -m pytest tests/cpu/test_serve_overload.py -q -x
+"""
+
+import concurrent.futures as cf
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from cm_ray.config import load_config
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_S, RETRY_AFTER_S = 4.0, 2
+
+
+def test_both_deployments_get_queue_bounds_and_retry_after_from_the_config():
+    from cm_ray.config import ConfigError
+    from cm_ray.serve.app import adapter_server_options, ingress_options
+
+    s = load_config(REPO / "configs" / "demo.yaml", [
+        "serve.max_queued_requests=3", "serve.ingress_max_queued_requests=7",
+        "serve.ingress_max_ongoing_requests=9", "serve.retry_after_s=2.5"]).serve
+    a, i = adapter_server_options(s), ingress_options(s)
+    assert (a["max_ongoing_requests"], a["max_queued_requests"]) == (s.max_ongoing_requests, 3)
+    assert (i["max_ongoing_requests"], i["max_queued_requests"]) == (9, 7)
+    for opts in (a, i):
+        assert (opts["backpressure_config"].status_code, opts["backpressure_config"].retry_after_s) \
+            == (503, 2.5)
+    for bad, field in (("serve.max_queued_requests=0", "serve.max_queued_requests"),
+                       ("serve.generation_timeout_s=0", "serve.generation_timeout_s"),
+                       ("serve.max_body_bytes=10", "serve.max_body_bytes"),
+                       ("serve.max_messages=0", "serve.max_messages")):
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            load_config(REPO / "configs" / "demo.yaml", [bad])
+
+
+@pytest.fixture(scope="module")
+def url(ray_local, tiny_model_dir, tmp_path_factory):
+    from ray import serve
+
+    from cm_ray.serve.app import build_app
+
+    port = free_port()
+    cfg = load_config(REPO / "configs" / "demo.yaml", [
+        f"root={tmp_path_factory.mktemp('overload-root')}", f"models.base={tiny_model_dir}",
+        "router.kind=header", f"serve.port={port}", "serve.max_batch_size=1",
+        "serve.max_ongoing_requests=1", "serve.max_queued_requests=1",
+        f"serve.retry_after_s={RETRY_AFTER_S}", f"serve.generation_timeout_s={TIMEOUT_S}",
+        "serve.max_new_tokens=2000", "serve.ray_actor_cpus=0.5"])
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name="cm_ray_overload", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    yield base
+    serve.delete("cm_ray_overload")
+    if not serve.status().applications:
+        serve.shutdown()
+
+
+def ask(url, max_tokens):
+    t0 = time.perf_counter()
+    r = requests.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": "base", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]})
+    return r, time.perf_counter() - t0
+
+
+def wait_until_served(url, within_s=60):
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if ask(url, 2)[0].status_code == 200:
+            return
+        time.sleep(0.5)
+    pytest.fail("the app did not serve a short request again")
+
+
+def test_excess_requests_get_503_with_retry_after_and_accepted_ones_finish_in_bounded_time(url):
+    wait_until_served(url)
+    with cf.ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(lambda _: ask(url, 24), range(8)))
+    by_status = {}
+    for r, elapsed in results:
+        by_status.setdefault(r.status_code, []).append((r, elapsed))
+        assert r.status_code in (200, 429, 503), r.text
+        assert elapsed < TIMEOUT_S + 5, (r.status_code, elapsed)  # never unbounded latency
+        if r.status_code != 200:
+            assert r.headers["Retry-After"] == str(RETRY_AFTER_S), r.headers
+            assert r.json()["error"]["type"] in ("overloaded_error", "timeout_error"), r.text
+    assert by_status.get(200), f"no request was served: {[(r.status_code, r.text) for r, _ in results]}"
+    overloaded = [r for r, _ in results if r.status_code != 200
+                  and r.json()["error"]["type"] == "overloaded_error"]
+    assert overloaded, "8 requests at a capacity of 2: some must be refused at once"
+    assert all("serve.max_queued_requests" in r.json()["error"]["message"] for r in overloaded)
+    wait_until_served(url)
+
+
+def test_a_request_past_the_deployment_timeout_gets_503_with_retry_after(url):
+    wait_until_served(url)
+    r, elapsed = ask(url, 2000)  # ~2000 greedy tokens: far longer than the 4 s timeout
+    assert r.status_code == 503, r.text
+    assert r.headers["Retry-After"] == str(RETRY_AFTER_S)
+    err = r.json()["error"]
+    assert err["type"] == "timeout_error" and "serve.generation_timeout_s" in err["message"]
+    assert TIMEOUT_S - 0.5 <= elapsed < TIMEOUT_S + 5, elapsed
+    wait_until_served(url)  # the replica recovers; a valid request is served again
