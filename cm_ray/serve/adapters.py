@@ -133,8 +133,8 @@ class AdapterServer:
         self.store = ArtifactStore(root)
         base = models.base or models.generator
         device = "cuda" if s.num_gpus > 0 else "cpu"
-        self.pool = AdapterPool(resolve_model(base, models.cache_dir),
-                                default_dtype(device), device)
+        self.pool = AdapterPool(resolve_model(base, models.cache_dir), default_dtype(device), device,
+                                max_time_s=s.generation_timeout_s)
         self._batched.set_max_batch_size(s.max_batch_size)
         self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         # max_num_models_per_replica is fixed at decoration: wrap per instance to take the config.

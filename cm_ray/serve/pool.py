@@ -22,7 +22,8 @@ class AdapterPool:
     forward hooks and ``load_adapter`` both modify the model's modules.
     """
 
-    def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu"):
+    def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu",
+                 max_time_s: float | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -30,6 +31,9 @@ class AdapterPool:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.device = device
+        self.max_time_s = max_time_s
+        """Wall-clock bound of one forward batch (transformers' ``max_time``): a request the
+        ingress gave up on cannot hold the replica past it."""
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
         self.model.to(device).eval()
         self.lock = threading.Lock()
@@ -118,6 +122,8 @@ class AdapterPool:
 
     def _generate(self, enc, names: list[str], **kw):
         kw["pad_token_id"] = self.tokenizer.pad_token_id
+        if self.max_time_s:
+            kw["max_time"] = self.max_time_s
         if self.loaded:  # a PeftModel: one forward pass, each row with its own adapter
             return self.model.generate(**enc, adapter_names=names, **kw)
         return self.model.generate(**enc, **kw)
