@@ -20,12 +20,13 @@ _FORWARDED = ["CM_RAY_CACHE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_RE
               "AWS_DEFAULT_REGION", "TORCH_EXTENSIONS_DIR",
               "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VLLM_CPU_OMP_THREADS_BIND",
               "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_KVCACHE_SPACE"]
-_SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
+_SECRET_WORDS = frozenset({"KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS"})
 
 
 def is_secret_name(name: str) -> bool:
-    """True for an environment variable that holds a credential (never forwarded)."""
-    return any(w in name.upper() for w in _SECRET_WORDS)
+    """True for an environment variable that holds a credential (never forwarded): one of its
+    ``_``-separated words is KEY, SECRET, TOKEN, PASSWORD, ... (TOKENIZERS_PARALLELISM is not)."""
+    return not _SECRET_WORDS.isdisjoint(name.upper().split("_"))
 
 
 class Secrets:
