@@ -6,7 +6,8 @@ transformers -> a ``map_batches`` actor pool (``GeneratorUDF``); openai -> an as
 
 Input columns:  messages (list of {role, content}), json_schema (str, optional: JSON schema text)
 Output columns: generated_text (str), prompt_tokens (int), output_tokens (int), finish_reason (str:
-                stop | length | error), retries (int), cost_usd (float), gen_error (str | None),
+                stop | length | error), retries (int), cost_usd (float), gen_error (str | None: the reason,
+                scrubbed of keys and paths),
                 latency_s (float: engine seconds for the row's request or batch), finished_at (float:
                 unix time), engine (str), model (str). ``usage_totals(rows)`` sums the counters.
 """
