@@ -197,12 +197,14 @@ def _check_stage_outputs(store, llm, brave, keys: dict[str, str]) -> None:
 
 
 def _ray_state_text() -> str:
+    import ray
     from ray.util import state
 
+    address = ray.get_runtime_context().gcs_address  # this cluster's (others may run beside it)
     parts = []
     for fn in (state.list_actors, state.list_tasks, state.list_jobs, state.list_workers,
                state.list_objects, state.list_placement_groups, state.list_nodes):
-        parts += [repr(x) for x in fn(detail=True, limit=10000, raise_on_missing_output=False)]
+        parts += [repr(x) for x in fn(address=address, detail=True, limit=10000, raise_on_missing_output=False)]
     return "\n".join(parts)
 
 
