@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -40,12 +41,35 @@ def is_retryable_status(status: int) -> bool:
     return status in RETRY_STATUS or status >= 500
 
 
-def scrub(text: str, secrets: Iterable[str | None]) -> str:
-    """``text`` with every (non-empty) secret replaced by ``***``."""
-    for s in secrets:
-        if s:
-            text = text.replace(s, "***")
-    return text
+_PATH_ROOTS = ("home", "root", "tmp", "var", "opt", "usr", "srv", "mnt", "media", "work", "data",
+               "workspace", "app", "etc", "proc", "run", "nix", "private", "Users", "Volumes")
+_PATHS = re.compile(r"(?:\b(?:s3|s3a|gs|gcs|az|abfs|hdfs|file)://[^\s'\"<>)]+)"
+                    r"|(?:(?<![\w.:/~-])(?:~|/(?:%s))(?:/[^\s'\"<>,;)]*)+)" % "|".join(_PATH_ROOTS))
+
+
+def _spellings(secret: str) -> set[str]:
+    """``secret`` as it may come back in an echoed request: raw, JSON-escaped, URL-encoded."""
+    import json
+    from urllib.parse import quote, quote_plus
+
+    return {secret, json.dumps(secret)[1:-1], quote(secret, safe=""), quote_plus(secret)}
+
+
+def scrub(text: Any, secrets: Iterable[str | None] = (), paths: bool = True) -> str:
+    """``text`` (any object: exceptions and reprs too) safe to store or log: every non-empty
+    secret (raw, JSON-escaped or URL-encoded) becomes ``***`` and, with ``paths``, every local
+    path and store URI (``/home/...``, ``/tmp/...``, ``s3://...``) becomes ``<path>``.
+    The one scrub every error text goes through before it reaches a row, a log or a message."""
+    text = text if isinstance(text, str) else str(text)
+    for s in sorted({v for s in secrets if s for v in _spellings(s)}, key=len, reverse=True):
+        text = text.replace(s, "***")
+    return _PATHS.sub("<path>", text) if paths else text
+
+
+def error_text(exc: BaseException, secrets: Iterable[str | None] = ()) -> str:
+    """``TypeName: message`` of an exception, scrubbed (for per-row error columns)."""
+    msg = scrub(exc, secrets)
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -72,7 +96,7 @@ async def send(session: Any, method: str, url: str, *, timeout_s: float,
                secrets: Iterable[str | None] = (), detail_chars: int = 160, **kwargs: Any) -> Response:
     """One request with ``session`` (aiohttp); returns the answer of a status below 400, raises
     ``RequestFailed`` otherwise. A refused request's reason quotes the first ``detail_chars`` of
-    the body with ``secrets`` scrubbed (an error page may echo the request)."""
+    the body with ``secrets`` and paths scrubbed (an error page may echo the request)."""
     import aiohttp
 
     try:
@@ -83,15 +107,16 @@ async def send(session: Any, method: str, url: str, *, timeout_s: float,
     except (asyncio.TimeoutError, TimeoutError):
         raise RequestFailed(f"timeout after {timeout_s:g}s", retryable=True) from None
     except aiohttp.ClientPayloadError as e:
-        raise RequestFailed(f"truncated response: {e}", retryable=True) from None
+        raise RequestFailed(f"truncated response: {scrub(e, secrets)}", retryable=True) from None
     except aiohttp.ClientError as e:
         raise RequestFailed(f"connection error: {type(e).__name__}", retryable=True) from None
     if is_retryable_status(status):
         raise RequestFailed(f"HTTP {status}", retryable=True,
                             retry_after=parse_retry_after(headers.get("Retry-After")))
     if status >= 400:
-        text = body[:detail_chars].decode("utf-8", "replace")
-        raise RequestFailed(f"HTTP {status}: {scrub(text, secrets)}")
+        # Scrub the whole body first: a key cut at the quoted length would survive as a prefix.
+        text = scrub(body[:4 * detail_chars + 8192].decode("utf-8", "replace"), secrets)
+        raise RequestFailed(f"HTTP {status}: {text[:detail_chars]}")
     return Response(status, headers, body)
 
 

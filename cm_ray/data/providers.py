@@ -61,11 +61,12 @@ class HttpProvider:
     url = ""
     key_env: str | None = None
 
-    def __init__(self, endpoint: str | None = None):
+    def __init__(self, endpoint: str | None = None, secrets: Any = None):
         self.endpoint = endpoint or self.url
         self.key = None
         if self.key_env:
-            self.key = os.environ.get(self.key_env)
+            # The driver's key when it handed one over (ray_utils.Secrets), else this process's.
+            self.key = secrets.get(self.key_env) if secrets is not None else os.environ.get(self.key_env)
             if not self.key:
                 # The name of the variable only; the key itself is never put in a message.
                 raise ProviderError(f"search provider {self.name!r} needs the {self.key_env} "
@@ -260,10 +261,11 @@ class BM25Provider:
                          docs[i]["text"], r + 1, self.name, locale) for r, i in enumerate(best)]
 
 
-def make_provider(name: str, endpoint: str | None = None, corpus: str | None = None):
-    """The provider called ``name`` (raises ProviderError for a missing API key)."""
+def make_provider(name: str, endpoint: str | None = None, corpus: str | None = None, secrets: Any = None):
+    """The provider called ``name`` (raises ProviderError for a missing API key); ``secrets``: a
+    ``ray_utils.Secrets`` to read the key from (default: the environment)."""
     if name == "bm25":
         return BM25Provider(corpus)
     if name not in HTTP_PROVIDERS:
         raise ValueError(f"unknown search provider {name!r} (known: {', '.join(PROVIDERS)})")
-    return HTTP_PROVIDERS[name](endpoint)
+    return HTTP_PROVIDERS[name](endpoint, secrets)

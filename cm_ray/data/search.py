@@ -37,8 +37,11 @@ class WebSearcher:
                     fetched_at}), attempts, retries (int), latency_ms (float), pages (list)
     """
 
-    def __init__(self, search_cfg: SearchConfig, buckets: dict, session_factory=None):
-        self.searcher = Searcher(search_cfg, buckets, session_factory)
+    def __init__(self, search_cfg: SearchConfig, buckets: dict, session_factory=None, secrets=None):
+        from cm_ray.ray_utils import resolve_secrets
+
+        # API keys from the driver through the object store (never runtime_env: Ray displays it).
+        self.searcher = Searcher(search_cfg, buckets, session_factory, secrets=resolve_secrets(secrets))
 
     async def __call__(self, batch):
         import pyarrow as pa
@@ -55,18 +58,15 @@ class WebSearcher:
             asyncio.run_coroutine_threadsafe(self.searcher.close(), loop)
 
 
-def _check_keys(cfg: SearchConfig) -> dict[str, str]:
+def _check_keys(cfg: SearchConfig) -> list[str]:
     """Fail at stage start on a missing API key; return the key variables the workers need."""
-    import os
-
-    env = {}
+    names = []
     for p in [cfg.provider, *cfg.fallback]:
         if p in HTTP_PROVIDERS:
             make_provider(p, "http://127.0.0.1/")  # raises ProviderError naming the variable
-            var = HTTP_PROVIDERS[p].key_env
-            if var:
-                env[var] = os.environ[var]
-    return env
+            if HTTP_PROVIDERS[p].key_env:
+                names.append(HTTP_PROVIDERS[p].key_env)
+    return names
 
 
 def _summary(store, cultures: list[str], provider: str, calls: int, skipped: list[str]) -> dict:
@@ -140,13 +140,13 @@ def run_search(cfg: Config, store, force: bool = False) -> dict:
                     [c for c in cfg.cultures if c not in todo])
 
 
-def _search_on_ray(cfg: Config, misses: list[dict], key_env: dict, results: dict,
+def _search_on_ray(cfg: Config, misses: list[dict], key_env: list[str], results: dict,
                    expected: dict, cache: SearchCache, finish) -> int:
     import pyarrow as pa
     import ray
 
     from cm_ray.http import shared_bucket
-    from cm_ray.ray_utils import init_ray
+    from cm_ray.ray_utils import init_ray, share_secrets
 
     scfg = cfg.search
     init_ray(cfg)
@@ -156,10 +156,10 @@ def _search_on_ray(cfg: Config, misses: list[dict], key_env: dict, results: dict
     blocks = max(scfg.concurrency * 2, -(-len(misses) // (scfg.batch_size * 4)))
     table = pa.Table.from_pylist(misses, schema=pa.schema([(c, pa.string()) for c in QUERY_COLUMNS]))
     remote_args: dict[str, Any] = {"num_cpus": scfg.actor_cpus}
-    if key_env:  # keys reach the actors as environment variables only
-        remote_args["runtime_env"] = {"env_vars": key_env}
+    # Keys reach the actors through the object store, never runtime_env (shown by Ray).
+    secrets = share_secrets(key_env) if key_env else None
     ds = ray.data.from_arrow(table).repartition(blocks).map_batches(
-        WebSearcher, fn_constructor_kwargs={"search_cfg": scfg, "buckets": buckets},
+        WebSearcher, fn_constructor_kwargs={"search_cfg": scfg, "buckets": buckets, "secrets": secrets},
         batch_size=scfg.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=scfg.concurrency),
         **remote_args)
     calls, since_flush = 0, 0

@@ -40,11 +40,12 @@ class Searcher:
     """
 
     def __init__(self, cfg: SearchConfig, buckets: dict | None = None, session_factory=None,
-                 seed: int | None = None):
+                 seed: int | None = None, secrets=None):
         self.cfg = cfg
         self.chain = [cfg.provider, *cfg.fallback]
         self.providers = {p: make_provider(p, cfg.endpoints.get(p) or
-                                           (cfg.endpoint if p == cfg.provider else None), cfg.corpus)
+                                           (cfg.endpoint if p == cfg.provider else None), cfg.corpus,
+                                           secrets)
                           for p in self.chain}
         self.limiters = {p: SharedRateLimit(b) for p, b in (buckets or {}).items()}
         self.session_factory = session_factory

@@ -6,7 +6,8 @@ transformers -> a ``map_batches`` actor pool (``GeneratorUDF``); openai -> an as
 
 Input columns:  messages (list of {role, content}), json_schema (str, optional: JSON schema text)
 Output columns: generated_text (str), prompt_tokens (int), output_tokens (int), finish_reason (str:
-                stop | length | error), retries (int), cost_usd (float), gen_error (str | None),
+                stop | length | error), retries (int), cost_usd (float), gen_error (str | None: the reason,
+                scrubbed of keys and paths),
                 latency_s (float: engine seconds for the row's request or batch), finished_at (float:
                 unix time), engine (str), model (str). ``usage_totals(rows)`` sums the counters.
 """
@@ -36,11 +37,16 @@ def row_schema(text: Any, synthesis: SynthesisConfig) -> dict | None:
 def _outputs(batch: dict, gens: list, engine: Any) -> dict:
     import time
 
+    from cm_ray.http import scrub
+
     n, now = len(gens), time.time()
+    # Error texts reach stored rows: no key (the engine's, if any) and no local or store path.
+    keys = getattr(engine, "secret_values", lambda: [])()
     return {**batch, "generated_text": [g.text for g in gens], "prompt_tokens": [g.prompt_tokens for g in gens],
             "output_tokens": [g.output_tokens for g in gens], "finish_reason": [g.finish_reason for g in gens],
             "retries": [g.retries for g in gens], "cost_usd": [g.cost_usd for g in gens],
-            "gen_error": [g.error for g in gens], "latency_s": [g.latency_s for g in gens],
+            "gen_error": [None if g.error is None else scrub(g.error, keys) for g in gens],
+            "latency_s": [g.latency_s for g in gens],
             "finished_at": [now] * n, "engine": [engine.name] * n, "model": [engine.model] * n}
 
 
@@ -86,12 +92,15 @@ class AsyncGeneratorUDF:
     """Async Ray Data UDF for HTTP engines: every row of a batch is in flight at once (bounded by
     ``synthesis.openai.max_in_flight``); the actor's share of ``openai.qps`` paces the requests."""
 
-    def __init__(self, synthesis: SynthesisConfig, model: str, params: dict):
+    def __init__(self, synthesis: SynthesisConfig, model: str, params: dict, secrets: Any = None):
         from cm_ray.generation.base import GenerationParams
         from cm_ray.generation.openai_client import OpenAIEngine
+        from cm_ray.ray_utils import resolve_secrets
 
         self.synthesis = synthesis
-        self.engine = OpenAIEngine.from_synthesis(synthesis, model, replicas=synthesis.concurrency)
+        # The API key: the driver's (object store handle, never runtime_env), else the worker's env.
+        self.engine = OpenAIEngine.from_synthesis(synthesis, model, replicas=synthesis.concurrency,
+                                                  secrets=resolve_secrets(secrets))
         self.params = params
         self.GenerationParams = GenerationParams
 
@@ -187,8 +196,11 @@ def generate(ds: "ray.data.Dataset", cfg: Config, *, max_new_tokens: int, temper
     common = dict(batch_size=cfg.synthesis.batch_size, batch_format="numpy",
                   compute=ray.data.ActorPoolStrategy(size=cfg.synthesis.concurrency))
     if kind == "openai":
+        from cm_ray.ray_utils import share_secrets
+
         return ds.map_batches(AsyncGeneratorUDF, fn_constructor_kwargs={
-            "synthesis": cfg.synthesis, "model": cfg.models.generator, "params": params}, num_cpus=0.25, **common)
+            "synthesis": cfg.synthesis, "model": cfg.models.generator, "params": params,
+            "secrets": share_secrets([cfg.synthesis.openai.api_key_env])}, num_cpus=0.25, **common)
     if kind == "transformers":
         return ds.map_batches(GeneratorUDF, fn_constructor_kwargs={
             "synthesis": cfg.synthesis, "model": cfg.models.generator, "cache_dir": cfg.models.cache_dir,

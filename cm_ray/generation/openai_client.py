@@ -3,7 +3,13 @@
 Async (aiohttp) with a request-rate limit, bounded concurrency, retries with exponential backoff on
 429/5xx and network errors (honouring ``Retry-After``) - all through ``cm_ray.http`` - and
 per-request token and cost accounting. The API key is read from the environment variable the
-config names, never stored on the engine, and scrubbed from error messages.
+config names (or from the driver's ``cm_ray.ray_utils.Secrets`` handed to the worker), never
+stored on the engine, and scrubbed (with local paths) from every error text and from the text.
+
+Every 200 answer is validated (``ChatAnswer``, pydantic): an answer that is not JSON or was cut
+off is retried; one that parses but has no choice, a null message, no text content, or token
+counts that are not non-negative integers is that row's error (``gen_error`` names the field),
+never an exception that fails the batch.
 """
 
 from __future__ import annotations
@@ -11,10 +17,48 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from cm_ray.generation.base import Generation, GenerationParams
-from cm_ray.http import ProcessRateLimit, RequestFailed, RetryPolicy, json_body, send, with_retries
+from cm_ray.http import (ProcessRateLimit, RequestFailed, RetryPolicy, error_text, json_body, scrub, send,
+                         with_retries)
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class AnswerMessage(_Answer):
+    content: StrictStr
+
+
+class AnswerChoice(_Answer):
+    message: AnswerMessage
+    finish_reason: Optional[StrictStr] = None
+
+
+class AnswerUsage(_Answer):
+    prompt_tokens: StrictInt = Field(0, ge=0)
+    completion_tokens: StrictInt = Field(0, ge=0)
+
+
+class ChatAnswer(_Answer):
+    """The part of a chat-completions answer we use; anything else in it is ignored."""
+
+    choices: list[AnswerChoice] = Field(min_length=1)
+    usage: Optional[AnswerUsage] = None
+
+
+def validate_answer(data: Any) -> ChatAnswer:
+    """``data`` as a ``ChatAnswer``, or a non-retryable ``RequestFailed`` naming the bad field."""
+    try:
+        return ChatAnswer.model_validate(data)
+    except ValidationError as e:
+        err = e.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(p) for p in err["loc"]) or "answer"
+        raise RequestFailed(f"malformed answer: {where}: {err['msg']}") from None
 
 
 class OpenAIEngine:
@@ -26,7 +70,7 @@ class OpenAIEngine:
                  qps: float | None = None, max_in_flight: int = 8, max_retries: int = 4,
                  backoff_base_s: float = 0.5, backoff_max_s: float = 30.0, timeout_s: float = 60.0,
                  price_in_per_1m: float = 0.0, price_out_per_1m: float = 0.0,
-                 session_factory: Callable[[], Any] | None = None):
+                 session_factory: Callable[[], Any] | None = None, secrets: Any = None):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key_env = api_key_env
@@ -34,12 +78,13 @@ class OpenAIEngine:
         self.retry = RetryPolicy(max_retries, backoff_base_s, backoff_max_s)
         self.price_in, self.price_out = price_in_per_1m, price_out_per_1m
         self.session_factory = session_factory
+        self.secrets = secrets  # a ray_utils.Secrets (prints names only) or None: the environment
         self.usage = {"requests": 0, "retries": 0, "errors": 0, "prompt_tokens": 0, "output_tokens": 0,
                       "cost_usd": 0.0}
         self.limiter = ProcessRateLimit(qps)
 
     @classmethod
-    def from_synthesis(cls, s: Any, model: str, replicas: int = 1) -> "OpenAIEngine":
+    def from_synthesis(cls, s: Any, model: str, replicas: int = 1, secrets: Any = None) -> "OpenAIEngine":
         """Engine for the synthesis section ``s`` (``model``: ``models.generator``, used when
         ``s.openai.model`` is unset); the qps limit is shared evenly by ``replicas`` actors."""
         qps = s.openai.qps / max(1, replicas) if s.openai.qps else None
@@ -47,7 +92,15 @@ class OpenAIEngine:
                    api_key_env=s.openai.api_key_env, qps=qps, max_in_flight=s.openai.max_in_flight,
                    max_retries=s.openai.max_retries, backoff_base_s=s.openai.backoff_base_s,
                    backoff_max_s=s.openai.backoff_max_s, timeout_s=s.openai.timeout_s,
-                   price_in_per_1m=s.openai.price_in_per_1m, price_out_per_1m=s.openai.price_out_per_1m)
+                   price_in_per_1m=s.openai.price_in_per_1m, price_out_per_1m=s.openai.price_out_per_1m,
+                   secrets=secrets)
+
+    def _key(self) -> str | None:
+        return self.secrets.get(self.api_key_env) if self.secrets is not None else os.environ.get(self.api_key_env)
+
+    def secret_values(self) -> list[str]:
+        """What every text this engine hands out is scrubbed of (its API key)."""
+        return [k for k in [self._key()] if k]
 
     def payload(self, conversation: list[dict], params: GenerationParams) -> dict:
         body: dict[str, Any] = {"model": self.model, "messages": conversation,
@@ -72,7 +125,7 @@ class OpenAIEngine:
 
         sem = asyncio.Semaphore(self.max_in_flight)
         headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
+        key = self._key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
         factory = self.session_factory or (lambda: aiohttp.ClientSession(headers=headers))
@@ -88,34 +141,35 @@ class OpenAIEngine:
         t0 = time.perf_counter()
         attempts = 0
 
-        async def attempt() -> dict:
+        async def attempt() -> ChatAnswer:
             nonlocal attempts
             attempts += 1
             await self.limiter.acquire()
             self.usage["requests"] += 1
             resp = await send(session, "POST", self.url, json=body, timeout_s=self.timeout_s,
                               secrets=[key], detail_chars=300)
-            return json_body(resp.body)
+            return validate_answer(json_body(resp.body))
 
         try:
-            data = await with_retries(attempt, self.retry)
-        except RequestFailed as e:
-            retries = attempts - 1
+            answer = await with_retries(attempt, self.retry)
+        except Exception as e:  # noqa: BLE001 - one row's failure, never the batch's
+            reason = e.reason if isinstance(e, RequestFailed) else error_text(e)
+            retries = max(0, attempts - 1)
             self.usage["retries"] += retries
             self.usage["errors"] += 1
-            return Generation(text="", finish_reason="error", retries=retries, error=e.reason,
+            return Generation(text="", finish_reason="error", retries=retries, error=scrub(reason, [key]),
                               latency_s=time.perf_counter() - t0)
-        g = self._parse(data, attempts - 1)
+        g = self._parse(answer, attempts - 1, key)
         g.latency_s = time.perf_counter() - t0
         return g
 
-    def _parse(self, data: dict, retries: int) -> Generation:
-        choice = data["choices"][0]
-        usage = data.get("usage") or {}
-        p_tok, o_tok = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+    def _parse(self, answer: ChatAnswer, retries: int, key: str | None = None) -> Generation:
+        choice, usage = answer.choices[0], answer.usage or AnswerUsage()
+        p_tok, o_tok = usage.prompt_tokens, usage.completion_tokens
         cost = (p_tok * self.price_in + o_tok * self.price_out) / 1e6
         for k, v in (("retries", retries), ("prompt_tokens", p_tok), ("output_tokens", o_tok), ("cost_usd", cost)):
             self.usage[k] += v
-        return Generation(text=choice["message"].get("content") or "", prompt_tokens=p_tok,
-                          output_tokens=o_tok, finish_reason=choice.get("finish_reason") or "stop",
+        # An endpoint that echoes the request must not put the key into the stored text either.
+        return Generation(text=scrub(choice.message.content, [key], paths=False), prompt_tokens=p_tok,
+                          output_tokens=o_tok, finish_reason=choice.finish_reason or "stop",
                           retries=retries, cost_usd=cost)

@@ -16,6 +16,7 @@ from cm_ray.config import load_config
 from cm_ray.generation.base import GenerationParams
 from cm_ray.generation.openai_client import OpenAIEngine
 from cm_ray.http import parse_retry_after as retry_after_s
+from tests.conftest import LoopbackChatServer
 
 
 class ChatServer:
@@ -175,3 +176,143 @@ def test_generate_runs_the_http_engine_as_an_async_ray_data_udf(ray_local, serve
     tot = usage_totals(out)
     assert tot["rows"] == 6 and tot["retries"] == 1 and tot["output_tokens"] == 24 and tot["errors"] == 0
     assert tot["cost_usd"] == pytest.approx(24 / 1e6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Malformed 200 answers: a per-row error with its reason (retried where retryable), never a
+# failed batch; and the key never in an error or a text, whatever the endpoint echoes.
+
+def _ok(content: str = "fine", usage: dict | None = None) -> dict:
+    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": "stop"}],
+            "usage": usage if usage is not None else {"prompt_tokens": 3, "completion_tokens": 2}}
+
+
+# tag -> (answer: bytes (raw JSON body) or dict, retryable, reason fragment in gen_error)
+MALFORMED = {
+    "badjson": (b'{"choices": [{"message": ', True, "invalid JSON"),
+    "html": (b"<html>502 bad gateway</html>", True, "invalid JSON"),
+    "truncated": (None, True, "truncated response"),
+    "not_object": ([1, 2, 3], False, "malformed answer: answer"),
+    "no_choices": ({"object": "chat.completion"}, False, "malformed answer: choices: Field required"),
+    "empty_choices": ({"choices": []}, False, "malformed answer: choices: List should have at least 1"),
+    "choices_dict": ({"choices": {"0": {}}}, False, "malformed answer: choices: Input should be a valid list"),
+    "null_message": ({"choices": [{"message": None}]}, False, "malformed answer: choices.0.message"),
+    "no_content": ({"choices": [{"message": {"role": "assistant"}}]}, False,
+                   "malformed answer: choices.0.message.content: Field required"),
+    "null_content": ({"choices": [{"message": {"content": None}}]}, False, "choices.0.message.content"),
+    "int_content": ({"choices": [{"message": {"content": 42}}]}, False, "choices.0.message.content"),
+    "str_tokens": (_ok(usage={"prompt_tokens": "ten", "completion_tokens": 2}), False, "usage.prompt_tokens"),
+    "neg_tokens": (_ok(usage={"prompt_tokens": 3, "completion_tokens": -5}), False,
+                   "usage.completion_tokens: Input should be greater than or equal to 0"),
+    "float_tokens": (_ok(usage={"prompt_tokens": 1.5, "completion_tokens": 2}), False, "usage.prompt_tokens"),
+    "usage_list": (_ok(usage=[1, 2]), False, "malformed answer: usage"),
+    "bad_finish": ({"choices": [{"message": {"content": "x"}, "finish_reason": 7}]}, False,
+                   "choices.0.finish_reason"),
+}
+
+
+class MalformedServer(LoopbackChatServer):
+    """Answers 200 with the malformed form its tag (the user message) names; ``flaky`` is
+    invalid JSON once, then fine; anything else is a well-formed answer."""
+
+    def __init__(self):
+        self.seen: dict[str, int] = {}
+        super().__init__()
+
+    async def handle(self, request):
+        from aiohttp import web
+
+        tag = (await request.json())["messages"][-1]["content"]
+        n = self.seen[tag] = self.seen.get(tag, 0) + 1
+        if tag == "flaky" and n == 1:
+            return web.Response(body=b"{", content_type="application/json")
+        if tag == "truncated":  # headers promise 400 bytes, the connection closes after 12
+            request.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                    b"Content-Length: 400\r\n\r\n{\"choices\": ")
+            request.transport.close()
+            return web.Response()
+        answer = MALFORMED.get(tag, (_ok(f"echo {tag}"),))[0]
+        body = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+        return web.Response(body=body, content_type="application/json")
+
+
+@pytest.fixture
+def malformed():
+    s = MalformedServer()
+    yield s
+    s.close()
+
+
+def test_every_malformed_answer_is_a_row_error_with_its_reason_and_retryable_ones_are_retried(malformed):
+    eng = OpenAIEngine(malformed.url, "m", api_key_env="CM_RAY_TEST_KEY", max_retries=2, backoff_base_s=0.01)
+    tags = ["ok1", *MALFORMED, "flaky", "ok2"]
+    gens = eng.generate([[{"role": "user", "content": t}] for t in tags], GenerationParams())
+    by = dict(zip(tags, gens))
+    for tag, (_, retryable, reason) in MALFORMED.items():
+        g = by[tag]
+        assert g.finish_reason == "error" and g.text == "" and reason in g.error, (tag, g.error)
+        assert g.retries == (2 if retryable else 0), (tag, g.retries)
+        assert malformed.seen[tag] == (3 if retryable else 1), tag
+    for tag in ("ok1", "ok2"):
+        assert by[tag].finish_reason == "stop" and by[tag].text == f"echo {tag}" and by[tag].error is None
+        assert (by[tag].prompt_tokens, by[tag].output_tokens) == (3, 2)
+    assert by["flaky"].text == "echo flaky" and by["flaky"].retries == 1 and by["flaky"].error is None
+    assert eng.usage["errors"] == len(MALFORMED)
+    assert eng.usage["retries"] == 1 + 2 * sum(r for _, r, _ in MALFORMED.values())
+
+
+class EchoServer(LoopbackChatServer):
+    """Echoes the request headers back: in a 401 page (the key cut at the quoted length, in raw,
+    JSON-escaped and URL-encoded spellings) and, for ``echo200``, in the answer's text."""
+
+    async def handle(self, request):
+        from urllib.parse import quote
+
+        from aiohttp import web
+
+        auth = request.headers.get("Authorization", "")
+        tag = (await request.json())["messages"][-1]["content"]
+        if tag == "echo200":
+            return web.json_response(_ok(f"you sent {auth}"))
+        pad = "x" * (300 - len("HTTP 401: ") - 12)  # the key straddles the 300-char cut
+        return web.Response(status=401, text=f"{pad}{auth} {json.dumps(auth)} {quote(auth, safe='')}")
+
+
+def test_an_endpoint_echoing_the_authorization_header_never_puts_the_key_into_a_row(monkeypatch):
+    key = "sk-live/Abc+123_very-long-key-value-0123456789"
+    monkeypatch.setenv("CM_RAY_TEST_KEY", key)
+    server = EchoServer()
+    try:
+        eng = OpenAIEngine(server.url, "m", api_key_env="CM_RAY_TEST_KEY", max_retries=0)
+        bad, echoed = eng.generate([[{"role": "user", "content": "echo401"}],
+                                    [{"role": "user", "content": "echo200"}]], GenerationParams())
+    finally:
+        server.close()
+    assert bad.finish_reason == "error" and bad.error.startswith("HTTP 401: xxx") and "***" in bad.error
+    assert echoed.text == "you sent Bearer ***"
+    for prefix in (key[:8], "sk-live", "Abc+123", "Abc%2B123"):
+        assert prefix not in bad.error + echoed.text + repr(eng.__dict__)
+
+
+def test_an_unexpected_exception_is_one_row_error_scrubbed_of_key_and_paths(monkeypatch):
+    monkeypatch.setenv("CM_RAY_TEST_KEY", "sk-exc-999")
+
+    class Session:  # the network edge raising what no handler expects, its message holding both
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *a):
+            return False
+
+        def request(self, method, url, **kw):
+            if kw["json"]["messages"][-1]["content"] == "boom":
+                raise RuntimeError("cannot read /home/alice/.config/openai/sk-exc-999.json (s3://bucket/x)")
+            raise ValueError("sk-exc-999")
+
+    eng = OpenAIEngine("http://127.0.0.1:9/v1", "m", api_key_env="CM_RAY_TEST_KEY", max_retries=0,
+                       session_factory=Session)
+    boom, other = eng.generate([[{"role": "user", "content": "boom"}], [{"role": "user", "content": "x"}]],
+                               GenerationParams())
+    assert boom.finish_reason == "error" and boom.error == "RuntimeError: cannot read <path> (<path>)"
+    assert other.finish_reason == "error" and other.error == "ValueError: ***"
