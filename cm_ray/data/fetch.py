@@ -29,6 +29,8 @@ import re
 import socket
 from typing import Any
 
+from cm_ray.http import error_text
+
 MAX_REDIRECTS = 3
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
@@ -229,13 +231,13 @@ async def fetch_pages(urls: list[str], cfg: Any) -> list[dict]:
         except aiohttp.ClientConnectorError as e:
             return {"url": url, "text": None, "error": _refusal(e) or f"connection error: {e}"}
         except Exception as e:  # noqa: BLE001 - ClientError, or a hostile answer aiohttp chokes on
-            return {"url": url, "text": None, "error": f"{type(e).__name__}: {e}"}
+            return {"url": url, "text": None, "error": error_text(e)}
         if html is None:
             return {"url": final, "text": None, "error": error}
         try:
             text = await asyncio.to_thread(extract_text, html, final)
         except Exception as e:  # noqa: BLE001 - a hostile page must not take the stage down
-            return {"url": final, "text": None, "error": f"extraction failed: {type(e).__name__}: {e}"}
+            return {"url": final, "text": None, "error": f"extraction failed: {error_text(e)}"}
         return {"url": final, "text": text, "error": None if text else "no main text"}
 
     try:

@@ -90,9 +90,11 @@ class GeneratorUDF:
 
 class AsyncGeneratorUDF:
     """Async Ray Data UDF for HTTP engines: every row of a batch is in flight at once (bounded by
-    ``synthesis.openai.max_in_flight``); the actor's share of ``openai.qps`` paces the requests."""
+    ``synthesis.openai.max_in_flight``); one cluster-wide bucket paces every replica's starts to
+    ``openai.qps``."""
 
-    def __init__(self, synthesis: SynthesisConfig, model: str, params: dict, secrets: Any = None):
+    def __init__(self, synthesis: SynthesisConfig, model: str, params: dict, secrets: Any = None,
+                 bucket: Any = None):
         from cm_ray.generation.base import GenerationParams
         from cm_ray.generation.openai_client import OpenAIEngine
         from cm_ray.ray_utils import resolve_secrets
@@ -100,7 +102,7 @@ class AsyncGeneratorUDF:
         self.synthesis = synthesis
         # The API key: the driver's (object store handle, never runtime_env), else the worker's env.
         self.engine = OpenAIEngine.from_synthesis(synthesis, model, replicas=synthesis.concurrency,
-                                                  secrets=resolve_secrets(secrets))
+                                                  secrets=resolve_secrets(secrets), bucket=bucket)
         self.params = params
         self.GenerationParams = GenerationParams
 
@@ -196,11 +198,15 @@ def generate(ds: "ray.data.Dataset", cfg: Config, *, max_new_tokens: int, temper
     common = dict(batch_size=cfg.synthesis.batch_size, batch_format="numpy",
                   compute=ray.data.ActorPoolStrategy(size=cfg.synthesis.concurrency))
     if kind == "openai":
+        from cm_ray.http import shared_bucket
         from cm_ray.ray_utils import share_secrets
 
+        qps = cfg.synthesis.openai.qps
         return ds.map_batches(AsyncGeneratorUDF, fn_constructor_kwargs={
             "synthesis": cfg.synthesis, "model": cfg.models.generator, "params": params,
-            "secrets": share_secrets([cfg.synthesis.openai.api_key_env])}, num_cpus=0.25, **common)
+            "secrets": share_secrets([cfg.synthesis.openai.api_key_env]),
+            # one cluster-wide bucket: replicas' starts never coincide (a per-replica share could)
+            "bucket": shared_bucket("openai_rate", qps) if qps else None}, num_cpus=0.25, **common)
     if kind == "transformers":
         return ds.map_batches(GeneratorUDF, fn_constructor_kwargs={
             "synthesis": cfg.synthesis, "model": cfg.models.generator, "cache_dir": cfg.models.cache_dir,

@@ -22,8 +22,8 @@ from typing import Any, Callable, Optional
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from cm_ray.generation.base import Generation, GenerationParams
-from cm_ray.http import (ProcessRateLimit, RequestFailed, RetryPolicy, error_text, json_body, scrub, send,
-                         with_retries)
+from cm_ray.http import (ProcessRateLimit, RequestFailed, RetryPolicy, SharedRateLimit, error_text, json_body,
+                         scrub, send, with_retries)
 
 
 class _Answer(BaseModel):
@@ -70,7 +70,8 @@ class OpenAIEngine:
                  qps: float | None = None, max_in_flight: int = 8, max_retries: int = 4,
                  backoff_base_s: float = 0.5, backoff_max_s: float = 30.0, timeout_s: float = 60.0,
                  price_in_per_1m: float = 0.0, price_out_per_1m: float = 0.0,
-                 session_factory: Callable[[], Any] | None = None, secrets: Any = None):
+                 session_factory: Callable[[], Any] | None = None, secrets: Any = None,
+                 limiter: Any = None):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key_env = api_key_env
@@ -81,19 +82,22 @@ class OpenAIEngine:
         self.secrets = secrets  # a ray_utils.Secrets (prints names only) or None: the environment
         self.usage = {"requests": 0, "retries": 0, "errors": 0, "prompt_tokens": 0, "output_tokens": 0,
                       "cost_usd": 0.0}
-        self.limiter = ProcessRateLimit(qps)
+        self.limiter = limiter or ProcessRateLimit(qps)
 
     @classmethod
-    def from_synthesis(cls, s: Any, model: str, replicas: int = 1, secrets: Any = None) -> "OpenAIEngine":
+    def from_synthesis(cls, s: Any, model: str, replicas: int = 1, secrets: Any = None,
+                       bucket: Any = None) -> "OpenAIEngine":
         """Engine for the synthesis section ``s`` (``model``: ``models.generator``, used when
-        ``s.openai.model`` is unset); the qps limit is shared evenly by ``replicas`` actors."""
-        qps = s.openai.qps / max(1, replicas) if s.openai.qps else None
+        ``s.openai.model`` is unset). With ``bucket`` (the cluster-wide ``http.shared_bucket``)
+        every replica takes its start slots from it; without, the qps limit is split evenly by
+        ``replicas`` processes."""
+        qps = s.openai.qps / max(1, replicas) if s.openai.qps and bucket is None else s.openai.qps
         return cls(s.openai.base_url or "https://api.openai.com/v1", s.openai.model or model,
                    api_key_env=s.openai.api_key_env, qps=qps, max_in_flight=s.openai.max_in_flight,
                    max_retries=s.openai.max_retries, backoff_base_s=s.openai.backoff_base_s,
                    backoff_max_s=s.openai.backoff_max_s, timeout_s=s.openai.timeout_s,
                    price_in_per_1m=s.openai.price_in_per_1m, price_out_per_1m=s.openai.price_out_per_1m,
-                   secrets=secrets)
+                   secrets=secrets, limiter=SharedRateLimit(bucket) if bucket is not None else None)
 
     def _key(self) -> str | None:
         return self.secrets.get(self.api_key_env) if self.secrets is not None else os.environ.get(self.api_key_env)

@@ -156,3 +156,18 @@ async def test_reconfigured_rate_applies_from_the_latest_grant():
     assert task.done() and task.result() - t0 == pytest.approx(0.5, abs=1e-4)
     with pytest.raises(ValueError, match="rate must be > 0"):
         bucket.configure(0)
+
+
+def test_openai_replicas_take_slots_from_one_bucket_not_a_split_share():
+    """Replicas given the cluster bucket pace on it at the full rate; without one, each process
+    gets qps / replicas (then starts of different replicas may coincide)."""
+    from cm_ray.config import load_config
+    from cm_ray.generation.openai_client import OpenAIEngine
+
+    s = load_config(None, ["synthesis.engine=openai", "synthesis.openai.qps=20",
+                           "synthesis.concurrency=4"]).synthesis
+    bucket = TokenBucket(20)
+    shared = OpenAIEngine.from_synthesis(s, "m", replicas=4, bucket=bucket)
+    assert isinstance(shared.limiter, SharedRateLimit) and shared.limiter.bucket is bucket
+    split = OpenAIEngine.from_synthesis(s, "m", replicas=4)
+    assert isinstance(split.limiter, ProcessRateLimit) and split.qps == 5
