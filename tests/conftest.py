@@ -123,11 +123,14 @@ def python() -> str:
     return sys.executable
 
 
-class LoopbackChatServer:
-    """An OpenAI-compatible chat-completions server on 127.0.0.1, in its own thread and loop.
+class LoopbackServer:
+    """An aiohttp server on 127.0.0.1, in its own thread and loop, answering one route.
 
-    Subclasses implement ``async def handle(self, request)``; ``url`` is the ``/v1`` base URL.
+    Subclasses set ``METHOD``/``PATH`` (and ``URL_SUFFIX``, what ``url`` ends with) and implement
+    ``async def handle(self, request)``.
     """
+
+    METHOD, PATH, URL_SUFFIX = "POST", "/v1/chat/completions", "/v1"
 
     def __init__(self):
         import asyncio
@@ -136,7 +139,7 @@ class LoopbackChatServer:
         from aiohttp import web
 
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.handle)
+        app.router.add_route(self.METHOD, self.PATH, self.handle)
         self.runner = web.AppRunner(app)
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
@@ -146,7 +149,7 @@ class LoopbackChatServer:
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}{self.URL_SUFFIX}"
 
     async def handle(self, request):
         raise NotImplementedError
@@ -156,6 +159,36 @@ class LoopbackChatServer:
 
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result()
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+class LoopbackChatServer(LoopbackServer):
+    """An OpenAI-compatible chat-completions server; ``url`` is the ``/v1`` base URL."""
+
+
+def serve_app(cfg, name: str, port: int):
+    """Deploy the Serve app for ``cfg`` on 127.0.0.1:``port`` and wait for /healthz; a generator
+    for module fixtures: yields the base URL, then deletes the app (and Serve when it was the last)."""
+    import time
+
+    import requests
+    from ray import serve
+
+    from cm_ray.serve.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name=name, route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    yield base
+    serve.delete(name)
+    if not serve.status().applications:  # the next module starts Serve on a port of its own
+        serve.shutdown()
 
 
 def assert_synth_contract(store) -> int:

@@ -25,7 +25,7 @@ import pytest
 
 from cm_ray.http import error_text, scrub
 from cm_ray.ray_utils import Secrets, SecretsHandle, is_secret_name, worker_env
-from tests.conftest import LoopbackChatServer
+from tests.conftest import LoopbackChatServer, LoopbackServer
 
 OPENAI_VAR = "CM_RAY_LEAK_OPENAI_KEY"
 SECRET_ENV_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "BRAVE_API_KEY",
@@ -113,28 +113,15 @@ class EchoLLM(LoopbackChatServer):
                                   "usage": {"prompt_tokens": 5, "completion_tokens": 5}})
 
 
-class EchoBrave:
+class EchoBrave(LoopbackServer):
     """A Brave-speaking server: every other query gets a 401 echoing its headers."""
 
+    METHOD, PATH = "GET", "/res/v1/web/search"
+    URL_SUFFIX = PATH
+
     def __init__(self):
-        import asyncio
-        import threading
-
-        from aiohttp import web
-
         self.tokens: list[str] = []
-        app = web.Application()
-        app.router.add_get("/res/v1/web/search", self.handle)
-        self.runner = web.AppRunner(app)
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        asyncio.run_coroutine_threadsafe(self._start(web), self.loop).result()
-
-    async def _start(self, web):
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/res/v1/web/search"
+        super().__init__()
 
     async def handle(self, request):
         from aiohttp import web
@@ -146,12 +133,6 @@ class EchoBrave:
         q = request.query["q"]
         return web.json_response({"web": {"results": [
             {"title": q, "url": "https://example.org/r", "description": "a result"}]}})
-
-    def close(self):
-        import asyncio
-
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result()
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ python -m pytest tests/cpu/test_serve.py -q -x
 
 import concurrent.futures as cf
 import json
-import time
 import uuid
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import requests
 
 from cm_ray.config import load_config
 from cm_ray.storage import ArtifactStore, ensure_bucket
-from tests.conftest import free_port
+from tests.conftest import free_port, serve_app
 
 from test_router import TEXTS, split_pairs
 from test_serve_adapters import make_adapter
@@ -53,28 +52,11 @@ def cfg_overrides(store, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def url(ray_local, cfg_overrides, monkeypatch_module):
-    from ray import serve
-
-    from cm_ray.serve.app import build_app
-
     port = free_port()
     monkeypatch_module.setenv("CM_RAY_TEST_KEY", KEY)
     cfg = load_config(REPO / "configs" / "demo.yaml",
                       [*cfg_overrides, f"serve.port={port}", "serve.api_key_env=CM_RAY_TEST_KEY"])
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name="cm_ray_test", route_prefix="/", blocking=False)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    yield base
-    serve.delete("cm_ray_test")
-    if not serve.status().applications:  # the next module starts Serve on a port of its own
-        serve.shutdown()
+    yield from serve_app(cfg, "cm_ray_test", port)
 
 
 @pytest.fixture(scope="module")

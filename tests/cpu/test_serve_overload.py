@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from cm_ray.config import load_config
-from tests.conftest import free_port
+from tests.conftest import free_port, serve_app
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S, RETRY_AFTER_S = 4.0, 2
@@ -45,10 +45,6 @@ def test_both_deployments_get_queue_bounds_and_retry_after_from_the_config():
 
 @pytest.fixture(scope="module")
 def url(ray_local, tiny_model_dir, tmp_path_factory):
-    from ray import serve
-
-    from cm_ray.serve.app import build_app
-
     port = free_port()
     cfg = load_config(REPO / "configs" / "demo.yaml", [
         f"root={tmp_path_factory.mktemp('overload-root')}", f"models.base={tiny_model_dir}",
@@ -56,20 +52,7 @@ def url(ray_local, tiny_model_dir, tmp_path_factory):
         "serve.max_ongoing_requests=1", "serve.max_queued_requests=1",
         f"serve.retry_after_s={RETRY_AFTER_S}", f"serve.generation_timeout_s={TIMEOUT_S}",
         "serve.max_new_tokens=2000", "serve.ray_actor_cpus=0.5"])
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name="cm_ray_overload", route_prefix="/", blocking=False)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    yield base
-    serve.delete("cm_ray_overload")
-    if not serve.status().applications:
-        serve.shutdown()
+    yield from serve_app(cfg, "cm_ray_overload", port)
 
 
 def ask(url, max_tokens):
