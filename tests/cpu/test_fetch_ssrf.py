@@ -147,12 +147,11 @@ async def test_allowed_private_fetch_reaches_the_server(target):
 
 async def test_the_deadline_covers_all_redirect_hops(public_site):
     base, paths = public_site
-    t0 = asyncio.get_running_loop().time()
-    # 4 hops of 0.4 s each: every hop is within 1 s, the whole fetch is not.
+    # 4 hops of 0.4 s each: every hop is within 1 s, the whole fetch is not. A per-hop timeout
+    # would follow all 4 and succeed; the one deadline stops it with hops left unvisited.
     (page,) = await fetch_pages([f"{base}/hop/3"], _cfg(timeout_s=1.0))
-    elapsed = asyncio.get_running_loop().time() - t0
     assert page["text"] is None and "Timeout" in page["error"], page
-    assert elapsed < 1.5 and len(paths) <= 3
+    assert len(paths) <= 3
     (page,) = await fetch_pages([f"{base}/hop/1"], _cfg(timeout_s=1.5))  # 2 hops fit
     assert page["error"] is None and "internal secret" in page["text"]
 

@@ -133,6 +133,21 @@ async def test_size_and_time_limits_hold(site):
     assert slow["text"] is None and "Timeout" in slow["error"]
 
 
+async def _search_row(app, *, provider: str, path: str, **search):
+    """One query through a real ``Searcher`` against ``app`` served on 127.0.0.1."""
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        searcher = Searcher(SearchConfig(provider=provider, qps=None,
+                                         endpoint=f"http://127.0.0.1:{server.port}{path}", **search))
+        row = await searcher.search_row({"query_id": "1", "culture": "MX", "task": "survey",
+                                         "kind": "agnostic", "query": "modales", "locale": "es-MX"})
+        await searcher.close()
+    finally:
+        await server.close()
+    return row
+
+
 async def test_searcher_attaches_fetched_pages_to_hits(site):
     base, _ = site
 
@@ -141,17 +156,8 @@ async def test_searcher_attaches_fetched_pages_to_hits(site):
 
     app = web.Application()
     app.router.add_get("/search", serve_search)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        cfg = SearchConfig(provider="searxng", endpoint=f"http://127.0.0.1:{server.port}/search",
-                           qps=None, fetch={"enabled": True, "top_k": 1, "allow_private_urls": True})
-        searcher = Searcher(cfg)
-        row = await searcher.search_row({"query_id": "1", "culture": "MX", "task": "survey",
-                                         "kind": "agnostic", "query": "modales", "locale": "es-MX"})
-        await searcher.close()
-    finally:
-        await server.close()
+    row = await _search_row(app, provider="searxng", path="/search",
+                            fetch={"enabled": True, "top_k": 1, "allow_private_urls": True})
     assert row["status"] == "ok" and row["pages"][0]["url"] == f"{base}/article"
     assert "provecho" in row["pages"][0]["text"]
 
@@ -224,17 +230,7 @@ async def test_a_hostile_provider_answer_is_one_row_s_result_never_an_exception(
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        cfg = SearchConfig(provider=provider, endpoint=f"http://127.0.0.1:{server.port}/s", qps=None,
-                           max_retries=1, backoff_base_s=0.01)
-        searcher = Searcher(cfg)
-        row = await searcher.search_row({"query_id": "1", "culture": "MX", "task": "survey",
-                                         "kind": "agnostic", "query": "modales", "locale": "es-MX"})
-        await searcher.close()
-    finally:
-        await server.close()
+    row = await _search_row(app, provider=provider, path="/s", max_retries=1, backoff_base_s=0.01)
     assert row["status"] == status, row
     if error:
         assert row["error"].startswith(error) and row["hits"] == []

@@ -163,10 +163,7 @@ def test_a_failed_first_load_restores_the_plain_base_model(pool, tiny_model_dir,
 def test_max_time_bounds_a_batch_the_ingress_gave_up_on(pool):
     """A request past the deployment's timeout is cancelled upstream; the forward batch it started
     stops at ``max_time_s`` instead of running to max_new_tokens."""
-    import time
-
     item = _item("Tell me a long story about a festival", BASE_ADAPTER, n=400)
     pool.max_time_s = 0.05
-    t0 = time.monotonic()
     (out,) = pool.generate([item])
-    assert time.monotonic() - t0 < 5 and out["completion_tokens"] < 400 and out["finish_reason"] == "length"
+    assert out["completion_tokens"] < 400 and out["finish_reason"] == "length"  # 400 without max_time
