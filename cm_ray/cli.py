@@ -4,6 +4,7 @@
     cm-ray synthesize configs/demo.yaml search.qps=10
     cm-ray train configs/demo.yaml --force
     cm-ray evaluate configs/demo.yaml evaluate.data_dir=../shared/data
+    cm-ray plan configs/paper.yaml --cluster cluster.yaml   # requests, node types, estimate
 
 The job scripts take the same arguments (python jobs/train.py --config configs/paper.yaml ...):
 each is this entry point with its command filled in.
@@ -24,6 +25,7 @@ COMMANDS = {
     "serve": "fit the router if missing, deploy the Ray Serve app, answer one request through it",
     "evaluate": "score base / prompted / joint / culturemanager / oracle on the public benchmarks",
     "ablation": "the paper's ablations as config variants, each through the same stages, one table",
+    "plan": "print what every stage will request, where it lands and what it costs; starts nothing",
 }
 
 
@@ -40,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="the run YAML, as a flag (what jobs/*.py are given)")
         c.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
         c.add_argument("--json", action="store_true", help="print the summary as JSON")
+        if name == "plan":
+            c.add_argument("--cluster", metavar="FILE",
+                           help="cluster.yaml or a KubeRay manifest (default: ray.cluster_config)")
         if name in ("run", "serve"):
             c.add_argument("--keep-serving", action="store_true",
                            help="keep the Serve app up after the demo request: blocks here until "
@@ -87,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"cm-ray: invalid config: {e}", file=sys.stderr)
         return 2
+
+    if args.command == "plan":
+        from cm_ray.plan import run_plan
+
+        code, text = run_plan(cfg, args.cluster, as_json=args.json)
+        print(text, file=sys.stderr if code else sys.stdout)
+        return code
 
     from cm_ray.stages import pipeline, run_stage
     from cm_ray.storage import ArtifactStore, ensure_bucket

@@ -91,6 +91,118 @@ def ray_local(s3_endpoint):
     ray.shutdown()
 
 
+def http_get(url: str, timeout: float = 5.0, headers: dict | None = None) -> tuple[int, bytes]:
+    """(status, body) of a GET; an HTTP error status is returned, not raised."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def wait_for(pred, timeout: float, what: str, every: float = 1.0):
+    """Poll ``pred`` until it is truthy (OSError counts as not yet); TimeoutError names ``what``."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if pred():
+                return
+        except OSError:
+            pass
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class RayNodes:
+    """A Ray cluster started with ``ray start`` on 127.0.0.1 as on cluster nodes: a head with the
+    dashboard and jobs API, and worker nodes that may declare GPUs (Ray takes declared resources
+    at face value, so a GPU node is simulated on a CPU machine; the work runs on CPU underneath).
+    Each node is its own process group, stopped by PID only."""
+
+    BIN = Path(sys.executable).parent
+
+    def __init__(self, log_dir: Path, env: dict | None = None):
+        self.temp = Path("/tmp") / f"cmr-{os.getpid()}-{free_port()}"  # Ray's socket paths: <108 bytes
+        self.log_dir = log_dir
+        self.env = {**os.environ, "PATH": f"{self.BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+                    "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "token", **(env or {})}
+        self.procs: list = []
+        self.temps = [self.temp]
+        self.gcs = self.address = None
+
+    def _ports(self) -> list[str]:
+        return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+
+    def _start(self, name: str, args: list[str]) -> None:
+        import subprocess
+
+        log = open(self.log_dir / f"ray-{name}.log", "w")
+        self.procs.append((subprocess.Popen([str(self.BIN / "ray"), "start", "--block",
+                                             "--node-ip-address=127.0.0.1", *args, *self._ports(),
+                                             "--disable-usage-stats"],
+                                            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True), log))
+
+    def start_head(self, num_cpus: int = 4, num_gpus: int = 0) -> "RayNodes":
+        port, dash = free_port(), free_port()
+        self._start("head", ["--head", f"--port={port}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
+                             f"--temp-dir={self.temp}"])
+        self.gcs, self.address = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
+        # Any HTTP answer means the dashboard is up (it may require Ray's auth token: 401).
+        wait_for(lambda: http_get(f"{self.address}/api/version")[0] in (200, 401, 403), 300, "the Ray dashboard")
+        # The jobs API answers a little after the dashboard's HTTP server does.
+        wait_for(lambda: self.cli("job", "list", timeout=60).returncode == 0, 300, "the jobs API")
+        return self
+
+    def add_node(self, num_cpus: int, num_gpus: int = 0) -> None:
+        # Its own temp dir: two nodes' runtime-env agents must not share (and clean) one
+        # working_dir cache on the same host.
+        n = len(self.procs)
+        self.temps.append(Path(f"{self.temp}-{n}"))
+        self._start(f"node{n}", [f"--address={self.gcs}", f"--num-cpus={num_cpus}",
+                                 f"--num-gpus={num_gpus}", f"--temp-dir={self.temps[-1]}"])
+        want = len(self.procs)
+        wait_for(lambda: self.alive_nodes() >= want, 120, f"{want} Ray nodes")
+
+    def alive_nodes(self) -> int:
+        import json
+
+        r = self.cli("list", "nodes", "--filter", "state=ALIVE", "--format", "json", timeout=60)
+        return len(json.loads(r.stdout)) if r.returncode == 0 else 0
+
+    def cli(self, *args, timeout: float = 900):
+        import subprocess
+
+        return subprocess.run([str(self.BIN / "ray"), *args], env={**self.env, "RAY_ADDRESS": self.address},
+                              cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+    def stop(self) -> None:
+        import shutil
+        import signal
+        import subprocess
+
+        for proc, log in reversed(self.procs):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            log.close()
+        for t in self.temps:
+            shutil.rmtree(t, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     """The embedded SmolLM2-135M-Instruct, converted once to safetensors and cached."""

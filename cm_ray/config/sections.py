@@ -30,6 +30,10 @@ class RayConfig(Section):
     """Logical CPUs for a local cluster. More than the physical cores avoids Data/Train deadlocks."""
     include_dashboard: bool = True
     """Train V2 logs controller errors every second without the dashboard."""
+    cluster_config: str | None = None
+    """The cluster's node types, for sizing `auto` fields and for `cm-ray plan`: a Ray
+    cluster-launcher YAML (cluster.yaml) or a KubeRay manifest; None = the running cluster's
+    autoscaler config, else its live nodes."""
 
 
 class ModelsConfig(Section):
@@ -132,6 +136,8 @@ class VLLMConfig(Section):
     max_model_len: Positive = 2048
     max_num_seqs: int = 16
     """Concurrent sequences per vLLM engine (KV cache is sized for this on CPU)."""
+    tensor_parallel_size: Positive = 1
+    """GPUs per vLLM replica (one placement-group bundle of 1 GPU each); CPU replicas use 1."""
     enforce_eager: bool | None = None
     """None = eager on CPU (no compile warm-up), CUDA graphs on GPU."""
     engine_kwargs: dict = {}
@@ -175,6 +181,12 @@ class SynthesisConfig(Section):
     batch_size: Positive = 8
     concurrency: Positive = 1
     """Engine replicas."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where engine replicas run: gpu (vLLM: `vllm.tensor_parallel_size` GPU bundles per replica;
+    transformers: 1 GPU), cpu, or auto = gpu when the cluster's configured capacity has GPUs
+    (`ray.cluster_config` / the autoscaler), never the driver's own hardware."""
+    cpus_per_replica: float = Field(1.0, gt=0)
+    """Logical CPUs per engine replica (per bundle for vLLM)."""
     threads_per_replica: int | None = None
     """torch threads of a transformers replica; None = CPU cores // concurrency."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -25,6 +25,8 @@ class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
     route_prefix: str = "/"
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = "EveryNode"
+    """Where Serve runs its HTTP proxies (Ray's default: one per node)."""
     max_adapters_per_replica: int = Field(8, ge=1)
     num_replicas: int | str = 1
     """An int, or "auto" to use autoscaling below."""
@@ -117,6 +119,12 @@ class EvalConfig(Section):
     max_new_tokens: int = 24
     """Greedy tokens for short answers (BLEnD)."""
     batch_size: int = 8
+    workers: int = Field(1, ge=1)
+    """Evaluation actors, one model load each; questions are split between them."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per evaluation actor (> 0: bfloat16 on CUDA where the actor runs)."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs per evaluation actor."""
     ablation: bool = False
     """`cm-ray evaluate CONFIG evaluate.ablation=true`: run the ablation variants, each in its own
     root under <root>/ablation/<variant>, evaluate each and write one comparison table."""

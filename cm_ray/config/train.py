@@ -41,6 +41,9 @@ class TrainConfig(Section):
     packing: bool = False
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
+    """One GPU per Train worker; the worker itself falls back to CPU where CUDA is absent."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend; auto = nccl when workers ask for GPUs, else gloo."""
     deepspeed: dict | None = {"zero_optimization": {"stage": 2}}
     """DeepSpeed config (merged over defaults); None = plain torch DDP."""
     max_parallel_trials: int | None = Field(None, gt=0)

@@ -2,7 +2,7 @@
 
     cm-ray evaluate configs/demo.yaml evaluate.data_dir=../shared/data
 
-Loads the run's artifacts (adapters, router), runs the benchmarks (``eval.benchmarks``) and writes
+Loads the run's artifacts (adapters on ``evaluate.workers`` Ray actors, the router in the driver), runs the benchmarks (``eval.benchmarks``) and writes
 the report (``eval.report``): ``eval/results.json`` (one row per benchmark × culture × system ×
 metric), ``eval/results.md`` (one table per benchmark: culture × system) and PNG plots. Without
 evaluation data the stage says so and writes nothing else; a system whose artifact is missing (no
@@ -32,22 +32,25 @@ def run_evaluate(cfg: Config, store: Any, force: bool = False, model: Any = None
         return {"status": "no_data", "data_dir": where,
                 "headline": f"no evaluation data found at {where} (set evaluate.data_dir)"}
 
-    adapters_dirs, tmp = S.load_adapters(store, [*cfg.cultures, JOINT])
+    have = S.available_adapters(store, [*cfg.cultures, JOINT])
     router = router if router is not None else S.load_router_fn(store)
     skipped = {s: r for s in ev.systems
-               if (r := S.missing_artifact(s, cfg.cultures, list(adapters_dirs), router))}
+               if (r := S.missing_artifact(s, cfg.cultures, have, router))}
     active = [s for s in ev.systems if s not in skipped]
-    try:
-        if model is None:
-            from cm_ray.models import resolve_model
+    own = model is None
+    if own:  # evaluate.workers Ray actors, one model load each, where their resources are
+        from cm_ray.eval.workers import start_eval_workers
 
-            model = S.EvalModel(resolve_model(cfg.models.base or cfg.models.generator, cfg.models.cache_dir),
-                                adapters_dirs, batch_size=ev.batch_size)
+        model = start_eval_workers(cfg, store, have)
+    try:
         rows, confusion = run_benchmarks(cfg, root, model, active, router)
     finally:
-        S.cleanup(tmp)
+        if own:
+            model.close()
     summary = {"data_dir": str(root), "systems": active, "skipped_systems": skipped,
-               "n_rows": len(rows), "adapters": sorted(adapters_dirs)}
+               "n_rows": len(rows), "adapters": sorted(have)}
+    if own:
+        summary["workers"] = model.workers
     write_report(store, summary, rows, confusion, cfg.cultures, ev.systems)
     summary.update(headline_summary(rows, active, confusion))
     return summary

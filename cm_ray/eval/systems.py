@@ -1,4 +1,5 @@
-"""The five evaluated systems over one base model and its PEFT adapters, in-process.
+"""The five evaluated systems over one base model and its PEFT adapters (``EvalModel``; in the
+evaluation stage it runs inside Ray actors, ``eval.workers``).
 
 - ``base``: the base model, the task prompt only.
 - ``prompted``: the base model with the culture system prompt (``artifacts.culture_system_prompt``).
@@ -39,14 +40,21 @@ class Route:
 class EvalModel:
     """A base causal LM with named LoRA adapters that can be switched per batch."""
 
-    def __init__(self, model_dir: str, adapters: dict[str, str] | None = None, batch_size: int = 8):
+    def __init__(self, model_dir: str, adapters: dict[str, str] | None = None, batch_size: int = 8,
+                 use_gpu: bool = False):
+        """``use_gpu``: put the model on CUDA in bfloat16 when this process has it (decided here,
+        where the model runs); else float32 on CPU."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from cm_ray.models import default_dtype
+
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        self.lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.lm = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=getattr(torch, default_dtype(self.device))).to(self.device).eval()
         self.batch_size = batch_size
         self.adapters: list[str] = []
         for name, path in (adapters or {}).items():
@@ -91,16 +99,16 @@ class EvalModel:
         out = []
         with self.using(adapter), torch.inference_mode():
             for conv, opts in zip(conversations, choices):
-                prompt = torch.tensor([self.prompt_ids(conv)])
+                prompt = torch.tensor([self.prompt_ids(conv)], device=self.device)
                 first = self.lm(input_ids=prompt, use_cache=True)
                 last_lp = torch.log_softmax(first.logits[0, -1].float(), -1)
                 conts = [self.tok(o, add_special_tokens=False)["input_ids"] + end for o in opts]
                 width = max(len(c) for c in conts)
-                ids = torch.full((len(conts), width), self.tok.pad_token_id)
-                mask = torch.zeros((len(conts), prompt.shape[1] + width), dtype=torch.long)
+                ids = torch.full((len(conts), width), self.tok.pad_token_id, device=self.device)
+                mask = torch.zeros((len(conts), prompt.shape[1] + width), dtype=torch.long, device=self.device)
                 mask[:, :prompt.shape[1]] = 1
                 for i, c in enumerate(conts):
-                    ids[i, :len(c)] = torch.tensor(c)
+                    ids[i, :len(c)] = torch.tensor(c, device=self.device)
                     mask[i, prompt.shape[1]:prompt.shape[1] + len(c)] = 1
                 cache = first.past_key_values
                 cache.batch_repeat_interleave(len(conts))
@@ -127,7 +135,7 @@ class EvalModel:
         with self.using(adapter), torch.inference_mode():
             for i in range(0, len(texts), self.batch_size):
                 enc = self.tok(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
-                               add_special_tokens=False)
+                               add_special_tokens=False).to(self.device)
                 ids = self.lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=self.tok.pad_token_id)
                 out += self.tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -174,6 +182,11 @@ def missing_artifact(system: str, cultures: Sequence[str], adapters: Sequence[st
     if system == "culturemanager" and router is None:
         return "no router artifact under router/"
     return None
+
+
+def available_adapters(store: Any, names: Sequence[str]) -> list[str]:
+    """Which of ``names`` have a published adapter (nothing is downloaded)."""
+    return [n for n in names if artifacts.published_adapter(store, n) is not None]
 
 
 def load_adapters(store: Any, names: Sequence[str]) -> tuple[dict[str, str], Path | None]:

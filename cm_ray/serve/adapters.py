@@ -132,7 +132,10 @@ class AdapterServer:
         self.serve_cfg = s = serve_cfg
         self.store = ArtifactStore(root)
         base = models.base or models.generator
-        device = "cuda" if s.num_gpus > 0 else "cpu"
+        import torch
+
+        # Decided in the replica, where the model runs: its GPU (serve.num_gpus) when CUDA is here.
+        device = "cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.pool = AdapterPool(resolve_model(base, models.cache_dir), default_dtype(device), device,
                                 max_time_s=s.generation_timeout_s)
         self._batched.set_max_batch_size(s.max_batch_size)

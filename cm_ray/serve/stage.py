@@ -45,7 +45,7 @@ def run_serve(cfg, store, force: bool = False, keep_serving: bool = False) -> di
     # On a cluster (ray job submit, ray.address) Serve outlives this driver: a kept app stays up.
     leave_deployed = keep_serving and not owns_cluster()
     s = cfg.serve
-    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.start(http_options={"host": s.host, "port": s.port}, proxy_location=s.proxy_location)
     t0 = time.time()
     serve.run(build_app(cfg), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
     deploy_s = time.time() - t0

@@ -107,7 +107,7 @@ def _trial(params: dict, train, model_ref: str, cache_dir: str | None, root: str
     cache, the artifact root, the seed and each adapter's phase sources; no whole config.
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from cm_ray.models import resolve_model
@@ -126,6 +126,7 @@ def _trial(params: dict, train, model_ref: str, cache_dir: str | None, root: str
             "fault": (fault or {}).get(adapter)}
     trainer = TorchTrainer(
         train_fn_per_worker, train_loop_config=spec, datasets=datasets,
+        torch_config=TorchConfig(backend=torch_backend(tc)),
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -138,20 +139,19 @@ def _trial(params: dict, train, model_ref: str, cache_dir: str | None, root: str
 
 
 def max_concurrent_trials(cfg: Config, n_trials: int) -> int:
-    """``train.max_parallel_trials``, or as many trials as the cluster's CPUs/GPUs hold at once.
+    """``train.max_parallel_trials``, or as many trials as the cluster holds at its largest: its
+    configured node types and their max counts (``cm_ray.cluster``: nodes the autoscaler can still
+    add count), not the resources free now (1 on a cluster that starts from zero workers)."""
+    from cm_ray.cluster import for_config
+    from cm_ray.resources import parallel_trials
 
-    One logical CPU stays free for the Ray Data tokenization of the next trial.
-    """
-    import ray
+    cluster = None if cfg.train.max_parallel_trials else for_config(cfg)
+    return parallel_trials(cfg, cluster, n_trials)
 
-    tc = cfg.train
-    if tc.max_parallel_trials:
-        return max(1, min(tc.max_parallel_trials, n_trials))
-    res = ray.cluster_resources()
-    n = int(max(1.0, res.get("CPU", 1.0) - 1.0) // (tc.num_workers * tc.cpus_per_worker))
-    if tc.use_gpu:
-        n = min(n, int(res.get("GPU", 0)) // tc.num_workers)
-    return max(1, min(n, n_trials))
+
+def torch_backend(tc) -> str | None:
+    """``train.backend`` for Ray Train's TorchConfig (None = Ray's choice: nccl with GPUs, else gloo)."""
+    return None if tc.backend == "auto" else tc.backend
 
 
 def run_culture_trials(cfg: Config, store, names: list[str], fault: dict | None = None) -> dict[str, dict]:

@@ -1,0 +1,59 @@
+"""``cm-ray run`` end to end on a tiny config, as a user runs it: one command, every stage in order.
+
+queries -> search (BM25) -> synthesize (SmolLM2 on transformers) -> train (the tiny Llama, Ray
+Train + DeepSpeed) -> route -> serve (one routed request over HTTP), in a fresh process that
+starts its own local Ray cluster; then the same command again skips every finished stage.
+
+python -m pytest tests/cpu/test_run_e2e.py -v
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _run(overrides: list[str]) -> dict:
+    r = subprocess.run([sys.executable, "-m", "cm_ray.cli", "run", "configs/demo.yaml", *overrides, "--json"],
+                       cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return json.loads(r.stdout[r.stdout.index("{"):])
+
+
+def test_cm_ray_run_goes_from_nothing_to_a_served_answer(tmp_path, smollm2_dir, tiny_model_dir):
+    root = tmp_path / "run"
+    overrides = [f"root={root}", "cultures=[GB,MX]", "tasks=[offensive]", f"models.generator={smollm2_dir}",
+                 f"models.base={tiny_model_dir}", "queries.n_specific=1", "queries.n_agnostic=1",
+                 "queries.max_new_tokens=48", "synthesis.prompts_per_pair=1", "synthesis.samples_per_prompt=3",
+                 "synthesis.max_new_tokens=120", "synthesis.relevance_filter=none",
+                 "synthesis.require_sources=false", "synthesis.validation_fraction=0",
+                 "train.joint_baseline=false", "train.max_steps=2", "train.batch_size=2", "train.max_seq_len=256",
+                 f"serve.port={free_port()}", "serve.max_new_tokens=8", "serve.demo_prompt=Fancy a cuppa, mate?"]
+    out = _run(overrides)
+    s = out["summaries"]
+    assert list(s) == ["queries", "search", "synthesize", "train", "route", "serve"]
+    assert not any(v.get("skipped") for v in s.values())
+    from cm_ray import artifacts
+    from cm_ray.storage import ArtifactStore
+
+    store = ArtifactStore(str(root))
+    with_rows = sorted({r["culture"] for r in artifacts.read_synth(store, columns=["culture"]).to_pylist()})
+    assert with_rows, "synthesis kept no sample for any culture"
+    assert s["train"]["trained"] == with_rows and not s["train"]["failed"]
+    for c in with_rows:
+        assert artifacts.published_adapter(store, c) is not None
+    assert artifacts.published_router(store) is not None
+    assert s["serve"]["culture"] in {"GB", "MX", "none", "base"} and s["serve"]["answer"] is not None
+    assert s["serve"]["adapters"] == len(with_rows)
+
+    again = _run(overrides)["summaries"]
+    assert all(again[k].get("skipped") for k in ("queries", "search", "synthesize", "route"))
