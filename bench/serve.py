@@ -245,10 +245,13 @@ def main() -> None:
     if "vllm" in engines:
         figures["multi8_vs_single_vllm"] = engines["vllm"]["multi8_vs_single"]
     if "transformers" in engines:
-        figures["multi8_vs_single"] = engines["transformers"]["multi8_vs_single"]
+        figures["multi8_vs_single_transformers"] = engines["transformers"]["multi8_vs_single"]
+    faster = max(engines, key=lambda e: engines[e]["rps_multi8"])
+    # the long-standing keys: those of the faster engine (the one the demo serves)
+    figures.update({k: engines[faster][k] for k in ("multi8_vs_single", "p50_ms", "p99_ms", "cold_load_ms")})
     figures.update({"router_p99_ms": round(pct(rl, .99), 2), "router_p50_ms": round(pct(rl, .5), 2),
                     "errors_5xx": sum(e["errors_5xx"] for e in engines.values()),
-                    "faster_engine": max(engines, key=lambda e: engines[e]["rps_multi8"]),
+                    "faster_engine": faster,
                     "clients": args.clients, "seconds_per_scenario": args.seconds,
                     "max_tokens": args.max_tokens, "base": args.base})
     print(f"\n{'engine':<14}{'req/s 1':>9}{'req/s 8':>9}{'tok/s 8':>9}{'p50 ms':>8}{'p99 ms':>8}"

@@ -29,7 +29,7 @@ from ray import serve
 from cm_ray import artifacts
 from cm_ray.artifacts import JOINT
 from cm_ray.serve.api import ApiError, check_adapter_id
-from cm_ray.serve.pool import BASE_ADAPTER, AdapterPool, LoadedAdapter, MixedBatcher
+from cm_ray.serve.pool import BASE_ADAPTER, AdapterPool, LoadedAdapter, MixedBatcher, StopFilter
 
 
 WEIGHTS = "adapter_model.safetensors"
@@ -239,10 +239,13 @@ class AdapterServer:
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
+        stops = StopFilter(item["stop"])  # stop strings apply to the stream as to the answer
         try:
             while (piece := await asyncio.to_thread(next, streamer, None)) is not None:
-                if piece:
+                if piece := stops.push(piece):
                     yield {"delta": piece}
+            if rest := stops.flush():
+                yield {"delta": rest}
         finally:
             await asyncio.to_thread(worker.join)
             if adapter:

@@ -216,6 +216,32 @@ class AdapterPool:
         return self._decode(ids[0, enc["input_ids"].shape[1]:], item, enc["input_ids"].shape[1])
 
 
+class StopFilter:
+    """Cuts a text stream at the first stop string: ``push(piece)`` returns what can be sent now
+    (a tail that may begin a stop string is held back), ``flush()`` the rest at the end."""
+
+    def __init__(self, stops: list[str] | None):
+        self.stops = [x for x in stops or [] if x]
+        self.hold = max((len(x) for x in self.stops), default=1) - 1
+        self.buf, self.stopped = "", False
+
+    def push(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.buf += piece
+        hits = [self.buf.index(x) for x in self.stops if x in self.buf]
+        if hits:
+            self.stopped, out, self.buf = True, self.buf[:min(hits)], ""
+            return out
+        cut = max(0, len(self.buf) - self.hold)
+        out, self.buf = self.buf[:cut], self.buf[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = ("" if self.stopped else self.buf), ""
+        return out
+
+
 class MixedBatcher:
     """Collects requests for any adapter into batches of up to ``max_batch_size``, waiting at
     most ``wait_s`` after the first, and runs ``run(items) -> results`` (blocking, in a thread)

@@ -121,6 +121,28 @@ def test_completions_and_sse_stream_match_the_plain_answer(url):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_stream_stop_strings_usage_chunk_and_guided_json_on_transformers(url):
+    import openai
+
+    plain = chat(url, "Cuéntame de las posadas", model="MX").json()["choices"][0]["message"]["content"]
+    stop = plain[2:4]
+    cut = chat(url, "Cuéntame de las posadas", model="MX", stop=[stop]).json()["choices"][0]["message"]["content"]
+    assert stop and cut == plain[:plain.index(stop)]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model="MX", messages=[{"role": "user", "content": "Cuéntame de las posadas"}], stream=True,
+        stop=[stop], stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == cut
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens > 0
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    r = client.chat.completions.create(model="GB", messages=[{"role": "user", "content": "tea?"}],
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "a", "schema": schema}})
+    assert isinstance(json.loads(r.choices[0].message.content)["ok"], bool)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.chat.completions.create(model="GB", messages=[{"role": "user", "content": "tea?"}], logprobs=True)
+
+
 def test_lru_eviction_reloads_the_least_recently_used_adapter(url):
     # capacity 2: after GB, CN the replica holds exactly {GB, CN}, whatever ran before
     chat(url, "x", model="GB"), chat(url, "x", model="CN")

@@ -156,3 +156,15 @@ def test_mixed_batcher_puts_requests_for_different_adapters_in_one_batch():
     out = asyncio.run(go())
     assert [o["text"] for o in out] == ["GB", "MX", "__base__", "CN"]
     assert batches == [["GB", "MX", "__base__"], ["CN"]]
+
+
+def test_stop_filter_cuts_a_stream_at_the_first_stop_string():
+    from cm_ray.serve.pool import StopFilter
+
+    f = StopFilter(["END", "\n\n"])
+    sent = [f.push(p) for p in ["Hel", "lo E", "N", "D more"]]
+    assert "".join(sent) + f.flush() == "Hello " and f.stopped
+    f = StopFilter(None)
+    assert [f.push(p) for p in ["a", "b"]] == ["a", "b"] and f.flush() == ""
+    f = StopFilter(["xyz"])  # a tail that may begin "xyz" is held back until it cannot
+    assert [f.push(p) for p in ["abx", "q", "zz"]] == ["a", "b", "xq"] and f.flush() == "zz"

@@ -205,3 +205,22 @@ def test_the_vllm_catalogue_left_no_5xx(vurl):
     catalogue._assert_still_serves(vurl)
     metrics = requests.get(f"{vurl}/metrics", timeout=10).text
     assert 'status="200"' in metrics and 'status="5' not in metrics
+
+
+def test_cm_ray_serve_on_vllm_answers_through_the_router(vurl, vstore, smollm2_dir):
+    """The serve stage with serve.engine=vllm: deploys its own app, one routed demo request."""
+    from ray import serve
+
+    from cm_ray.serve.stage import run_serve
+    from test_router import TEXTS
+
+    port = int(vurl.rsplit(":", 1)[1])
+    cfg = load_config(REPO / "configs" / "demo.yaml", [
+        f"root={vstore.root}", f"models.base={smollm2_dir}", "serve.engine=vllm", f"serve.port={port}",
+        "serve.route_prefix=/demo", "serve.app_name=cm_ray_vllm_demo", "serve.max_new_tokens=8",
+        "serve.vllm.max_model_len=512", "serve.vllm.kv_cache_space_gb=1", "serve.ray_actor_cpus=1",
+        f"serve.demo_prompt={TEXTS['MX'][0]}"])
+    summary = run_serve(cfg, vstore)
+    assert summary["engine"] == "vllm" and summary["culture"] == "MX" and summary["routed_by"] == "router"
+    assert summary["answer"].strip() and "on vllm" in summary["headline"]
+    assert "cm_ray_vllm_demo" not in serve.status().applications
