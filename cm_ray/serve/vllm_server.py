@@ -139,7 +139,7 @@ class VLLMServer:
             path = zero_adapter(model_dir, tempfile.mkdtemp(prefix="adapter-base-"))
             self.base_lora = LoRARequest("__base__", next(self._lora_ids), path)
         self.inflight: dict[str, str] = {}  # request id -> adapter name ("" = base model)
-        self.loaded: dict[str, Slot] = {}
+        self.loaded: dict[int, Slot] = {}  # engine LoRA id -> slot
 
         async def load(model_id: str) -> Slot:
             return await self._load(model_id)
@@ -186,13 +186,13 @@ class VLLMServer:
             raise ApiError(422, msg, "model", "invalid_adapter_error") from None
         _BROKEN.pop((self.store.root, culture), None)
         slot = Slot(self, culture, version, lora, tmp, (time.perf_counter() - t0) * 1000)
-        self.loaded[lora.lora_name] = slot
+        self.loaded[lora.lora_int_id] = slot
         return slot
 
     def retire(self, slot: Slot) -> None:
         """Evicted: leaves the engine (and its local copy goes) once no request uses it."""
         slot.evicted = True
-        if slot.active == 0 and self.loaded.pop(slot.lora.lora_name, None) is slot:
+        if slot.active == 0 and self.loaded.pop(slot.lora.lora_int_id, None) is slot:
             asyncio.ensure_future(self._remove(slot))
 
     async def _remove(self, slot: Slot) -> None:
@@ -283,4 +283,5 @@ class VLLMServer:
             yield item
 
     def loaded_adapters(self) -> list[str]:
-        return sorted(self.loaded)
+        """``<culture>@<version>`` of the adapters this replica holds (not yet evicted)."""
+        return sorted(slot.lora.lora_name for slot in self.loaded.values() if not slot.evicted)

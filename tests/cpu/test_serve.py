@@ -5,6 +5,7 @@ python -m pytest tests/cpu/test_serve.py -q -x
 
 import concurrent.futures as cf
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def cfg_overrides(store, tiny_model_dir):
     return [f"root={store.root}", f"models.base={tiny_model_dir}", "serve.max_adapters_per_replica=2",
             "serve.max_new_tokens=8", "serve.max_prompt_chars=500", "serve.batch_wait_timeout_s=0.25",
             "serve.ray_actor_cpus=0.5", "serve.max_prompt_tokens=120", "serve.max_messages=16",
-            "serve.max_body_bytes=65536"]
+            "serve.max_body_bytes=65536", "serve.adapter_cache_ttl_s=0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +170,7 @@ def test_mixed_adapter_batch_over_http_gives_each_adapters_greedy_answer(url):
 def test_new_culture_is_served_without_restart(url, store, tiny_model_dir, tmp_path):
     assert chat(url, "hi", model="JP").status_code == 404
     store.upload_dir(make_adapter(tiny_model_dir, tmp_path / "JP", 7), "adapters", "JP")
+    time.sleep(1.0)  # the ingress rereads the store once its view is serve.adapter_cache_ttl_s old
     ids = [m["id"] for m in requests.get(f"{url}/v1/models", headers=AUTH, timeout=30).json()["data"]]
     assert "JP" in ids
     r = chat(url, "こんにちは", model="JP")

@@ -49,6 +49,8 @@ def vstore(s3_endpoint, smollm2_dir, tmp_path_factory):
 def vurl(ray_local, vstore, smollm2_dir):
     import os
 
+    import vllm  # noqa: F401  (a missing or broken vLLM fails the module at once, never skips)
+
     port = free_port()
     os.environ["CM_RAY_VLLM_TEST_KEY"] = KEY
     cfg = load_config(REPO / "configs" / "demo.yaml", [
