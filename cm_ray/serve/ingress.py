@@ -3,8 +3,13 @@ to a culture and forwards it to the adapter servers (``cm_ray.serve.adapters``).
 
     CultureIngress (FastAPI, router)  --multiplexed_model_id=<culture>-->  AdapterServer (LoRA)
 
-Endpoints: POST /v1/chat/completions and /v1/completions (``stream: true`` = SSE), GET /v1/models
-(auto, base, every adapter on the store, rescanned per call), /healthz, /metrics (Prometheus).
+    CultureIngress  --multiplexed_model_id=<culture>@<version>-->  VLLMServer (serve.engine: vllm)
+
+Endpoints: POST /v1/chat/completions and /v1/completions (``stream: true`` = SSE, with a usage
+chunk for ``stream_options.include_usage``), GET /v1/models (auto, base, every usable adapter on
+the store; the store is read at most once per ``serve.adapter_cache_ttl_s``), /healthz, /metrics
+(Prometheus, per culture). ``response_format`` json_object / json_schema is guided decoding on
+both engines; fields the server does not implement (tools, logprobs, ...) are a 400 naming them.
 ``model="auto"`` asks the router (unless an ``X-Culture`` header or ``culture`` field names the
 culture); ``model="<culture>"`` pins an adapter; ``model="base"`` uses no adapter. Responses carry
 ``culture``, ``router_confidence`` and ``routed_by`` fields and ``X-Culture`` / ``X-Router-*``
@@ -31,12 +36,12 @@ from ray import serve
 
 from cm_ray import artifacts
 from cm_ray.artifacts import AUTO, BASE, NONE
-from cm_ray.serve.adapters import adapter_ids
 from cm_ray.serve.api import (ApiError, ChatRequest, CompletionRequest, check_adapter_id,
-                              check_prompt_tokens, chunk_body, completion_body, decode_json,
-                              parse_request, route_headers, scrub)
-from cm_ray.serve.limits import (load_tokenizer, overload_error, read_body, replica_error,
-                                 timeout_error)
+                              check_prompt_tokens, decode_json, parse_request, scrub)
+from cm_ray.serve.catalog import AdapterCatalog
+from cm_ray.serve.limits import load_tokenizer, overload_error, read_body, replica_error, timeout_error
+from cm_ray.serve.responses import completion_body, route_headers
+from cm_ray.serve.stream import IngressMetrics, sse_events
 
 log = logging.getLogger("cm_ray.serve")
 
@@ -87,65 +92,6 @@ def pick_culture(req, header: str | None, has_adapter: Callable[[str], bool],
     return {"culture": culture, "router_confidence": conf, "routed_by": "router"}
 
 
-class _Metrics:
-    """Prometheus metrics of this ingress replica, in a registry of its own."""
-
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter("cm_ray_requests", "Requests by endpoint, culture and status",
-                                ["endpoint", "culture", "status"], registry=self.registry)
-        self.latency = Histogram("cm_ray_request_latency_seconds", "End-to-end latency",
-                                 ["culture"], registry=self.registry,
-                                 buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
-        self.router = Histogram("cm_ray_router_latency_seconds", "Router decision latency",
-                                registry=self.registry,
-                                buckets=(.001, .0025, .005, .01, .02, .05, .1, .25, 1))
-        self.loads = Counter("cm_ray_adapter_loads", "Adapter (re)loads seen by requests",
-                             ["culture"], registry=self.registry)
-
-
-# Helpers the ingress uses must be defined above it: Serve captures the class's globals when
-# the decorators run.
-
-
-async def _sse_events(gen, first: dict, chat: bool, cid: str, model: str, route: dict,
-                      deadline: float, s):
-    """OpenAI-style SSE: one chunk per text delta, a final chunk with finish_reason, [DONE].
-    Past ``deadline`` (loop time) the stream ends with a timeout error event."""
-    item = first
-    while True:
-        if "delta" in item:
-            yield _sse(chunk_body(chat, cid, model, item["delta"], None, route))
-        elif "error" in item:
-            err = item["error"]["error"]
-            yield _sse({"error": {**err, "message": scrub(str(err.get("message")))}})
-            break
-        else:
-            yield _sse(chunk_body(chat, cid, model, None, item.get("finish_reason"), route))
-            break
-        try:
-            item = await asyncio.wait_for(gen.__anext__(), deadline - time.monotonic())
-        except StopAsyncIteration:
-            break
-        except asyncio.TimeoutError:
-            gen.cancel()
-            yield _sse(timeout_error(s).body())
-            break
-        except Exception as e:  # the replica died mid-stream: say so, without details
-            log.warning("stream failed: %s", scrub(repr(e)))
-            yield _sse(ApiError(503, "generation failed; retry later", None, "server_error").body())
-            break
-    yield "data: [DONE]\n\n"
-
-
-def _sse(obj: dict) -> str:
-    import json
-
-    return f"data: {json.dumps(obj)}\n\n"
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(fastapi_app)
 class CultureIngress:
@@ -163,7 +109,7 @@ class CultureIngress:
         self.store = ArtifactStore(root)
         self.adapters = adapters
         self.key_sha256 = api_key_sha256
-        self.metrics = _Metrics()
+        self.metrics = IngressMetrics()
         self.tokenizer = load_tokenizer(self.base_model, models.cache_dir)
         self.root = root
         self.router = None
@@ -172,13 +118,12 @@ class CultureIngress:
             self.router = load_router(self.store, threshold=router_cfg.threshold)
             self.router.use_metadata = router_cfg.use_metadata
             self.router.predict(["warm-up"])  # load the encoder now, not on the first request
-        self.known = set(adapter_ids(self.store))
+        self.catalog = AdapterCatalog(self.store, serve_cfg.adapter_cache_ttl_s)
+        self.catalog.ids()
 
     # -- helpers ---------------------------------------------------------------------------
     def _has_adapter(self, key: str) -> bool:
-        if key not in self.known:  # hot-load: a culture trained after start is found on a miss
-            self.known = set(adapter_ids(self.store))
-        return key in self.known
+        return self.catalog.has(key)
 
     def _predict(self, text: str, metadata: dict | None) -> tuple[str, float]:
         t0 = time.perf_counter()
@@ -198,12 +143,18 @@ class CultureIngress:
     # -- endpoints -------------------------------------------------------------------------
     @fastapi_app.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "router": self.router is not None, "adapters": len(self.known)}
+        return {"status": "ok", "router": self.router is not None, "engine": self.serve_cfg.engine,
+                "adapters": len(await asyncio.to_thread(self.catalog.ids))}
 
     @fastapi_app.get("/metrics")
     async def metrics(self) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        try:  # the adapters held by the replica that answers (a scrape never fails for it)
+            got = await asyncio.wait_for(self.adapters.loaded_adapters.remote(), 5)
+            self.metrics.set_loaded([a.partition("@")[0] for a in got])
+        except Exception as e:
+            log.warning("loaded adapters unknown: %s", scrub(repr(e), self.root))
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @fastapi_app.get("/v1/models")
@@ -211,11 +162,11 @@ class CultureIngress:
         from cm_ray.cultures import registry
 
         self._auth(request)
-        self.known = set(await asyncio.to_thread(adapter_ids, self.store))
+        known = await asyncio.to_thread(self.catalog.ids)
         base = self.base_model
         data = [{"id": AUTO, "object": "model", "owned_by": "cm_ray", "root": "router"},
                 {"id": BASE, "object": "model", "owned_by": "cm_ray", "root": base}]
-        for key in sorted(self.known):
+        for key in known:
             name = registry()[key].name if key in registry() else "all cultures"
             data.append({"id": key, "object": "model", "owned_by": "cm_ray", "root": base,
                          "parent": BASE, "culture_name": name})
@@ -241,19 +192,20 @@ class CultureIngress:
                 pick_culture, req, request.headers.get("x-culture"), self._has_adapter,
                 self._predict if self.router else None)
             culture = route["culture"]
-            handle = self.adapters.options(multiplexed_model_id="" if culture == NONE else culture)
+            model_id = "" if culture == NONE else await asyncio.to_thread(self.catalog.model_id, culture)
+            handle = self.adapters.options(multiplexed_model_id=model_id)
             payload = {"payload": req.payload(), "max_new_tokens": req.new_tokens(),
-                       "temperature": req.temperature, "top_p": req.top_p, "stop": req.stop}
+                       "temperature": req.temperature, "top_p": req.top_p, "stop": req.stop,
+                       "json_schema": req.json_schema(s.guided_max_string_chars)}
             chat = cls is ChatRequest
             deadline = time.monotonic() + s.generation_timeout_s
             if req.stream:
-                resp = await self._stream(handle, payload, chat, req.model, route, deadline)
+                resp = await self._stream(handle, payload, chat, req, route, deadline, model_id, t0)
             else:
                 result = await self._call(handle.generate.remote(payload), deadline)
                 if "error" in result:
-                    raise ApiError(**replica_error(result["error"]))
-                if result.get("adapter_cold"):
-                    self.metrics.loads.labels(culture).inc()
+                    raise self._refused(result["error"], model_id)
+                self.metrics.answered(culture, result)
                 resp = JSONResponse(completion_body(chat, req.model, result, route),
                                     headers=route_headers(route, result))
             status = resp.status_code
@@ -288,13 +240,21 @@ class CultureIngress:
                 raise
             raise err from None
 
-    async def _stream(self, handle, payload: dict, chat: bool, model: str, route: dict,
-                      deadline: float) -> Response:
+    def _refused(self, error: dict, model_id: str) -> ApiError:
+        """The adapter servers' error as an ApiError; a refused adapter version is no longer
+        advertised (until another version is published)."""
+        if error["error"].get("type") == "invalid_adapter_error" and model_id:
+            self.catalog.refuse(model_id)
+        return ApiError(**replica_error(error))
+
+    async def _stream(self, handle, payload: dict, chat: bool, req, route: dict,
+                      deadline: float, model_id: str, t0: float) -> Response:
         gen = handle.options(stream=True).generate_stream.remote(payload)
         first = await self._call(gen.__anext__(), deadline, cancel=gen.cancel)
         if "error" in first:  # fails before any token: a plain JSON error, not a broken stream
-            raise ApiError(**replica_error(first["error"]))
+            raise self._refused(first["error"], model_id)
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        return StreamingResponse(_sse_events(gen, first, chat, cid, model, route, deadline,
-                                             self.serve_cfg),
-                                 media_type="text/event-stream", headers=route_headers(route))
+        culture = route["culture"]
+        events = sse_events(gen, first, chat, cid, req.model, route, deadline, self.serve_cfg,
+                            req.include_usage(), lambda r, ttft: self.metrics.answered(culture, r, ttft), t0)
+        return StreamingResponse(events, media_type="text/event-stream", headers=route_headers(route))

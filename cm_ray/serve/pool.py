@@ -9,7 +9,9 @@ free. ``LoadedAdapter`` is what the Serve deployment's multiplexed loader hands 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import json
 import threading
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" inside a mixed batch
@@ -40,6 +42,25 @@ class AdapterPool:
         self._ids = itertools.count()
         self._in_use: dict[str, int] = {}
         self._doomed: set[str] = set()
+        self._grammars: dict[str, object] = {}
+        self._compiler = None
+
+    def grammar(self, schema: dict):
+        """The compiled xgrammar JSON grammar of ``schema`` (cached; raises on a schema xgrammar
+        cannot compile, before any batch runs)."""
+        import json
+
+        import xgrammar as xgr
+
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            if self._compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(
+                    self.tokenizer, vocab_size=self.model.config.vocab_size,
+                    stop_token_ids=[self.tokenizer.eos_token_id])
+                self._compiler = xgr.GrammarCompiler(info)
+            self._grammars[key] = self._compiler.compile_json_schema(key, any_whitespace=False)
+        return self._grammars[key]
 
     @property
     def loaded(self) -> list[str]:
@@ -120,8 +141,12 @@ class AdapterPool:
             return {"do_sample": True, "temperature": item["temperature"], "top_p": item["top_p"]}
         return {"do_sample": False}
 
-    def _generate(self, enc, names: list[str], **kw):
+    def _generate(self, enc, names: list[str], schemas=None, **kw):
+        from cm_ray.generation.engines import _GrammarMask
+
         kw["pad_token_id"] = self.tokenizer.pad_token_id
+        if schemas and schemas[0] is not None:  # guided JSON (a group shares its schema)
+            kw["logits_processor"] = [_GrammarMask([self.grammar(x) for x in schemas])]
         if self.max_time_s:
             kw["max_time"] = self.max_time_s
         if self.loaded:  # a PeftModel: one forward pass, each row with its own adapter
@@ -133,7 +158,8 @@ class AdapterPool:
         equal sampling settings.
 
         Input keys:  prompt (str, templated), adapter (PEFT name or __base__), max_new_tokens,
-                     temperature, top_p, stop (list[str] | None)
+                     temperature, top_p, stop (list[str] | None), json_schema (dict | None:
+                     guided JSON, xgrammar)
         Output keys: text, finish_reason, prompt_tokens, completion_tokens, batch_size,
                      batch_adapters
         """
@@ -142,14 +168,16 @@ class AdapterPool:
         out: list[dict | None] = [None] * len(items)
         groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(items):
-            groups.setdefault(tuple(sorted(self._sampling(it).items())), []).append(i)
+            schema = json.dumps(it.get("json_schema"), sort_keys=True)
+            groups.setdefault((schema, *sorted(self._sampling(it).items())), []).append(i)
         with self.lock, torch.inference_mode():
             self._reap()
             for idx in groups.values():
                 group = [items[i] for i in idx]
                 enc = self._inputs([g["prompt"] for g in group])
                 new = max(g["max_new_tokens"] for g in group)
-                ids = self._generate(enc, [g["adapter"] for g in group], max_new_tokens=new,
+                ids = self._generate(enc, [g["adapter"] for g in group],
+                                     [g.get("json_schema") for g in group], max_new_tokens=new,
                                      **self._sampling(group[0]))
                 n_adapters = len({g["adapter"] for g in group})
                 for row, i in enumerate(idx):
@@ -179,12 +207,85 @@ class AdapterPool:
         with self.lock, torch.inference_mode():
             enc = self._inputs([item["prompt"]])
             try:
-                ids = self._generate(enc, [item["adapter"]], max_new_tokens=item["max_new_tokens"],
+                ids = self._generate(enc, [item["adapter"]], [item.get("json_schema")],
+                                     max_new_tokens=item["max_new_tokens"],
                                      streamer=streamer, **self._sampling(item))
             except Exception:
                 streamer.end()  # unblock the reader; the error surfaces in the summary
                 raise
         return self._decode(ids[0, enc["input_ids"].shape[1]:], item, enc["input_ids"].shape[1])
+
+
+class StopFilter:
+    """Cuts a text stream at the first stop string: ``push(piece)`` returns what can be sent now
+    (a tail that may begin a stop string is held back), ``flush()`` the rest at the end."""
+
+    def __init__(self, stops: list[str] | None):
+        self.stops = [x for x in stops or [] if x]
+        self.hold = max((len(x) for x in self.stops), default=1) - 1
+        self.buf, self.stopped = "", False
+
+    def push(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.buf += piece
+        hits = [self.buf.index(x) for x in self.stops if x in self.buf]
+        if hits:
+            self.stopped, out, self.buf = True, self.buf[:min(hits)], ""
+            return out
+        cut = max(0, len(self.buf) - self.hold)
+        out, self.buf = self.buf[:cut], self.buf[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = ("" if self.stopped else self.buf), ""
+        return out
+
+
+class MixedBatcher:
+    """Collects requests for any adapter into batches of up to ``max_batch_size``, waiting at
+    most ``wait_s`` after the first, and runs ``run(items) -> results`` (blocking, in a thread)
+    one batch at a time; requests that arrive meanwhile form the next batch. Plain asyncio on
+    purpose: Serve's ``@serve.batch`` splits batches by multiplexed model id, which would keep
+    different cultures out of one forward pass."""
+
+    def __init__(self, run, max_batch_size: int, wait_s: float):
+        self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
+        self.queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+
+    async def submit(self, item: dict) -> dict:
+        loop = asyncio.get_running_loop()
+        if self.queue is None:
+            self.queue = asyncio.Queue()
+            self._task = loop.create_task(self._serve())
+        fut = loop.create_future()
+        await self.queue.put((item, fut))
+        return await fut
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.wait_s
+            while len(batch) < self.max_batch_size and (left := deadline - loop.time()) > 0:
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            live = [(item, fut) for item, fut in batch if not fut.done()]  # done = cancelled
+            if not live:
+                continue
+            try:
+                results = await asyncio.to_thread(self.run, [item for item, _ in live])
+            except Exception as e:  # the batch failed: each of its requests gets the error
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, fut), result in zip(live, results):
+                if not fut.done():
+                    fut.set_result(result)
 
 
 class LoadedAdapter:

@@ -68,9 +68,9 @@ def run_serve(cfg, store, force: bool = False, keep_serving: bool = False) -> di
         summary = {"url": url, "prompt": prompt, "answer": text, "culture": answer["culture"],
                    "router_confidence": answer["router_confidence"],
                    "routed_by": answer["routed_by"], "latency_ms": round(latency_ms, 1),
-                   "deploy_s": round(deploy_s, 1), "adapters": n_adapters,
+                   "deploy_s": round(deploy_s, 1), "adapters": n_adapters, "engine": s.engine,
                    "headline": f"{answer['culture']} (p={answer['router_confidence']:.2f}) answered "
-                               f"in {latency_ms:.0f} ms: {text[:40]!r}"}
+                               f"on {s.engine} in {latency_ms:.0f} ms: {text[:40]!r}"}
         if leave_deployed:
             print(f"cm_ray: deployed at {url}/v1", file=sys.stderr, flush=True)
         elif keep_serving:

@@ -5,6 +5,7 @@ python -m pytest tests/cpu/test_serve.py -q -x
 
 import concurrent.futures as cf
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def cfg_overrides(store, tiny_model_dir):
     return [f"root={store.root}", f"models.base={tiny_model_dir}", "serve.max_adapters_per_replica=2",
             "serve.max_new_tokens=8", "serve.max_prompt_chars=500", "serve.batch_wait_timeout_s=0.25",
             "serve.ray_actor_cpus=0.5", "serve.max_prompt_tokens=120", "serve.max_messages=16",
-            "serve.max_body_bytes=65536"]
+            "serve.max_body_bytes=65536", "serve.adapter_cache_ttl_s=0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,28 @@ def test_completions_and_sse_stream_match_the_plain_answer(url):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_stream_stop_strings_usage_chunk_and_guided_json_on_transformers(url):
+    import openai
+
+    plain = chat(url, "Cuéntame de las posadas", model="MX").json()["choices"][0]["message"]["content"]
+    stop = plain[2:4]
+    cut = chat(url, "Cuéntame de las posadas", model="MX", stop=[stop]).json()["choices"][0]["message"]["content"]
+    assert stop and cut == plain[:plain.index(stop)]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model="MX", messages=[{"role": "user", "content": "Cuéntame de las posadas"}], stream=True,
+        stop=[stop], stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == cut
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens > 0
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    r = client.chat.completions.create(model="GB", messages=[{"role": "user", "content": "tea?"}],
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "a", "schema": schema}})
+    assert isinstance(json.loads(r.choices[0].message.content)["ok"], bool)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.chat.completions.create(model="GB", messages=[{"role": "user", "content": "tea?"}], logprobs=True)
+
+
 def test_lru_eviction_reloads_the_least_recently_used_adapter(url):
     # capacity 2: after GB, CN the replica holds exactly {GB, CN}, whatever ran before
     chat(url, "x", model="GB"), chat(url, "x", model="CN")
@@ -147,6 +170,7 @@ def test_mixed_adapter_batch_over_http_gives_each_adapters_greedy_answer(url):
 def test_new_culture_is_served_without_restart(url, store, tiny_model_dir, tmp_path):
     assert chat(url, "hi", model="JP").status_code == 404
     store.upload_dir(make_adapter(tiny_model_dir, tmp_path / "JP", 7), "adapters", "JP")
+    time.sleep(1.0)  # the ingress rereads the store once its view is serve.adapter_cache_ttl_s old
     ids = [m["id"] for m in requests.get(f"{url}/v1/models", headers=AUTH, timeout=30).json()["data"]]
     assert "JP" in ids
     r = chat(url, "こんにちは", model="JP")

@@ -69,3 +69,102 @@ def test_serve_modules_import_without_vllm_or_deepspeed():
             "cm_ray.serve.stage, cm_ray.router.model, cm_ray.router.stage; "
             "print(json.dumps([m for m in ('vllm', 'deepspeed', 'torch') if m in sys.modules]))")
     assert json.loads(subprocess.check_output([sys.executable, "-c", code], cwd=REPO)) == []
+
+
+def test_vllm_engine_options_come_from_the_config_not_the_driver():
+    from cm_ray.serve.app import build_app, vllm_server_options
+    from cm_ray.serve.vllm_server import engine_args
+
+    cpu = load_config(REPO / "configs" / "demo.yaml", ["serve.engine=vllm", "serve.max_ongoing_requests=48"])
+    opts = vllm_server_options(cpu.serve)
+    assert opts["max_ongoing_requests"] == 48 and "placement_group_bundles" not in opts
+    assert opts["ray_actor_options"] == {"num_cpus": cpu.serve.ray_actor_cpus}
+    assert type(build_app(cpu)).__name__ == "Application"
+    gpu = load_config(None, ["serve.engine=vllm", "serve.num_gpus=1", "serve.vllm.tensor_parallel_size=2",
+                             "serve.num_replicas=auto", "serve.max_replicas=3"])
+    opts = vllm_server_options(gpu.serve)
+    assert opts["placement_group_bundles"] == [{"GPU": 1, "CPU": 1}] * 2
+    assert opts["autoscaling_config"]["max_replicas"] == 3 and opts["ray_actor_options"]["num_gpus"] == 0
+    kw = engine_args(gpu.serve, "/m", cuda=True)
+    assert kw["tensor_parallel_size"] == 2 and kw["distributed_executor_backend"] == "ray"
+    assert kw["dtype"] == "bfloat16" and kw["enable_lora"] and kw["max_loras"] == 4
+    kw = engine_args(cpu.serve, "/m", cuda=False)
+    assert kw["dtype"] == "float32" and kw["enforce_eager"] is True
+    assert kw["max_loras"] == 5  # + the base model's zero adapter on CPU
+    with pytest.raises(ConfigError, match="serve.vllm.tensor_parallel_size"):
+        load_config(None, ["serve.engine=vllm", "serve.vllm.tensor_parallel_size=2"])
+    with pytest.raises(ConfigError, match="serve.engine"):
+        load_config(None, ["serve.engine=tgi"])
+
+
+def test_unsupported_fields_are_refused_by_name_and_response_format_is_checked():
+    from cm_ray.serve.api import ApiError, ChatRequest, parse_request
+
+    s = load_config(None, []).serve
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ApiError, match="'tool_choice', 'tools'") as e:
+        parse_request(ChatRequest, {"messages": msgs, "tools": [], "tool_choice": "auto"}, s)
+    assert e.value.status == 400 and e.value.param == "tool_choice"
+    assert parse_request(ChatRequest, {"messages": msgs, "user": "u1"}, s).json_schema(300) is None
+    req = parse_request(ChatRequest, {"messages": msgs, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}}}, s)
+    assert req.json_schema(30) == {"type": "object", "properties": {"a": {"type": "string", "maxLength": 30}}}
+    assert parse_request(ChatRequest, {"messages": msgs, "response_format": {"type": "json_object"}},
+                         s).json_schema(30) == {"type": "object"}
+    for bad in ({"type": "json_schema"}, {"type": "yaml"}, {"type": "text", "json_schema": {"schema": {}}},
+                {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}):
+        with pytest.raises(ApiError, match="response_format") as e:
+            parse_request(ChatRequest, {"messages": msgs, "response_format": bad}, s)
+        assert e.value.status == 422
+    req = parse_request(ChatRequest, {"messages": msgs, "stream": True, "stream_options": {"include_usage": True}}, s)
+    assert req.include_usage()
+
+
+def test_the_adapter_catalogue_reads_the_store_once_per_ttl(tmp_path, monkeypatch):
+    from cm_ray.serve import adapters
+    from cm_ray.serve.catalog import AdapterCatalog
+    from cm_ray.storage import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path))
+    reads = []
+    monkeypatch.setattr(adapters, "adapter_versions", lambda st: reads.append(1) or {"MX": "v1", "GB": None})
+    cat = AdapterCatalog(store, ttl_s=3600)
+    assert cat.ids() == ["GB", "MX"] and cat.has("MX") and not cat.has("JP")
+    assert cat.model_id("MX") == "MX@v1" and cat.model_id("GB") == "GB" and len(reads) == 1
+    cat.refuse("MX@v1")
+    assert cat.ids() == ["GB"] and cat.has("MX")  # not advertised; asking for it gets the 422
+    cat.ttl_s = 0
+    monkeypatch.setattr(adapters, "adapter_versions", lambda st: {"MX": "v2", "GB": None})
+    assert cat.ids() == ["GB", "MX"] and cat.model_id("MX") == "MX@v2"  # republished: listed again
+
+
+def test_mixed_batcher_puts_requests_for_different_adapters_in_one_batch():
+    import asyncio
+
+    from cm_ray.serve.pool import MixedBatcher
+
+    batches = []
+
+    def run(items):
+        batches.append([i["adapter"] for i in items])
+        return [{"text": i["adapter"]} for i in items]
+
+    async def go():
+        b = MixedBatcher(run, max_batch_size=3, wait_s=0.2)
+        return await asyncio.gather(*(b.submit({"adapter": a}) for a in ["GB", "MX", "__base__", "CN"]))
+
+    out = asyncio.run(go())
+    assert [o["text"] for o in out] == ["GB", "MX", "__base__", "CN"]
+    assert batches == [["GB", "MX", "__base__"], ["CN"]]
+
+
+def test_stop_filter_cuts_a_stream_at_the_first_stop_string():
+    from cm_ray.serve.pool import StopFilter
+
+    f = StopFilter(["END", "\n\n"])
+    sent = [f.push(p) for p in ["Hel", "lo E", "N", "D more"]]
+    assert "".join(sent) + f.flush() == "Hello " and f.stopped
+    f = StopFilter(None)
+    assert [f.push(p) for p in ["a", "b"]] == ["a", "b"] and f.flush() == ""
+    f = StopFilter(["xyz"])  # a tail that may begin "xyz" is held back until it cannot
+    assert [f.push(p) for p in ["abx", "q", "zz"]] == ["a", "b", "xq"] and f.flush() == "zz"
