@@ -115,10 +115,12 @@ def train_request(cfg, cluster: Cluster | None, n_trials: int) -> Request:
 def serve_requests(cfg) -> list[Request]:
     s = cfg.serve
     most = s.max_replicas if s.num_replicas == "auto" else s.num_replicas
-    replica = _clean({"CPU": s.ray_actor_cpus, "GPU": s.num_gpus})
-    note = (f"autoscaled {s.min_replicas}..{s.max_replicas}" if s.num_replicas == "auto"
-            else f"{s.num_replicas} fixed")
-    return [Request("serve", "adapter-server replica", [replica], most, gpu_bound=s.num_gpus > 0, note=note),
+    tp = s.vllm.tensor_parallel_size if s.engine == "vllm" else 1
+    bundles = ([{"GPU": 1.0, "CPU": 1.0}] * tp if s.num_gpus and tp > 1
+               else [_clean({"CPU": s.ray_actor_cpus, "GPU": s.num_gpus})])  # as serve/app.py asks
+    note = (f"{s.engine}; autoscaled {s.min_replicas}..{s.max_replicas}" if s.num_replicas == "auto"
+            else f"{s.engine}; {s.num_replicas} fixed")
+    return [Request("serve", "adapter-server replica", bundles, most, gpu_bound=s.num_gpus > 0, note=note),
             Request("serve", "router ingress replica", [{"CPU": 1.0}], 1, note="MiniLM router on CPU")]
 
 
