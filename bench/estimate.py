@@ -7,12 +7,7 @@ throughput was never measured on the config's hardware is printed as unavailable
 command that would measure it: no figure is guessed, and no model size or CPU figure is scaled to
 another model or to a GPU.
 
-Figures read (file: key):
-  search.json:    qps_ratio, p50_ms                 (HTTP provider under a qps limit)
-  synthesis.json: tokens_per_s_gpu_8b               (vLLM, 8B, one GPU; output tok/s)
-                  kept_fraction                     (samples kept / candidates)
-  train.json:     tokens_per_s_gpu_8b, workers      (Ray Train + DeepSpeed, 8B, LoRA)
-  serve.json:     rps_multi8_gpu_8b                 (req/s per adapter-server replica, 8B, one GPU)
+The figures it reads are listed in cm_ray/estimate.py.
 
     python bench/estimate.py                                   # configs/paper.yaml
     python bench/estimate.py --config configs/paper.yaml --gpu-hour-usd 2.5 --gpus 16
