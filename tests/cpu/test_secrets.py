@@ -235,7 +235,7 @@ def test_keys_appear_nowhere_after_the_queries_and_search_stages_on_ray(ray_loca
 # The same through `ray job submit` on a `ray start --head` cluster: keys in the head node's
 # environment (as a cluster node has them), never in the job's runtime_env.
 
-from tests.cpu.test_jobs import _ray_cli, ray_head  # noqa: E402,F401  (ray_head: the fixture)
+from tests.cpu.test_jobs import ray_head  # noqa: E402,F401  (ray_head: the fixture)
 
 JOB_TAG = uuid.uuid4().hex
 # Random from the 4th char on: a 10-char prefix needle never matches this file's own text
@@ -265,7 +265,7 @@ def test_keys_appear_nowhere_after_a_ray_job_submit(keyed_head, echo_servers, tm
             "from cm_ray.storage import ArtifactStore; cfg = load_config(None, sys.argv[1:]); "
             "s = ArtifactStore(cfg.root); [print(run_stage(n, cfg, s)['headline']) for n in ('queries', 'search')]")
     sid = f"secrets-{os.getpid()}-{JOB_TAG[:6]}"
-    r = _ray_cli(keyed_head, "job", "submit", "--working-dir", ".", "--submission-id", sid, "--",
+    r = keyed_head.cli("job", "submit", "--working-dir", ".", "--submission-id", sid, "--",
                  "python", "-c", code, *_overrides(root, llm, brave))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _check_stage_outputs(ArtifactStore(str(root)), llm, brave, JOB_KEYS)
@@ -275,12 +275,13 @@ def test_keys_appear_nowhere_after_a_ray_job_submit(keyed_head, echo_servers, tm
     shown = r.stdout + r.stderr
     for args in (("job", "logs", sid), ("job", "list"), ("list", "actors", "--detail", "--limit", "10000"),
                  ("list", "tasks", "--detail", "--limit", "10000"), ("list", "jobs", "--detail")):
-        out = _ray_cli(keyed_head, *args, timeout=120)
+        out = keyed_head.cli(*args, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         shown += out.stdout
     assert "queries" in shown and sid in shown
     assert not [v for v in JOB_KEYS.values() if v[:10] in shown]
     assert not re.search(r"(AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|BRAVE_API_KEY|" + OPENAI_VAR + ")['\"]?:",
                          shown)
-    logs = _files_with(Path("/tmp") / f"cmr-{os.getpid()}", needles)  # the head's --temp-dir
+    assert keyed_head.temp.is_dir()
+    logs = _files_with(keyed_head.temp, needles)  # the head's --temp-dir
     assert not logs, logs
