@@ -56,12 +56,7 @@ def make_plan(cfg, cluster_file: str | None = None, prices: dict | None = None) 
     check(requests, cluster)
     stages = []
     for r in requests:
-        merged = {}
-        for b in r.bundles:
-            for k, v in b.items():
-                merged[k] = merged.get(k, 0.0) + v
-        hosts = cluster.hosts(merged) if r.strategy == "STRICT_PACK" else \
-            sorted({h for b in r.bundles for h in cluster.hosts(b)})
+        hosts = sorted({h for b in r.placed() for h in cluster.hosts(b)})
         stages.append(r.to_dict() | {"node_types": hosts,
                                      "gpu_node_types": [h for h in hosts if _gpus(cluster, h) > 0]})
     max_res = cluster.max_resources()

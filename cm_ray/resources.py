@@ -46,6 +46,16 @@ class Request:
                 out[k] = out.get(k, 0.0) + v * self.count
         return out
 
+    def placed(self) -> list[dict[str, float]]:
+        """What must each fit on one node: the whole group under STRICT_PACK, else each bundle."""
+        if self.strategy != "STRICT_PACK" or not self.bundles:
+            return self.bundles
+        merged: dict[str, float] = {}
+        for b in self.bundles:
+            for k, v in b.items():
+                merged[k] = merged.get(k, 0.0) + v
+        return [merged]
+
     def to_dict(self) -> dict:
         return asdict(self) | {"totals": self.totals()}
 
@@ -151,15 +161,7 @@ def check(requests: list[Request], cluster: Cluster) -> None:
     """Raise ``PlacementError`` naming the stage and resource of a bundle no node type holds."""
     problems = []
     for r in requests:
-        if r.strategy == "STRICT_PACK" and r.bundles:
-            merged: dict[str, float] = {}
-            for b in r.bundles:
-                for k, v in b.items():
-                    merged[k] = merged.get(k, 0.0) + v
-            groups = [merged]
-        else:
-            groups = r.bundles
-        for b in groups:
+        for b in r.placed():
             if not cluster.hosts(b):
                 short = [k for k, v in b.items() if all(t.resources.get(k, 0.0) < v for t in cluster.node_types)]
                 most = {k: max((t.resources.get(k, 0.0) for t in cluster.node_types), default=0.0) for k in short}
