@@ -79,6 +79,7 @@ def setup_worker(spec: dict) -> WorkerSetup:
     model_path = resolve_model(spec["model_ref"], spec["cache_dir"])
     tok = get_tokenizer(model_path)
     model = load_base_model(model_path, default_dtype("cuda" if use_gpu else "cpu"), str(device))
+    torch.manual_seed(spec["seed"])  # the LoRA init depends on the seed only (as in a pack)
     model = make_lora_model(model, tc)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=0.0)
