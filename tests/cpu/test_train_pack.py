@@ -120,7 +120,7 @@ def test_pack_equals_alone_survives_a_crash_and_isolates_broken_cultures(
     marker = tmp_path / "cn-crashed"
     cfg = _cfg(packed.root, tiny_model_dir, "cultures=[GB, CN, MX, BR, AR, PE]", "train.trials=packed",
                "train.packs=2", "train.checkpoint_every_steps=2")
-    summary = run_training(cfg, packed, fault={"CN": {"at_step": 3, "marker": str(marker)}})
+    summary = run_training(cfg, packed, fault={"CN": {"at_step": 5, "marker": str(marker)}})
 
     # Broken cultures fail on their own, each with its own error; the packs train the rest.
     assert summary["trained"] == ["CN", "GB", "MX"], summary
@@ -139,9 +139,12 @@ def test_pack_equals_alone_survives_a_crash_and_isolates_broken_cultures(
         assert m["zero_stage"] == 2 and m["val_loss"] is not None and m["tokens_per_s"] > 0
         assert m["pack"]["index"] == pack_of[c] and c in m["pack"]["adapters"]
     assert marker.exists()
-    # The worker of CN's pack died at CN's step 3 and resumed the whole pack from round 2.
+    # The worker of CN's pack died at CN's step 5 and resumed the whole pack from a checkpoint
+    # (round 2 or 4: one reported just before a hard exit may not be registered yet), not from 0.
     crashed = [n for n in packs[pack_of["CN"]] if n in metrics]
-    assert all(metrics[n]["resumed_from"] == [2] for n in crashed), {n: metrics[n]["resumed_from"] for n in crashed}
+    resumed = {n: metrics[n]["resumed_from"] for n in crashed}
+    assert len({tuple(r) for r in resumed.values()}) == 1 and resumed["CN"] in ([2], [4]), resumed
+    assert all(m["resumed_from"] == [] for n, m in metrics.items() if n not in crashed)
 
     # Equivalence: same data order and seed -> the same adapter, in a pack (with a crash) or alone.
     for c in sizes:
@@ -153,6 +156,8 @@ def test_pack_equals_alone_survives_a_crash_and_isolates_broken_cultures(
         assert m_alone["total_steps"] == metrics[c]["total_steps"]
         cfg_a = json.loads(open(_local(alone, c) + "/adapter_config.json").read())
         cfg_p = json.loads(open(_local(packed, c) + "/adapter_config.json").read())
+        for conf in (cfg_a, cfg_p):  # PEFT writes the resolved module set in no fixed order
+            conf["target_modules"] = sorted(conf["target_modules"])
         assert cfg_a == cfg_p
     assert not torch.equal(_weights(packed, "GB")[sorted(a)[1]], _weights(packed, "MX")[sorted(a)[1]])
 
