@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 from cm_ray.train.pack_loop import Slot, adapter_step, read_pack_rows, validation_loss, worker_share
@@ -177,12 +178,15 @@ def packed_train_fn_per_worker(spec: dict) -> None:
     from cm_ray.train.save import adapter_metrics, probe_logits
 
     tc, errors = spec["train"], dict(spec["data_errors"])
+    clock = [("start", time.perf_counter())]
     ctx = ray.train.get_context()
     slots = _plan_slots(spec, ctx.get_world_rank(), ctx.get_world_size(), errors)
     if not slots:
         ray.train.report({"adapter_errors": json.dumps(errors), "adapters_trained": 0})
         return
+    clock.append(("data_s", time.perf_counter()))
     model, tok, rank, world = setup_pack(spec, slots)
+    clock.append(("setup_s", time.perf_counter()))
     pack_state = {"round": 0, "failed": {}}
     restore_pack(model, slots, pack_state)
     rounds = max(s.total_steps for s in slots)
@@ -205,6 +209,8 @@ def packed_train_fn_per_worker(spec: dict) -> None:
         pack_state["round"] += 1
         if pack_state["round"] % every == 0 and pack_state["round"] < rounds:
             save_pack_checkpoint(model, slots, pack_state, {"round": pack_state["round"]})
+    clock.append(("train_s", time.perf_counter()))
+    seconds = {k: round(t - clock[i][1], 2) for i, (k, t) in enumerate(clock[1:])}
     errors.update(pack_state["failed"])
     done = [s for s in slots if s.name not in errors]
 
@@ -222,6 +228,6 @@ def packed_train_fn_per_worker(spec: dict) -> None:
                    "total_steps": s.total_steps, "rows": {p["dataset"]: p["rows"] for p in s.phases}}
             metrics = adapter_metrics(s.ws, one, st, report, probe, secs / world)
             metrics["pack"] = {"index": spec["pack"], "adapters": [x.name for x in slots],
-                               "rounds": pack_state["round"]}
+                               "rounds": pack_state["round"], "seconds": seconds}
             publish(model, s, metrics, spec["root"])
     ray.train.report({"adapter_errors": json.dumps(errors), "adapters_trained": len(done)})
