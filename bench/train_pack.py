@@ -12,8 +12,10 @@ DeepSpeed, Ray Data tokenization, training, publishing) until every adapter is p
 ``trials`` = ``train.trials: per_adapter`` (the baseline), ``packed`` = ``train.trials: packed``.
 
 On a small machine the baseline can be run in chunks (``--chunk K/N``: every N-th culture from
-K), one command each; their wall times add up, and ``--state`` collects them. When the state holds
-every chunk and the packed run, the figures are merged into ``bench/results/train.json``:
+K, so each chunk spans the sizes), one command each; their wall times add up, and ``--state``
+collects them. When the state holds every chunk and the packed run (or, with ``--extrapolate``,
+some chunks: their seconds per adapter times ``--cultures``, marked ``trials_extrapolated``), the
+figures are merged into ``bench/results/train.json``:
 ``packed_vs_trials_<N>`` (trials wall ÷ packed wall), ``s_per_adapter_packed``, ``s_per_adapter_trials``.
 """
 
@@ -101,6 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--max-steps", type=int, default=4, help="optimizer steps per adapter (0 = one epoch)")
     p.add_argument("--state", default=None, help="JSON collecting the parts of a chunked run")
+    p.add_argument("--extrapolate", action="store_true",
+                   help="write figures from the trials chunks measured so far, scaled to --cultures")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -129,12 +133,14 @@ def main(argv=None) -> int:
         state_path.write_text(json.dumps(state, indent=2))
     chunks = state["trials"]
     n_chunks = {int(c.split("/")[1]) for c in chunks}
-    complete = "packed" in state and len(n_chunks) == 1 and len(chunks) == n_chunks.pop()
-    if not complete:
+    complete = len(n_chunks) == 1 and len(chunks) == n_chunks.pop()
+    if "packed" not in state or not chunks or not (complete or args.extrapolate):
         print("partial run recorded; figures are written when every part is in", flush=True)
         return 0
     sizes = [rows_for(i) for i in range(args.cultures)]
-    trials_wall = sum(c["wall_s"] for c in chunks.values())
+    measured = sum(c["adapters"] for c in chunks.values())
+    # Extrapolated (only with --extrapolate): the measured chunks' wall time per adapter, x cultures.
+    trials_wall = sum(c["wall_s"] for c in chunks.values()) * args.cultures / measured
     packed_wall = state["packed"]["wall_s"]
     figures = {f"packed_vs_trials_{args.cultures}": round(trials_wall / packed_wall, 2),
                "s_per_adapter_packed": round(packed_wall / args.cultures, 2),
@@ -142,7 +148,8 @@ def main(argv=None) -> int:
                "packed_trials": {"cultures": args.cultures, "rows_per_culture": {"min": min(sizes), "max": max(sizes), "total": sum(sizes)},
                                  "trials_wall_s": round(trials_wall, 1), "packed_wall_s": packed_wall,
                                  "trials_parts": chunks, "packed": state["packed"], "seq": args.seq,
-                                 "max_steps": args.max_steps,
+                                 "max_steps": args.max_steps, "trials_measured_adapters": measured,
+                                 "trials_extrapolated": measured < args.cultures,
                                  "model": "tiny 2-layer Llama", "commands": state["commands"]}}
     out = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {"name": "train", "figures": {}}
     out["figures"].update(figures)

@@ -63,7 +63,7 @@ def build_pack_dataset(tc, model_path: str, store, members: dict[str, list]) -> 
     Args:
         members: adapter -> phases of (culture, tasks) partitions.
     Returns:
-        (Ray Dataset with columns input_ids, labels, n_tokens, split, adapter, phase;
+        (Ray Dataset with columns input_ids, labels, n_tokens, split, adapter, phase, error;
         {adapter: error} for the members dropped).
     """
     import ray.data
@@ -97,6 +97,7 @@ def build_pack_dataset(tc, model_path: str, store, members: dict[str, list]) -> 
             if not ((rows["phase"] == i) & (rows["split"] != "validation")).any():
                 errors[name] = f"ValueError: adapter {name}: no usable training rows in phase {i} ({phase})"
                 break
+    if not errors:
+        return ds, errors
     keep = set(members) - set(errors)
-    ds = ds.filter(lambda r: r["adapter"] in keep and r["error"] == "").drop_columns(["error"])
-    return ds.materialize(), errors
+    return ds.filter(lambda r: r["adapter"] in keep and r["error"] == "").materialize(), errors

@@ -6,7 +6,8 @@ TORCH_EXTENSIONS_DIR=/root/.cache/cm_ray/torch_extensions python -m pytest tests
 * for real (Ray Tune + Ray Train + DeepSpeed ZeRO-2 + PEFT named adapters, tiny Llama): GB and CN
   trained alone (one trial each) and in a pack give the same weights (max abs diff <= 1e-5, fp32),
   even though the pack's worker is killed once mid-run and resumes from its checkpoint; BR's
-  unreadable partition and AR's rows without an assistant turn fail only those two cultures.
+  unreadable partition and AR's rows without an assistant turn fail only those two cultures (and
+  the joint adapter, in its own trial beside the packs, which reads BR's file too).
 """
 
 from __future__ import annotations
@@ -118,16 +119,17 @@ def test_pack_equals_alone_survives_a_crash_and_isolates_broken_cultures(
     assert base["trained"] == ["CN", "GB"] and base["trials"] == "per_adapter" and base["packs"] is None
 
     marker = tmp_path / "cn-crashed"
+    # The joint adapter keeps a trial of its own beside the packs; it reads BR's broken file too.
     cfg = _cfg(packed.root, tiny_model_dir, "cultures=[GB, CN, MX, BR, AR, PE]", "train.trials=packed",
-               "train.packs=2", "train.checkpoint_every_steps=2")
+               "train.packs=2", "train.checkpoint_every_steps=2", "train.joint_baseline=true")
     summary = run_training(cfg, packed, fault={"CN": {"at_step": 5, "marker": str(marker)}})
 
     # Broken cultures fail on their own, each with its own error; the packs train the rest.
     assert summary["trained"] == ["CN", "GB", "MX"], summary
-    assert sorted(summary["failed"]) == ["AR", "BR"] and summary["complete"] is False
+    assert sorted(summary["failed"]) == ["AR", "BR", "_joint"] and summary["complete"] is False
     assert "no assistant message" in summary["failed"]["AR"]
-    assert "parquet" in summary["failed"]["BR"].lower()
-    assert summary["no_data"] == ["PE"] and "FAILED: AR, BR" in summary["headline"]
+    assert "parquet" in summary["failed"]["BR"].lower() and "parquet" in summary["failed"]["_joint"].lower()
+    assert summary["no_data"] == ["PE"] and "FAILED: AR, BR, _joint" in summary["headline"]
     packs = summary["packs"]
     assert len(packs) == 2 and sorted(n for p in packs for n in p) == ["AR", "CN", "GB", "MX"]
     assert "2 pack(s)" in summary["headline"]
@@ -170,7 +172,7 @@ def test_pack_equals_alone_survives_a_crash_and_isolates_broken_cultures(
 
     # A rerun skips the complete adapters and retries only the broken cultures (which fail again).
     again = run_training(cfg, packed)
-    assert sorted(again["skipped"]) == ["CN", "GB", "MX"] and sorted(again["failed"]) == ["AR", "BR"]
+    assert sorted(again["skipped"]) == ["CN", "GB", "MX"] and sorted(again["failed"]) == ["AR", "BR", "_joint"]
 
 
 def _published(store, name):
