@@ -318,6 +318,7 @@ def write_results(args, argv, points: dict[int, dict]) -> dict:
     figures: dict = {}
     if not points:
         return figures
+    measured = dict(points)
     if args.merge and Path(args.out).exists():
         old = json.loads(Path(args.out).read_text())
         kept = {int(n): {"date": old.get("date"), "train_cap": old["figures"].get("train_cap"), **r}
@@ -326,10 +327,10 @@ def write_results(args, argv, points: dict[int, dict]) -> dict:
     for n, r in points.items():
         figures[f"s_per_culture_{n}"] = r["s_per_culture"]
         figures[f"driver_peak_mb_{n}"] = round(r["driver_peak_mb"], 1)
-    lo, hi = min(points), max(points)
+    lo, hi = min(measured), max(measured)  # growth: over the points of this run only
     if lo != hi:
-        figures["s_per_culture_growth"] = round(points[hi]["s_per_culture"] / points[lo]["s_per_culture"], 3)
-        figures["driver_peak_growth"] = round(points[hi]["driver_peak_mb"] / points[lo]["driver_peak_mb"], 3)
+        figures["s_per_culture_growth"] = round(measured[hi]["s_per_culture"] / measured[lo]["s_per_culture"], 3)
+        figures["driver_peak_growth"] = round(measured[hi]["driver_peak_mb"] / measured[lo]["driver_peak_mb"], 3)
     figures["train_cap"] = args.train_cap
     figures["train_trials"] = "packed"  # configs/scale.yaml: train.trials
     figures["points"] = {str(n): r for n, r in points.items()}
