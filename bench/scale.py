@@ -4,13 +4,16 @@ Each point runs in a fresh subprocess (the driver: the process that runs the sta
 peaks do not carry over. A thread samples the driver's RSS (psutil) every 0.1 s and the 1-minute
 load average, and attributes each sample to the stage running then. Stages, as the CLI runs them:
 
-  queries -> search (BM25, shipped corpus) -> synthesize (guided JSON) -> train (one Tune trial per
-  culture, queued by resources) -> route (router over all cultures) -> serve (the app `cm-ray serve`
+  queries -> search (BM25, shipped corpus) -> synthesize (guided JSON) -> train (the scale config
+  packs the cultures by token count into a few trials, many adapters per base-model load:
+  `train.trials: packed`) -> route (router over all cultures) -> serve (the app `cm-ray serve`
   builds, `serve.max_adapters_per_replica` adapters per replica, LRU)
 
 The generator and the adapters' base are a 2-layer random Llama with SmolLM2's tokenizer (built
 once, in the parent). ``--train-cap K`` trains only K cultures per point, spread evenly over the
-list (every trial costs 20-30 s of worker start-up on 2 cores); 0 trains all. Serve then answers
+list (with one trial per culture, each costs 20-30 s of worker start-up on 2 cores); 0, the
+default, trains all. ``--merge`` keeps the points of the existing results file that this run
+does not measure (each point carries its own date). Serve then answers
 requests pinned to the trained cultures in two cyclic rounds: with more of them than the replica
 holds, every request of the second round must report ``X-Adapter-Cold: 1`` (LRU eviction).
 
@@ -18,8 +21,8 @@ holds, every request of the second round must report ``X-Adapter-Cold: 1`` (LRU 
 queries, search, synthesize and route, the trained count for train; serve (deploy + requests) is a
 fixed cost and reported apart. Linear time = flat s_per_culture; flat memory = flat driver peak.
 
-    python bench/scale.py --points 10 50 200 --train-cap 6      # 2-core machine, ~30 min
-    python bench/scale.py --points 10 50 200 --train-cap 0      # every trial (a bigger machine)
+    python bench/scale.py --points 200                          # every culture trained (packed)
+    python bench/scale.py --points 10 50 --merge                # the smaller points, kept beside it
 """
 
 from __future__ import annotations
@@ -218,7 +221,8 @@ def run_point(args) -> dict:
         t0 = time.time()
         untrained = next((c for c in cultures if c not in trained), None)
         try:
-            serve = serve_check(cfg, store, trained, untrained)
+            # Pinned requests to 8 trained cultures (twice the replica's slots: LRU evicts).
+            serve = serve_check(cfg, store, spread(trained, 2 * cfg.serve.max_adapters_per_replica), untrained)
         except Exception as e:  # recorded: the stage timings above still count
             serve = {"error": f"{type(e).__name__}: {e}"[:500]}
         seconds["serve"] = time.time() - t0
@@ -246,18 +250,21 @@ def run_point(args) -> dict:
         "synth_rows": summaries["synthesize"]["rows"],
         "synth_kept_fraction": summaries["synthesize"]["kept_fraction"],
         "train_failed": sorted(summaries["train"].get("failed") or {}),
+        "train_trained_ok": len(summaries["train"].get("trained") or []),
+        "train_packs": [len(p) for p in summaries["train"].get("packs") or []] or None,
         "router_cultures": summaries["route"]["cultures"], **coverage, "serve": serve}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--points", type=int, nargs="+", default=[10, 50, 200], help="culture counts")
-    p.add_argument("--train-cap", type=int, default=6,
+    p.add_argument("--train-cap", type=int, default=0,
                    help="cultures trained per point, spread over the list (0 = all)")
     p.add_argument("--config", default=str(REPO / "configs" / "scale.yaml"))
     p.add_argument("--model", default=None, help="generator/base dir (default: build the tiny Llama)")
     p.add_argument("--point-timeout", type=float, default=3600)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.json"))
+    p.add_argument("--merge", action="store_true", help="keep the other points of the results file")
     p.add_argument("--point", type=int, default=None, help=argparse.SUPPRESS)  # child mode
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -286,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         points[n] = json.loads(result.read_text())
         points[n]["load_avg_at_start"] = round(load0, 1)
+        points[n]["date"] = time.strftime("%Y-%m-%d")
         print(f"[scale] {n} cultures: {json.dumps(points[n])}", file=sys.stderr, flush=True)
         write_results(args, argv, points)
     if not points:
@@ -310,14 +318,21 @@ def write_results(args, argv, points: dict[int, dict]) -> dict:
     figures: dict = {}
     if not points:
         return figures
+    measured = dict(points)
+    if args.merge and Path(args.out).exists():
+        old = json.loads(Path(args.out).read_text())
+        kept = {int(n): {"date": old.get("date"), "train_cap": old["figures"].get("train_cap"), **r}
+                for n, r in old["figures"].get("points", {}).items() if int(n) not in points}
+        points = dict(sorted({**kept, **points}.items()))
     for n, r in points.items():
         figures[f"s_per_culture_{n}"] = r["s_per_culture"]
         figures[f"driver_peak_mb_{n}"] = round(r["driver_peak_mb"], 1)
-    lo, hi = min(points), max(points)
+    lo, hi = min(measured), max(measured)  # growth: over the points of this run only
     if lo != hi:
-        figures["s_per_culture_growth"] = round(points[hi]["s_per_culture"] / points[lo]["s_per_culture"], 3)
-        figures["driver_peak_growth"] = round(points[hi]["driver_peak_mb"] / points[lo]["driver_peak_mb"], 3)
+        figures["s_per_culture_growth"] = round(measured[hi]["s_per_culture"] / measured[lo]["s_per_culture"], 3)
+        figures["driver_peak_growth"] = round(measured[hi]["driver_peak_mb"] / measured[lo]["driver_peak_mb"], 3)
     figures["train_cap"] = args.train_cap
+    figures["train_trials"] = "packed"  # configs/scale.yaml: train.trials
     figures["points"] = {str(n): r for n, r in points.items()}
     out = {"name": "scale", "date": time.strftime("%Y-%m-%d"),
            "command": "python bench/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -66,6 +66,17 @@ class TrainConfig(Section):
     shuffle_buffer: int = 256
     """Rows in each worker's local shuffle buffer (0 = data order)."""
     max_grad_norm: float = 1.0
+    trials: Literal["per_adapter", "packed"] = "per_adapter"
+    """How culture adapters map to Tune trials. per_adapter: one trial (one Ray Train run, one
+    base-model load) per adapter. packed: cultures are packed by token count into `packs` trials,
+    each training its cultures' adapters as PEFT named adapters on one loaded base model, each
+    with its own optimizer, LR schedule, clipping, metrics and checkpoint state (README: Training).
+    The joint adapter always gets a trial of its own. Not to be confused with `packing`."""
+    packs: int | None = Field(None, gt=0)
+    """packed: the number of packs (trials); None = as many as run at once
+    (`max_parallel_trials`, or what the cluster holds)."""
+    max_adapters_per_pack: int | None = Field(None, gt=0)
+    """packed: at most this many adapters in one pack (more packs when needed); None = no cap."""
 
     @model_validator(mode="before")
     @classmethod
@@ -82,6 +93,17 @@ class TrainConfig(Section):
             if stage not in (0, 1, 2, 3):
                 raise invalid("zero_optimization.stage", f"must be 0, 1, 2 or 3, got {stage!r}")
         return ds
+
+    @model_validator(mode="after")
+    def _packed_needs_zero_0_to_2(self):
+        stage = ((self.deepspeed or {}).get("zero_optimization") or {}).get("stage", 2)
+        if self.trials == "packed" and self.deepspeed is not None and stage == 3:
+            # ZeRO-3 partitions the parameters of the one module it wraps with its own hooks;
+            # a pack needs one engine per adapter over the same module.
+            raise invalid("deepspeed.zero_optimization.stage",
+                          "packed trials support ZeRO stages 0-2 (one engine per adapter); "
+                          "ZeRO-3 needs trials: per_adapter")
+        return self
 
     @model_validator(mode="after")
     def _continual_needs_phase_one(self):

