@@ -214,9 +214,12 @@ def run_training(cfg: Config, store, force: bool = False, fault: dict | None = N
                                      "resumed_from")} for n, m in ok.items()}
     tps = [m["tokens_per_s"] for m in ok.values() if m.get("tokens_per_s")]
     headline = f"{len(ok)} trained, {len(skipped)} skipped, {len(failed)} failed"
-    if ok:
-        headline += "; loss " + ", ".join(f"{n} {m['first_loss']:.2f}->{m['final_loss']:.2f}"
-                                         for n, m in sorted(ok.items()) if m.get("final_loss") is not None)
+    losses = [(n, m["first_loss"], m["final_loss"]) for n, m in sorted(ok.items()) if m.get("final_loss") is not None]
+    if len(losses) > 8:  # hundreds of cultures: the mean here, each one in per_adapter
+        headline += (f"; loss mean {sum(x[1] for x in losses) / len(losses):.2f}->"
+                     f"{sum(x[2] for x in losses) / len(losses):.2f} over {len(losses)} adapters")
+    elif losses:
+        headline += "; loss " + ", ".join(f"{n} {a:.2f}->{b:.2f}" for n, a, b in losses)
     if tps:
         headline += f"; {sum(tps) / len(tps):.0f} tok/s/trial"
     if packs:
