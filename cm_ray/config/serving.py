@@ -138,14 +138,17 @@ class ServeConfig(Section):
 
 
 Benchmark = Literal["wvs", "culture_tasks", "blend", "router"]
-System = Literal["base", "prompted", "joint", "culturemanager", "oracle"]
+System = Literal["base", "prompted", "joint", "culturemanager", "culturemanager_locale", "oracle"]
 Variant = Literal["both", "specific_only", "agnostic_only", "all_culture", "sft_adaptation"]
 
 
 class EvalConfig(Section):
     data_dir: str | None = None
     """Root of the public evaluation data; None = ../shared/data when present."""
-    systems: list[System] = ["base", "prompted", "joint", "culturemanager", "oracle"]
+    systems: list[System] = ["base", "prompted", "joint", "culturemanager", "culturemanager_locale",
+                             "oracle"]
+    """culturemanager routes on the request alone; culturemanager_locale adds a declared language
+    (metadata); oracle routes to the true culture (the tables show oracle - culturemanager)."""
     max_questions: int | None = Field(50, gt=0)
     """Per culture and benchmark; None = all."""
     bootstrap: int = 1000

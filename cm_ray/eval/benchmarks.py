@@ -30,12 +30,14 @@ class Answerer:
     model: Any
     router: Any
     max_new_tokens: int
+    recipe: str = "culturemanager"
     memo: dict = field(default_factory=dict)
 
     def __call__(self, system: str, culture: str, task, samples: list[dict],
                  choices: list[list[str]] | None = None) -> list:
         inputs = [task.render_input(s) for s in samples]
-        routes = S.plan_routes(system, culture, inputs, self.model.adapters, self.router)
+        routes = S.plan_routes(system, culture, inputs, self.model.adapters, self.router,
+                                self.recipe)
         todo: dict[Any, list[int]] = {}
         keys = []
         for i, (r, text) in enumerate(zip(routes, inputs)):
@@ -145,7 +147,7 @@ def run_benchmarks(cfg, root, model, systems: list[str], router) -> tuple[list[d
     subset = None
     if ev.wvs_subset == "clca" or (ev.wvs_subset == "auto" and cfg.recipe == "clca"):
         subset = D.CLCA_WVS
-    answer = Answerer(model, router, ev.max_new_tokens)
+    answer = Answerer(model, router, ev.max_new_tokens, cfg.recipe)
     B, seed, k = ev.bootstrap, cfg.seed, ev.max_questions
     rows: list[dict] = []
     for culture in cfg.cultures:

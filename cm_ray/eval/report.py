@@ -38,20 +38,35 @@ def _cell(r: dict) -> str:
     return f"{r['value']:.2f}{ci}"
 
 
+def _diff(a: dict | None, b: dict | None) -> str:
+    if not a or not b or math.isnan(a["value"]) or math.isnan(b["value"]):
+        return "-"
+    return f"{a['value'] - b['value']:+.2f}"
+
+
 def format_tables(rows: list[dict], cultures: list[str], systems: list[str], skipped: dict,
                   confusion: dict | None) -> str:
     """Markdown: one table per benchmark and metric, cultures × systems, value [95% CI]."""
     out = []
     for (bench, metric) in dict.fromkeys((r["benchmark"], r["metric"]) for r in rows):
         cols = [s for s in (systems if bench != "router" else ["router"]) if s not in skipped]
+        cost = "oracle" in cols and "culturemanager" in cols  # what routing loses vs perfect routing
+        extra = ["router cost (oracle - culturemanager)"] if cost else []
         out += [f"### {bench}: {metric} (95% bootstrap CI)", "",
-                "| culture | n | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+                "| culture | n | " + " | ".join(cols + extra) + " |",
+                "|---|---|" + "---|" * len(cols + extra)]
         for c in cultures:
             got = {r["system"]: r for r in rows if (r["benchmark"], r["metric"], r["culture"]) == (bench, metric, c)}
             if got:
                 n = next(iter(got.values()))["n"]
-                out.append(f"| {c} | {n} | " + " | ".join(_cell(got[s]) if s in got else "-" for s in cols) + " |")
+                cells = [_cell(got[s]) if s in got else "-" for s in cols]
+                if cost:
+                    cells.append(_diff(got.get("oracle"), got.get("culturemanager")))
+                out.append(f"| {c} | {n} | " + " | ".join(cells) + " |")
         means = [mean_of(rows, bench, s, metric) for s in cols]
+        if cost:
+            o, m = means[cols.index("oracle")], means[cols.index("culturemanager")]
+            means.append(None if o is None or m is None else o - m)
         out.append("| mean | | " + " | ".join("-" if m is None else f"{m:.2f}" for m in means) + " |")
         out.append("")
     if confusion:
