@@ -233,7 +233,11 @@ def load_router_fn(store: Any) -> Router | None:
     from cm_ray.router.model import load_router
 
     router = load_router(store)
-    return lambda texts, metadata=None: router.predict(list(texts), metadata)
+    def route(texts, metadata=None):
+        return router.predict(list(texts), metadata)
+
+    route.router = router  # the full router: the router benchmark reads its probabilities
+    return route
 
 
 def cleanup(tmp: Path | None) -> None:

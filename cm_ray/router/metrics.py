@@ -34,7 +34,8 @@ def routing_metrics(router: Any, texts: list[str], labels: np.ndarray,
     cultures = router.cultures
     confusion = {t: {p: 0 for p in [*cultures, NONE]} for t in cultures}
     for y, r in zip(labels, routes):
-        confusion[cultures[y]][r["culture"]] += 1
+        if y >= 0:  # a label outside the router's cultures counts as wrong, has no row
+            confusion[cultures[y]][r["culture"]] += 1
     return {"accuracy": round(float((pred == labels).mean()), 4),
             "accuracy_at_threshold": round(float(((pred == labels) & routed).mean()), 4),
             "coverage": round(float(routed.mean()), 4), "threshold": router.threshold,

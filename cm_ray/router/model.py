@@ -6,7 +6,7 @@ P(language | text) folded with the culture's CLDR language population shares), `
 text names the country) — both need no training rows, so every configured culture is routable —
 and ``content``: a multinomial logistic regression over sentence embeddings (all-MiniLM-L6-v2 by
 default) of the synthetic inputs, for the cultures that have rows (log(K * p), 0 for the others).
-One temperature, fitted on the validation split, calibrates the sum. The encoder is skipped for a
+The head's temperature is fitted on the validation split. The encoder is skipped for a
 text whose language + mention evidence alone already gives >= ``skip_content_at`` (cached per text).
 ``route`` says which evidence decided each pick (the term with the largest share of the winner's
 margin over the runner-up). The artifact under ``router/`` is plain data, no pickle: ``head.npz``
@@ -42,13 +42,16 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 class Encoder:
     """Sentence encoder (sentence-transformers), loaded once, L2-normalised float32 embeddings."""
 
-    def __init__(self, ref: str, cache_dir: str | None = None):
+    def __init__(self, ref: str, cache_dir: str | None = None, max_seq_length: int = 128):
+        """``max_seq_length``: tokens read per text (128: what all-MiniLM-L6-v2 was trained on;
+        its config allows 256, which only costs time on long posts)."""
         from sentence_transformers import SentenceTransformer
 
         from cm_ray.models import resolve_model
 
         self.ref = ref
         self.model = SentenceTransformer(resolve_model(ref, cache_dir), device="cpu")
+        self.model.max_seq_length = min(max_seq_length, self.model.max_seq_length or max_seq_length)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         return self.model.encode(list(texts), batch_size=64, normalize_embeddings=True,
@@ -296,8 +299,10 @@ def train_router(train: list[tuple[str, str]], validation: list[tuple[str, str]]
         own = [i for i, (_, c) in enumerate(val) if c in index]
         router.content_temperature = fit_temperature(
             router.logits(encoder([texts[i] for i in own])), np.array([index[val[i][1]] for i in own]))
-    if val:  # then the sum; T >= 1: the evidence is not independent, the sum must not sharpen
-        router.temperature = fit_temperature(router._total(texts, None)[0], y_va, min_t=1.0)
+    # The sum is not re-fitted: each term is a calibrated log-probability already (langid's
+    # posterior x CLDR shares; the head's temperature), and the synthetic rows are English for
+    # every culture, so a temperature fitted on them would mis-calibrate requests in a culture's
+    # own language (ECE on real text: bench/router.py).
     metrics = {**base, "n_validation": len(val), "train_accuracy": train_acc,
                **routing_metrics(router, texts, y_va), "temperature": round(router.temperature, 4),
                "content_temperature": round(router.content_temperature, 4)}

@@ -163,7 +163,7 @@ def test_evaluate_writes_tables_plots_and_router_confusion(shared_data, run_root
         if r["metric"] == "alignment_score":
             assert 0 <= r["value"] <= 100
     conf = res["confusion"]
-    assert [sum(row) for row in conf["matrix"]] == [3, 3, 3] and conf["labels"][-1] == "none"
+    assert [sum(row) for row in conf["matrix"]] == [3, 6, 6] and conf["labels"][-1] == "none"
     md = (root / "eval" / "results.md").read_text()
     assert "### wvs: alignment_score" in md and "system `joint` skipped" in md and "[" in md
     assert "router cost (oracle - culturemanager)" in md

@@ -234,15 +234,20 @@ def test_overrides_win_over_every_evidence(encoder):
 
 
 def test_calibration_is_sane_on_held_out_rows(encoder):
-    """Probabilities sum to one, the fitted temperature lowers the held-out NLL, ECE is reported."""
+    """The head's temperature minimises the held-out NLL; probabilities sum to one; confident
+    language evidence gives confident, correct picks, and a text with none stays uncertain."""
     from cm_ray.router.model import _softmax, fit_temperature
 
     train, val = split_pairs(8)
     router, metrics = train_router(train, val, encoder)
-    texts, y = [t for t, _ in val], np.array([router.cultures.index(c) for _, c in val])
-    z = router._total(texts, None)[0] * router.temperature
+    texts, y = [t for t, _ in val], np.array([router.content_cultures.index(c) for _, c in val])
+    z = router.logits(encoder(texts))
     nll = lambda t: float(-np.log(_softmax(z / t)[np.arange(len(y)), y]).mean())  # noqa: E731
-    assert nll(router.temperature) <= nll(1.0) + 1e-6
-    assert abs(fit_temperature(z, y, min_t=1.0) - router.temperature) < 1e-6 and router.temperature >= 1.0
+    assert abs(fit_temperature(z, y) - router.content_temperature) < 1e-6
+    assert nll(router.content_temperature) <= min(nll(1.0), nll(4.0)) + 1e-6
     np.testing.assert_allclose(router.probabilities(texts).sum(axis=1), 1.0, atol=1e-6)
     assert 0 <= metrics["ece"] <= 1 and sum(metrics["decided_by"].values()) == len(val)
+    lang_only, _ = train_router(train, val, encoder, cultures=["CN", "DE", "GB", "MX"], evidence=("language",))
+    p = lang_only.probabilities(["Heute gehen wir mit der ganzen Familie in den Wald spazieren.", "!!! ???"])
+    assert p[0].argmax() == lang_only.cultures.index("DE") and p[0].max() > 0.8
+    np.testing.assert_allclose(p[1], 0.25, atol=1e-6)  # no letters, no evidence: uniform
