@@ -21,6 +21,9 @@ FLOOR = 1e-4
 """Probability floor of a language a culture's CLDR entry does not list (speakers exist anywhere)."""
 MENTION_LOG_WEIGHT = 3.0
 """Log-score added to a culture whose country the text names (a factor of e^3 ~ 20)."""
+CONTENT_FLOOR = 0.05
+"""The content head's probabilities are floored here: content evidence moves a culture by at most
+log(K) up and log(1 / (0.05 K)) down, so the encoder is skipped when that cannot change the pick."""
 _ALIASES = {"US": ["USA", "U.S.", "US"], "GB": ["UK", "U.K.", "Britain", "England"],
             "KR": ["Korea"], "RU": ["Russia"], "IR": ["Iran"], "CN": ["China"]}
 _SAME_LANGUAGE = {"wuu": "zh", "yue": "zh", "nn": "no", "ary": "ar", "arz": "ar", "uzs": "uz"}
@@ -122,3 +125,17 @@ def declared_language_scores(language: str | None, cultures: list[str]) -> np.nd
     if not lang:
         return np.zeros(len(cultures))
     return np.log(np.array([max(language_shares(c).get(lang, 0.0), FLOOR) for c in cultures]))
+
+
+def content_cannot_change(pre: np.ndarray, cols: list[int]) -> np.ndarray:
+    """Per row of scores ``pre``: True when no content term (``cols`` get one, within its bounds)
+    can change the top culture, so the encoder need not run."""
+    import math
+
+    lo, hi = np.zeros(pre.shape[1]), np.zeros(pre.shape[1])
+    lo[cols], hi[cols] = math.log(CONTENT_FLOOR * len(cols)), math.log(len(cols))
+    rows = np.arange(len(pre))
+    top = pre.argmax(axis=1)
+    rival = pre + hi
+    rival[rows, top] = -np.inf
+    return pre[rows, top] + lo[top] > rival.max(axis=1)

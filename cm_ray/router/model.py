@@ -115,14 +115,15 @@ class CultureRouter:
                                         for m in metadata])
         if "content" in self.evidence and len(self.content_cultures) > 1:
             content = np.zeros((n, k))
+            cols = [self.cultures.index(c) for c in self.content_cultures]
             pre = sum(out.values()) if out else np.zeros((n, k))
             need = np.ones(n, bool) if not out else \
-                _softmax(pre / self.temperature).max(axis=1) < self.skip_content_at
+                (_softmax(pre / self.temperature).max(axis=1) < self.skip_content_at) & \
+                ~E.content_cannot_change(pre, cols)
             if need.any():
                 idx = np.flatnonzero(need)
                 p = _softmax(self.logits(self._embed([texts[i] for i in idx])) / self.content_temperature)
-                cols = [self.cultures.index(c) for c in self.content_cultures]
-                content[np.ix_(idx, cols)] = np.log(np.maximum(p * len(cols), 1e-12))
+                content[np.ix_(idx, cols)] = np.log(np.maximum(p, E.CONTENT_FLOOR) * len(cols))
             out["content"] = content
         return out
 

@@ -201,6 +201,11 @@ def test_a_culture_with_zero_rows_is_routed_on_language_and_mention(encoder):
     assert [g["culture"] for g in got] == ["KR", "DE", "DE"]
     assert [g["evidence"] for g in got] == ["language", "language", "mention"]
     assert all(g["probability"] >= 0.4 for g in got)
+    calls = []
+    router._encoder = lambda texts: calls.append(list(texts)) or encoder(texts)
+    router._emb_cache.clear()
+    router.route(["한국에서 설날에는 무엇을 먹나요?", "春节的时候我们全家一起包饺子。", "Fancy a cuppa?"])
+    assert calls == [["Fancy a cuppa?"]]  # language alone decides ko and zh: no encoder call
     again = load_router(_saved(router, encoder), encoder=encoder)  # the evidence survives a reload
     assert again.route(["한국에서 설날에는 무엇을 먹나요?"]) == got[:1]
 
