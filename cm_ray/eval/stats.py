@@ -19,11 +19,11 @@ REFERENCES = ("base", "prompted")
 POOLED = "pooled"
 
 
-def paired_diff_ci(stat_a: Callable[[np.ndarray], float], stat_b: Callable[[np.ndarray], float],
+def paired_diff_ci(stat_a: Callable[[int, np.ndarray], float], stat_b: Callable[[int, np.ndarray], float],
                    sizes: list[int], samples: int = 1000, seed: int = 0,
                    level: float = 0.95) -> dict:
-    """Mean over strata of ``stat_a(ix) - stat_b(ix)`` with a bootstrap CI; one stratum per entry
-    of ``sizes`` (stat functions then take one index array per stratum)."""
+    """Mean over strata of ``stat_a(k, ix) - stat_b(k, ix)`` with a bootstrap CI: stratum ``k`` has
+    ``sizes[k]`` items and is resampled on its own; ``ix`` indexes the same items for both."""
     from scipy.stats import bootstrap
 
     def diff(*ixs) -> float:

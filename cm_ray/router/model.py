@@ -154,7 +154,7 @@ class CultureRouter:
                 out.append({"culture": d, "probability": 1.0, "evidence": "metadata_country"})
                 continue
             first, second = np.argsort(-p)[:2]
-            why = max(parts, key=lambda e: parts[e][i, first] - parts[e][i, second])
+            why = max(parts, key=lambda e: parts[e][i, first] - parts[e][i, second]) if parts else NONE
             conf = float(p[first])
             out.append({"culture": self.cultures[first] if conf >= self.threshold else NONE,
                         "probability": round(conf, 4), "evidence": why})
