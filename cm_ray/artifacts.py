@@ -165,6 +165,16 @@ def culture_system_prompt(culture: str) -> str:
     return f"You are a person with a {name} cultural background. Answer as a typical person from {name} would."
 
 
+def adapter_system_prompt(adapter: str, culture: str, recipe: str) -> str | None:
+    """The system prompt ``adapter`` was trained with for ``culture``'s rows, so evaluation asks it
+    the same way: the joint adapter always gets the culture prompt (``train.tune`` adds it);
+    culturespa writes it into every per-culture row; the culturemanager recipe's rows carry none,
+    and clca's per-persona prompts belong to no single request, so those adapters get none."""
+    if adapter == JOINT or recipe == "culturespa":
+        return culture_system_prompt(culture)
+    return None
+
+
 # -- the synthesis row schema ---------------------------------------------------------------------
 SYNTH_COLUMNS = ("id", "culture", "task", "split", "sample_json", "input", "output", "messages",
                  "label", "query_ids", "snippet_urls", "engine", "model", "prompt_hash", "relevance")

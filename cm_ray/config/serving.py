@@ -11,8 +11,16 @@ from cm_ray.config.base import Section, invalid
 
 class RouterConfig(Section):
     kind: Literal["embedding", "header"] = "embedding"
-    """embedding (MiniLM + linear head) or header (explicit model / X-Culture / culture field only;
-    everything else goes to the base model)."""
+    """embedding (the evidence below, calibrated) or header (explicit model / X-Culture / culture
+    field only; everything else goes to the base model)."""
+    evidence: list[Literal["language", "mention", "content"]] = Field(
+        ["language", "mention", "content"], min_length=1)
+    """What the router adds up: language (language ID + CLDR language shares of each culture),
+    mention (the text names the country), content (MiniLM + a linear head on the synthetic rows).
+    language and mention need no rows: every configured culture is routable."""
+    skip_content_at: float = Field(0.99, gt=0.0, le=1.0)
+    """Skip the sentence encoder for a text whose language + mention evidence alone already gives
+    this calibrated probability (1.0 = always run it)."""
     threshold: float = Field(0.4, ge=0.0, le=1.0)
     """Below this calibrated probability the request goes to the base model (`none`)."""
     use_metadata: bool = True
@@ -138,14 +146,17 @@ class ServeConfig(Section):
 
 
 Benchmark = Literal["wvs", "culture_tasks", "blend", "router"]
-System = Literal["base", "prompted", "joint", "culturemanager", "oracle"]
+System = Literal["base", "prompted", "joint", "culturemanager", "culturemanager_locale", "oracle"]
 Variant = Literal["both", "specific_only", "agnostic_only", "all_culture", "sft_adaptation"]
 
 
 class EvalConfig(Section):
     data_dir: str | None = None
     """Root of the public evaluation data; None = ../shared/data when present."""
-    systems: list[System] = ["base", "prompted", "joint", "culturemanager", "oracle"]
+    systems: list[System] = ["base", "prompted", "joint", "culturemanager", "culturemanager_locale",
+                             "oracle"]
+    """culturemanager routes on the request alone; culturemanager_locale adds a declared language
+    (metadata); oracle routes to the true culture (the tables show oracle - culturemanager)."""
     max_questions: int | None = Field(50, gt=0)
     """Per culture and benchmark; None = all."""
     bootstrap: int = 1000

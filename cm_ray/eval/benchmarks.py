@@ -30,12 +30,14 @@ class Answerer:
     model: Any
     router: Any
     max_new_tokens: int
+    recipe: str = "culturemanager"
     memo: dict = field(default_factory=dict)
 
     def __call__(self, system: str, culture: str, task, samples: list[dict],
                  choices: list[list[str]] | None = None) -> list:
         inputs = [task.render_input(s) for s in samples]
-        routes = S.plan_routes(system, culture, inputs, self.model.adapters, self.router)
+        routes = S.plan_routes(system, culture, inputs, self.model.adapters, self.router,
+                                self.recipe)
         todo: dict[Any, list[int]] = {}
         keys = []
         for i, (r, text) in enumerate(zip(routes, inputs)):
@@ -55,6 +57,18 @@ class Answerer:
 
 def _row(bench: str, culture: str, system: str, metric: str, res: dict) -> dict:
     return {"benchmark": bench, "culture": culture, "system": system, "metric": metric, **res}
+
+
+def _mean(values, B: int, seed: int) -> dict:
+    """``M.mean_ci`` + ``_stat`` (the mean over item indices: the paired tests, ``eval.stats``)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    return {**M.mean_ci(v, B, seed), "_stat": lambda ix: float(v[ix].mean())}
+
+
+def _stat(fn, n: int, B: int, seed: int) -> dict:
+    return {**M.stat_ci(fn, n, B, seed), "_stat": fn}
 
 
 def _softmax(logps: list[float]) -> list[float]:
@@ -80,15 +94,15 @@ def wvs_rows(items: list[dict], culture: str, systems: list[str], answer: Answer
         def add(metric, res):
             rows.append(_row("wvs", culture, system, metric, res))
 
-        add("majority_accuracy", M.mean_ci([p == g for p, g in zip(pred, gold)], B, seed))
-        add("alignment_score", M.stat_ci(
-            lambda ix: M.alignment_score([pred[i] for i in ix], [gold[i] for i in ix],
+        add("majority_accuracy", _mean([p == g for p, g in zip(pred, gold)], B, seed))
+        add("alignment_score", _stat(
+            lambda ix, pred=pred: M.alignment_score([pred[i] for i in ix], [gold[i] for i in ix],
                                          [n_opt[i] for i in ix]), len(items), B, seed))
-        add("one_minus_jsd", M.mean_ci([1 - M.js_distance(d, it["dist"]) for d, it in zip(dists, items)], B, seed))
-        add("kl", M.mean_ci([M.kl_divergence(it["dist"], d) for d, it in zip(dists, items)], B, seed))
+        add("one_minus_jsd", _mean([1 - M.js_distance(d, it["dist"]) for d, it in zip(dists, items)], B, seed))
+        add("kl", _mean([M.kl_divergence(it["dist"], d) for d, it in zip(dists, items)], B, seed))
         # Share of respondents whose own answer is the model's (CLCA's individual-level
         # accuracy for a culture-level persona; no per-respondent demographics in the data).
-        add("individual_accuracy", M.mean_ci([it["dist"][p] for p, it in zip(pred, items)], B, seed))
+        add("individual_accuracy", _mean([it["dist"][p] for p, it in zip(pred, items)], B, seed))
     return rows
 
 
@@ -105,9 +119,9 @@ def culture_task_rows(items: list[dict], culture: str, systems: list[str], answe
         pred = [labels[max(range(len(s)), key=s.__getitem__)] for s in scores]
         gold = [it["label"] for it in items]
         rows.append(_row("culture_tasks", culture, system, "accuracy",
-                         M.mean_ci([p == g for p, g in zip(pred, gold)], B, seed)))
-        rows.append(_row("culture_tasks", culture, system, "macro_f1", M.stat_ci(
-            lambda ix: M.macro_f1([pred[i] for i in ix], [gold[i] for i in ix], labels),
+                         _mean([p == g for p, g in zip(pred, gold)], B, seed)))
+        rows.append(_row("culture_tasks", culture, system, "macro_f1", _stat(
+            lambda ix, pred=pred: M.macro_f1([pred[i] for i in ix], [gold[i] for i in ix], labels),
             len(items), B, seed)))
     return rows
 
@@ -120,22 +134,39 @@ def blend_rows(items: list[dict], culture: str, systems: list[str], answer: Answ
     rows = []
     for system in systems:
         texts = answer(system, culture, qa, [{"question": it["question"]} for it in items])
-        rows.append(_row("blend", culture, system, "accuracy", M.mean_ci(
+        rows.append(_row("blend", culture, system, "accuracy", _mean(
             [M.answer_matches(t, it["answers"]) for t, it in zip(texts, items)], B, seed)))
     return rows
 
 
 def router_rows(items: list[dict], cultures: list[str], router, B: int, seed: int) -> tuple[list[dict], dict]:
-    """Per-culture routing accuracy and the confusion matrix (columns: cultures + ``none``)."""
-    picks = [c for c, _ in router([it["text"] for it in items])]
+    """Per-culture routing accuracy of the router (at its threshold) and of the language-ID-only
+    baseline beside it, the confusion matrix (columns: cultures + ``none``), top-1 accuracy and
+    calibration (ECE) of both, and which evidence decided."""
+    import numpy as np
+
+    from cm_ray.router.metrics import routing_metrics
+    from cm_ray.router.model import CultureRouter
+
+    texts = [it["text"] for it in items]
+    picks = [c for c, _ in router(texts)]
     labels = [*cultures, "none"]
     matrix = [[sum(1 for it, p in zip(items, picks) if it["culture"] == t and p == q)
                for q in labels] for t in cultures]
     acc = M.mean_ci([p == it["culture"] for p, it in zip(picks, items)], B, seed)
     confusion = {"labels": labels, "true": list(cultures), "matrix": matrix, "accuracy": acc["value"]}
-    rows = [_row("router", c, "router", "accuracy",
-                 M.mean_ci([p == c for p, it in zip(picks, items) if it["culture"] == c], B, seed))
-            for c in cultures]
+    baseline = CultureRouter(list(cultures), np.zeros((1, 1)), np.zeros(1), evidence=("language",))
+    lang = [c for c, _ in baseline.predict(texts)]
+    rows = []
+    for system, got in (("router", picks), ("language_only", lang)):
+        rows += [_row("router", c, system, "accuracy", M.mean_ci(
+            [p == c for p, it in zip(got, items) if it["culture"] == c], B, seed)) for c in cultures]
+    for name, r in (("router", getattr(router, "router", None)), ("language_only", baseline)):
+        if r is not None:  # top-1 (no threshold) and ECE over the evaluated cultures
+            y = np.array([r.cultures.index(it["culture"]) if it["culture"] in r.cultures else -1
+                          for it in items])
+            m = routing_metrics(r, texts, y)
+            confusion[name] = {k: m[k] for k in ("accuracy", "ece", "coverage", "decided_by")}
     return rows, confusion
 
 
@@ -145,7 +176,7 @@ def run_benchmarks(cfg, root, model, systems: list[str], router) -> tuple[list[d
     subset = None
     if ev.wvs_subset == "clca" or (ev.wvs_subset == "auto" and cfg.recipe == "clca"):
         subset = D.CLCA_WVS
-    answer = Answerer(model, router, ev.max_new_tokens)
+    answer = Answerer(model, router, ev.max_new_tokens, cfg.recipe)
     B, seed, k = ev.bootstrap, cfg.seed, ev.max_questions
     rows: list[dict] = []
     for culture in cfg.cultures:

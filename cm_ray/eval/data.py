@@ -178,19 +178,33 @@ def blend_items(root: Path, culture: str, max_items: int | None = None, seed: in
 
 
 # -- router evaluation ------------------------------------------------------------------------
-def router_items(root: Path, cultures: list[str], max_items: int | None = None, seed: int = 0) -> list[dict]:
-    """Held-out culture-marked texts: BLEnD local-language questions + culture_tasks texts.
+ROUTER_TASK_SETS = {"MX": ["Spanish/MEX-A3T_offens/data-2.jsonl"],
+                    "ES": ["Spanish/OffendES_offens/data-2.jsonl", "Spanish/HaterNet_HS/data-2.jsonl"],
+                    "DE": ["Germany/GermEval/germeval2018.jsonl", "Germany/HASOC/hate_off_detect.jsonl"],
+                    "CN": ["China/CDial-Bias/gender-2.jsonl"]}
+"""culture_tasks sets whose texts come from one country (Mexican and Spanish tweets, German
+tweets, Chinese forum posts); the English and Arabic sets mix countries, so they label no culture."""
 
-    Returns ``{text, culture, source}``. English BLEnD questions name their country ("...in the
-    UK?"), so the local-language versions are used: the router must judge language and content.
+
+def router_items(root: Path, cultures: list[str], max_items: int | None = None, seed: int = 0) -> list[dict]:
+    """Real culture-marked texts: BLEnD local-language questions + one-country culture_tasks texts.
+
+    Returns ``{text, culture, source}`` (source ``blend`` or the set's path), at most ``max_items``
+    per culture and source. English BLEnD questions name their country ("...in the UK?"), so the
+    local-language versions are used; they still name it, the culture_tasks texts do not.
     """
     out = []
     for c in cultures:
-        items = [{"text": b["local_question"], "culture": c, "source": "blend"}
-                 for b in blend_items(root, c, max_items, seed)]
-        items += [{"text": t["text"], "culture": c, "source": t["dataset"]}
-                  for t in culture_task_items(root, c, max_items, seed)]
-        out.extend(_sample(items, max_items, seed))
+        out += [{"text": b["local_question"], "culture": c, "source": "blend"}
+                for b in blend_items(root, c, max_items, seed)]
+        for rel in ROUTER_TASK_SETS.get(c, []):
+            path = Path(root) / "culture_tasks" / rel
+            if not path.exists():
+                continue
+            rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+            texts = [str(t).strip() for d in rows if (t := d.get("data") or d.get("tweet") or d.get("text"))]
+            out += [{"text": t, "culture": c, "source": f"culture_tasks/{rel}"}
+                    for t in _sample(texts, max_items, seed)]
     return out
 
 

@@ -2,7 +2,8 @@
 
     cm-ray evaluate configs/demo.yaml evaluate.data_dir=../shared/data
 
-Loads the run's artifacts (adapters on ``evaluate.workers`` Ray actors, the router in the driver), runs the benchmarks (``eval.benchmarks``) and writes
+Paired bootstrap CIs of each system's difference against base and prompted on the same
+questions (``eval.stats``) go into results.json and mark the tables. Loads the run's artifacts (adapters on ``evaluate.workers`` Ray actors, the router in the driver), runs the benchmarks (``eval.benchmarks``) and writes
 the report (``eval.report``): ``eval/results.json`` (one row per benchmark × culture × system ×
 metric), ``eval/results.md`` (one table per benchmark: culture × system) and PNG plots. Without
 evaluation data the stage says so and writes nothing else; a system whose artifact is missing (no
@@ -20,6 +21,7 @@ from cm_ray.eval import data as D
 from cm_ray.eval import systems as S
 from cm_ray.eval.benchmarks import run_benchmarks
 from cm_ray.eval.report import headline_summary, write_report
+from cm_ray.eval.stats import significance_rows
 
 
 def run_evaluate(cfg: Config, store: Any, force: bool = False, model: Any = None,
@@ -47,10 +49,14 @@ def run_evaluate(cfg: Config, store: Any, force: bool = False, model: Any = None
     finally:
         if own:
             model.close()
+    sig = significance_rows(rows, ev.bootstrap, cfg.seed)  # paired, vs base and prompted
+    rows = [{k: v for k, v in r.items() if k != "_stat"} for r in rows]
     summary = {"data_dir": str(root), "systems": active, "skipped_systems": skipped,
-               "n_rows": len(rows), "adapters": sorted(have)}
+               "n_rows": len(rows), "adapters": sorted(have), "significance": sig}
     if own:
         summary["workers"] = model.workers
     write_report(store, summary, rows, confusion, cfg.cultures, ev.systems)
     summary.update(headline_summary(rows, active, confusion))
+    summary.pop("significance")  # in results.json; the stage summary keeps the headline
+    summary["significant_vs_base"] = sum(1 for x in sig if x["significant"] and x["vs"] == "base")
     return summary

@@ -38,28 +38,62 @@ def _cell(r: dict) -> str:
     return f"{r['value']:.2f}{ci}"
 
 
+def _diff(a: dict | None, b: dict | None) -> str:
+    if not a or not b or math.isnan(a["value"]) or math.isnan(b["value"]):
+        return "-"
+    return f"{a['value'] - b['value']:+.2f}"
+
+
 def format_tables(rows: list[dict], cultures: list[str], systems: list[str], skipped: dict,
-                  confusion: dict | None) -> str:
-    """Markdown: one table per benchmark and metric, cultures × systems, value [95% CI]."""
-    out = []
+                  confusion: dict | None, sig: list[dict] | None = None) -> str:
+    """Markdown: one table per benchmark and metric, cultures × systems, value [95% CI] and the
+    marks of significant paired differences (``eval.stats``), then the pooled differences."""
+    from cm_ray.eval.stats import POOLED, mark
+
+    sig = sig or []
+    out = ["Marks: +b / -b = significantly above / below `base`, +p / -p = above / below `prompted` "
+           "(paired bootstrap over the same questions, 95%).", ""] if sig else []
     for (bench, metric) in dict.fromkeys((r["benchmark"], r["metric"]) for r in rows):
-        cols = [s for s in (systems if bench != "router" else ["router"]) if s not in skipped]
+        cols = [s for s in (systems if bench != "router" else ["router", "language_only"]) if s not in skipped]
+        cost = "oracle" in cols and "culturemanager" in cols  # what routing loses vs perfect routing
+        extra = ["router cost (oracle - culturemanager)"] if cost else []
         out += [f"### {bench}: {metric} (95% bootstrap CI)", "",
-                "| culture | n | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+                "| culture | n | " + " | ".join(cols + extra) + " |",
+                "|---|---|" + "---|" * len(cols + extra)]
         for c in cultures:
             got = {r["system"]: r for r in rows if (r["benchmark"], r["metric"], r["culture"]) == (bench, metric, c)}
             if got:
                 n = next(iter(got.values()))["n"]
-                out.append(f"| {c} | {n} | " + " | ".join(_cell(got[s]) if s in got else "-" for s in cols) + " |")
+                cells = [_cell(got[s]) + mark(sig, bench, metric, c, s) if s in got else "-" for s in cols]
+                if cost:
+                    cells.append(_diff(got.get("oracle"), got.get("culturemanager")))
+                out.append(f"| {c} | {n} | " + " | ".join(cells) + " |")
         means = [mean_of(rows, bench, s, metric) for s in cols]
-        out.append("| mean | | " + " | ".join("-" if m is None else f"{m:.2f}" for m in means) + " |")
+        if cost:
+            o, m = means[cols.index("oracle")], means[cols.index("culturemanager")]
+            means.append(None if o is None or m is None else o - m)
+        marks = [mark(sig, bench, metric, POOLED, s) for s in cols] + [""] * len(extra)
+        out.append("| mean | | " + " | ".join(("-" if m is None else f"{m:.2f}") + k
+                                             for m, k in zip(means, marks)) + " |")
         out.append("")
+        pooled = [x for x in sig if (x["benchmark"], x["metric"], x["culture"]) == (bench, metric, POOLED)]
+        if pooled:
+            out += [f"pooled over cultures, paired difference [95% CI] ({bench}: {metric}):", "",
+                    "| system | vs | difference | significant |", "|---|---|---|---|"]
+            out += [f"| {x['system']} | {x['vs']} | {x['diff']:+.3f} [{x['ci_low']:+.3f}, "
+                    f"{x['ci_high']:+.3f}] | {'yes' if x['significant'] else 'no'} |" for x in pooled]
+            out.append("")
     if confusion:
         out += ["### router confusion (rows: true culture, columns: routed to)", "",
                 "| true \\ routed | " + " | ".join(confusion["labels"]) + " |",
                 "|---|" + "---|" * len(confusion["labels"])]
         out += [f"| {t} | " + " | ".join(str(v) for v in row) + " |"
                 for t, row in zip(confusion["true"], confusion["matrix"])]
+        out.append("")
+        for name in ("router", "language_only"):
+            if m := confusion.get(name):
+                out.append(f"- {name}: top-1 accuracy {m['accuracy']:.3f}, ECE {m['ece']:.3f}, "
+                           f"decided by {m['decided_by']}")
         out.append("")
     for s, why in skipped.items():
         out.append(f"- system `{s}` skipped: {why}")
@@ -121,7 +155,8 @@ def write_report(store: Any, summary: dict, rows: list[dict], confusion: dict | 
     """results.json, results.md and the plots under ``eval/``."""
     store.write_json(finite({**summary, "rows": rows, "confusion": confusion}),
                      *artifacts.eval_dir("results.json"))
-    md = format_tables(rows, cultures, systems, summary["skipped_systems"], confusion)
+    md = format_tables(rows, cultures, systems, summary["skipped_systems"], confusion,
+                       summary.get("significance"))
     store.write_bytes(md.encode(), *artifacts.eval_dir("results.md"))
     for name, png in make_plots(rows, confusion).items():
         store.write_bytes(png, *artifacts.eval_dir(name))

@@ -4,10 +4,13 @@ evaluation stage it runs inside Ray actors, ``eval.workers``).
 - ``base``: the base model, the task prompt only.
 - ``prompted``: the base model with the culture system prompt (``artifacts.culture_system_prompt``).
 - ``joint``: the all-culture adapter (``adapters/_joint``) with the same prompt it was trained with.
-- ``culturemanager``: the router reads the request (system prompt + user text) and picks a
-  culture adapter; ``none`` or a culture without an adapter falls back to the base model.
+- ``culturemanager``: the router reads the request alone (what a user sends, no prompt the
+  evaluation adds) and picks a culture adapter; ``none`` or a culture without an adapter falls
+  back to the base model. ``culturemanager_locale``: the same with a declared language as metadata.
 - ``oracle``: the true culture's adapter (perfect routing: CultureManager's upper bound); the base
-  model for a culture that has no adapter.
+  model for a culture that has no adapter. Oracle minus culturemanager is the router's cost.
+
+Each adapter is asked with the system prompt it was trained with (``artifacts.adapter_system_prompt``).
 
 Closed-form answers (labels, option numbers) are scored by the log-probability of each full answer
 (answer tokens + end of turn) after the chat prompt, so the model's whole answer distribution is
@@ -26,7 +29,7 @@ from typing import Any, Callable, Sequence
 from cm_ray import artifacts
 from cm_ray.artifacts import JOINT
 
-SYSTEMS = ("base", "prompted", "joint", "culturemanager", "oracle")
+SYSTEMS = ("base", "prompted", "joint", "culturemanager", "culturemanager_locale", "oracle")
 
 
 @dataclass
@@ -142,31 +145,46 @@ class EvalModel:
         return [o.strip() for o in out]
 
 
-Router = Callable[[list[str]], list[tuple[str, float]]]
+Router = Callable[..., list[tuple[str, float]]]
+"""``router(texts, metadata=None) -> [(culture or "none", probability)]``."""
 
 
 def plan_routes(system: str, culture: str, request_texts: Sequence[str], adapters: Sequence[str],
-                router: Router | None = None) -> list[Route]:
+                router: Router | None = None, recipe: str = "culturemanager") -> list[Route]:
     """Which adapter and system prompt answer each request of ``culture`` under ``system``.
 
-    Every culture-aware system uses the one culture system prompt, which is also what the joint
-    adapter was trained with.
+    The router reads only what a user sends: ``culturemanager`` the request texts,
+    ``culturemanager_locale`` the texts and a declared language (the culture's first language,
+    as a client's locale would say it); never a prompt the evaluation adds. Every adapter is asked
+    with the prompt it was trained with (``artifacts.adapter_system_prompt``); ``prompted`` uses
+    the one culture prompt; the base model, as a fallback, gets the request alone, as in Serve.
     """
-    sysp = artifacts.culture_system_prompt(culture)
     n = len(request_texts)
     if system == "base":
         return [Route(None, None)] * n
     if system == "prompted":
-        return [Route(None, sysp)] * n
+        return [Route(None, artifacts.culture_system_prompt(culture))] * n
     if system == "joint":
-        return [Route(JOINT, sysp)] * n
-    if system == "oracle":  # a culture without an adapter is served by the base model, as in Serve
-        return [Route(culture if culture in adapters else None, sysp)] * n
-    if system == "culturemanager":
+        return [Route(JOINT, artifacts.adapter_system_prompt(JOINT, culture, recipe))] * n
+
+    def to(pick: str) -> Route:  # a culture without an adapter is served by the base model
+        if pick in adapters and pick != JOINT:
+            return Route(pick, artifacts.adapter_system_prompt(pick, pick, recipe))
+        return Route(None, None)
+
+    if system == "oracle":
+        return [to(culture)] * n
+    if system in ("culturemanager", "culturemanager_locale"):
         if router is None:
-            raise ValueError("culturemanager needs a router")
-        picks = router([f"{sysp}\n{t}" for t in request_texts])
-        return [Route(c if c in adapters else None, sysp) for c, _ in picks]
+            raise ValueError(f"{system} needs a router")
+        texts = list(request_texts)
+        if system == "culturemanager":
+            picks = router(texts)
+        else:
+            from cm_ray.cultures import get_culture
+
+            picks = router(texts, metadata=[{"language": get_culture(culture).language}] * n)
+        return [to(c) for c, _ in picks]
     raise ValueError(f"unknown system {system!r} (known: {', '.join(SYSTEMS)})")
 
 
@@ -175,11 +193,11 @@ def missing_artifact(system: str, cultures: Sequence[str], adapters: Sequence[st
     """Why a system cannot run with these artifacts, or None when it can."""
     if system == "joint" and JOINT not in adapters:
         return "no adapters/_joint (train.joint_baseline=false or train.mode without a joint adapter)"
-    if system in ("oracle", "culturemanager"):
+    if system in ("oracle", "culturemanager", "culturemanager_locale"):
         have = [c for c in cultures if c in adapters]
         if not have:
             return "no per-culture adapters under adapters/"
-    if system == "culturemanager" and router is None:
+    if system.startswith("culturemanager") and router is None:
         return "no router artifact under router/"
     return None
 
@@ -215,7 +233,11 @@ def load_router_fn(store: Any) -> Router | None:
     from cm_ray.router.model import load_router
 
     router = load_router(store)
-    return lambda texts: router.predict(list(texts))
+    def route(texts, metadata=None):
+        return router.predict(list(texts), metadata)
+
+    route.router = router  # the full router: the router benchmark reads its probabilities
+    return route
 
 
 def cleanup(tmp: Path | None) -> None:

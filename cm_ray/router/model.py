@@ -1,17 +1,21 @@
-"""The culture router's classifier: sentence embedding + linear head -> culture key or ``none``.
+"""The culture router: language evidence + country mentions + a content classifier -> culture key
+or ``none``, with calibrated probabilities.
 
-``train_router`` embeds (text, culture) pairs with the configured encoder (all-MiniLM-L6-v2 by
-default), fits a multinomial logistic regression (label = culture), then calibrates it with
-temperature scaling on the validation split. The artifact under ``router/`` is plain data, no
-pickle: ``head.npz`` (weights, bias) + ``router.json`` (cultures, encoder, temperature, threshold)
-+ ``metrics.json`` (validation accuracy, confusion, ECE), published together as one version
-(``ArtifactStore.publish_dir``: readers see the old router or the new one, never a mix). The
-``route`` stage that trains it on the synthetic inputs is ``cm_ray.router.stage``.
+Scores per culture are summed in log space (``router.evidence``): ``language`` (py3langid's
+P(language | text) folded with the culture's CLDR language population shares), ``mention`` (the
+text names the country) — both need no training rows, so every configured culture is routable —
+and ``content``: a multinomial logistic regression over sentence embeddings (all-MiniLM-L6-v2 by
+default) of the synthetic inputs, for the cultures that have rows (log(K * p), 0 for the others).
+The head's temperature is fitted on the validation split. The encoder is skipped for a
+text whose language + mention evidence alone already gives >= ``skip_content_at`` (cached per text).
+``route`` says which evidence decided each pick (the term with the largest share of the winner's
+margin over the runner-up). The artifact under ``router/`` is plain data, no pickle: ``head.npz``
+(weights, bias) + ``router.json`` + ``metrics.json``, published together as one version.
 
 Inference (``load_router(store_or_dir).predict(texts, metadata)``) needs neither Ray nor sklearn.
 A calibrated probability below ``router.threshold`` answers ``none``. Metadata, when
 ``router.use_metadata`` is on: a declared ``country`` that is one of the router's cultures wins
-outright; a declared ``language`` down-weights cultures that do not speak it.
+outright; a declared ``language`` adds log share(language | culture) (evidence ``metadata``).
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from cm_ray.artifacts import NONE, published, router_dir
+from cm_ray.router.metrics import routing_metrics
 
-LANGUAGE_MISMATCH_WEIGHT = 0.2
-"""Prior weight of a culture whose languages do not include the request's declared language."""
+EVIDENCE = ("language", "mention", "content")
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -38,13 +42,16 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 class Encoder:
     """Sentence encoder (sentence-transformers), loaded once, L2-normalised float32 embeddings."""
 
-    def __init__(self, ref: str, cache_dir: str | None = None):
+    def __init__(self, ref: str, cache_dir: str | None = None, max_seq_length: int = 128):
+        """``max_seq_length``: tokens read per text (128: what all-MiniLM-L6-v2 was trained on;
+        its config allows 256, which only costs time on long posts)."""
         from sentence_transformers import SentenceTransformer
 
         from cm_ray.models import resolve_model
 
         self.ref = ref
         self.model = SentenceTransformer(resolve_model(ref, cache_dir), device="cpu")
+        self.model.max_seq_length = min(max_seq_length, self.model.max_seq_length or max_seq_length)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         return self.model.encode(list(texts), batch_size=64, normalize_embeddings=True,
@@ -52,21 +59,29 @@ class Encoder:
 
 
 class CultureRouter:
-    """Calibrated culture classifier over sentence embeddings.
+    """Calibrated culture classifier (see the module docstring).
 
     Attributes:
-        cultures: the culture keys the head was trained on (its classes, in order).
+        cultures: every culture it routes to, in order (rows or not).
+        content_cultures: the cultures the content head was trained on (its classes, in order).
         threshold: calibrated probability below which ``predict`` answers ``none``.
     """
 
     def __init__(self, cultures: list[str], weight: np.ndarray, bias: np.ndarray,
                  temperature: float = 1.0, threshold: float = 0.4, encoder: Any = None,
-                 encoder_ref: str = "embedded:all-minilm-l6-v2", use_metadata: bool = True):
+                 encoder_ref: str = "embedded:all-minilm-l6-v2", use_metadata: bool = True,
+                 content_cultures: list[str] | None = None, evidence: tuple[str, ...] = ("content",),
+                 skip_content_at: float = 0.99, content_temperature: float | None = None):
         self.cultures = list(cultures)
+        self.content_cultures = list(self.cultures if content_cultures is None else content_cultures)
         self.weight, self.bias = np.asarray(weight, np.float32), np.asarray(bias, np.float32)
         self.temperature, self.threshold = float(temperature), float(threshold)
         self.encoder_ref, self.use_metadata = encoder_ref, use_metadata
+        self.evidence, self.skip_content_at = tuple(evidence), float(skip_content_at)
+        # The head's own calibration (format-1 routers had only the content term: one temperature).
+        self.content_temperature = float(temperature if content_temperature is None else content_temperature)
         self._encoder = encoder
+        self._emb_cache: dict[str, np.ndarray] = {}
 
     @property
     def encoder(self) -> Encoder:
@@ -77,38 +92,77 @@ class CultureRouter:
     def logits(self, emb: np.ndarray) -> np.ndarray:
         return emb @ self.weight.T + self.bias
 
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        todo = list(dict.fromkeys(t for t in texts if t not in self._emb_cache))
+        if todo:
+            if len(self._emb_cache) > 50_000:
+                self._emb_cache.clear()
+            self._emb_cache.update(zip(todo, self.encoder(todo)))
+        return np.stack([self._emb_cache[t] for t in texts])
+
+    def scores(self, texts: list[str], metadata: list[dict] | None = None) -> dict[str, np.ndarray]:
+        """Log-scores per evidence, each shape (len(texts), len(cultures)), before the temperature."""
+        from cm_ray.router import evidence as E
+
+        n, k = len(texts), len(self.cultures)
+        out: dict[str, np.ndarray] = {}
+        if "language" in self.evidence:
+            out["language"] = E.language_scores(texts, self.cultures)
+        if "mention" in self.evidence:
+            out["mention"] = E.mention_scores(texts, self.cultures)
+        if self.use_metadata and metadata and any((m or {}).get("language") for m in metadata):
+            out["metadata"] = np.stack([E.declared_language_scores((m or {}).get("language"), self.cultures)
+                                        for m in metadata])
+        if "content" in self.evidence and len(self.content_cultures) > 1:
+            content = np.zeros((n, k))
+            cols = [self.cultures.index(c) for c in self.content_cultures]
+            pre = sum(out.values()) if out else np.zeros((n, k))
+            need = np.ones(n, bool) if not out else \
+                (_softmax(pre / self.temperature).max(axis=1) < self.skip_content_at) & \
+                ~E.content_cannot_change(pre, cols)
+            if need.any():
+                idx = np.flatnonzero(need)
+                p = _softmax(self.logits(self._embed([texts[i] for i in idx])) / self.content_temperature)
+                content[np.ix_(idx, cols)] = np.log(np.maximum(p, E.CONTENT_FLOOR) * len(cols))
+            out["content"] = content
+        return out
+
+    def _total(self, texts: list[str], metadata: list[dict] | None) -> tuple[np.ndarray, dict]:
+        parts = self.scores(texts, metadata)
+        total = sum(parts.values()) if parts else np.zeros((len(texts), len(self.cultures)))
+        return total / self.temperature, parts
+
     def probabilities(self, texts: list[str], metadata: list[dict] | None = None) -> np.ndarray:
-        """Calibrated class probabilities, shape (len(texts), len(cultures))."""
-        if len(self.cultures) == 1:  # one adapter: nothing to choose between
+        """Calibrated probabilities, shape (len(texts), len(cultures))."""
+        if len(self.cultures) == 1:  # one culture: nothing to choose between
             return np.ones((len(texts), 1), np.float32)
-        probs = _softmax(self.logits(self.encoder(texts)) / self.temperature)
-        if self.use_metadata and metadata:
-            probs = np.stack([self._apply_language(p, m or {}) for p, m in zip(probs, metadata)])
-        return probs
+        return _softmax(self._total(texts, metadata)[0])
 
-    def _apply_language(self, p: np.ndarray, meta: dict) -> np.ndarray:
-        lang = str(meta.get("language") or "").split("-")[0].split("_")[0].lower()
-        if not lang:
-            return p
-        from cm_ray.cultures import get_culture
-
-        w = np.array([1.0 if lang in get_culture(c).languages else LANGUAGE_MISMATCH_WEIGHT
-                      for c in self.cultures])
-        return p * w / (p * w).sum() if w.max() == 1.0 else p
+    def route(self, texts: list[str], metadata: list[dict] | None = None) -> list[dict]:
+        """Per text: ``{culture, probability, evidence}``; culture is ``none`` below the threshold;
+        evidence names what decided (``metadata_country``, ``language``, ``mention``, ``content``,
+        ``metadata``, or ``only_culture``)."""
+        declared = [self._declared(m) for m in (metadata or [{}] * len(texts))]
+        if len(self.cultures) == 1:
+            return [{"culture": d or self.cultures[0], "probability": 1.0,
+                     "evidence": "metadata_country" if d else "only_culture"} for d in declared]
+        z, parts = self._total(texts, metadata)
+        probs = _softmax(z)
+        out = []
+        for i, (d, p) in enumerate(zip(declared, probs)):
+            if d is not None:
+                out.append({"culture": d, "probability": 1.0, "evidence": "metadata_country"})
+                continue
+            first, second = np.argsort(-p)[:2]
+            why = max(parts, key=lambda e: parts[e][i, first] - parts[e][i, second]) if parts else NONE
+            conf = float(p[first])
+            out.append({"culture": self.cultures[first] if conf >= self.threshold else NONE,
+                        "probability": round(conf, 4), "evidence": why})
+        return out
 
     def predict(self, texts: list[str], metadata: list[dict] | None = None) -> list[tuple[str, float]]:
         """Culture key (or ``"none"``) and its calibrated probability, per text."""
-        out: list[tuple[str, float]] = []
-        declared = [self._declared(m) for m in (metadata or [{}] * len(texts))]
-        probs = self.probabilities(texts, metadata)
-        for d, p in zip(declared, probs):
-            if d is not None:
-                out.append((d, 1.0))
-                continue
-            i = int(np.argmax(p))
-            conf = float(p[i])
-            out.append((self.cultures[i] if conf >= self.threshold else NONE, round(conf, 4)))
-        return out
+        return [(r["culture"], r["probability"]) for r in self.route(texts, metadata)]
 
     def _declared(self, meta: dict | None) -> str | None:
         """The culture a request declares through metadata ``country``, when the router knows it."""
@@ -134,7 +188,10 @@ class CultureRouter:
             np.savez(Path(d, "head.npz"), weight=self.weight, bias=self.bias)
             meta = {"cultures": self.cultures, "temperature": self.temperature,
                     "threshold": self.threshold, "encoder": self.encoder_ref,
-                    "use_metadata": self.use_metadata, "dim": int(self.weight.shape[1]), "format": 1}
+                    "use_metadata": self.use_metadata, "dim": int(self.weight.shape[1]), "format": 2,
+                    "content_cultures": self.content_cultures, "evidence": list(self.evidence),
+                    "skip_content_at": self.skip_content_at,
+                    "content_temperature": self.content_temperature}
             Path(d, "router.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
             if metrics is not None:
                 Path(d, "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True,
@@ -166,7 +223,9 @@ def load_router(store_or_dir, encoder: Any = None, threshold: float | None = Non
         weight, bias = npz["weight"], npz["bias"]
     return CultureRouter(meta["cultures"], weight, bias, meta["temperature"],
                          meta["threshold"] if threshold is None else threshold, encoder,
-                         meta["encoder"], meta.get("use_metadata", True))
+                         meta["encoder"], meta.get("use_metadata", True), meta.get("content_cultures"),
+                         tuple(meta.get("evidence", ["content"])), meta.get("skip_content_at", 0.99),
+                         meta.get("content_temperature"))
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -187,28 +246,22 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, min_t: float = 0.25)
     return float(math.exp(minimize_scalar(nll, bounds=(math.log(min_t), 3.0), method="bounded").x))
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
-    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
-    ece = 0.0
-    for lo in np.linspace(0, 1, bins, endpoint=False):
-        m = (conf > lo) & (conf <= lo + 1.0 / bins)
-        if m.any():
-            ece += m.mean() * abs((pred[m] == labels[m]).mean() - conf[m].mean())
-    return round(float(ece), 4)
-
-
 def train_router(train: list[tuple[str, str]], validation: list[tuple[str, str]], encoder,
                  threshold: float = 0.4, use_metadata: bool = True, c: float = 10.0,
-                 seed: int = 0) -> tuple[CultureRouter, dict]:
-    """Fit the head on (text, culture) pairs, calibrate on validation; return (router, metrics).
+                 seed: int = 0, cultures: list[str] | None = None,
+                 evidence: tuple[str, ...] = EVIDENCE, skip_content_at: float = 0.99
+                 ) -> tuple[CultureRouter, dict]:
+    """Fit the content head on (text, culture) pairs, calibrate on validation; (router, metrics).
 
-    Validation pairs may be empty: a stratified fifth of the training pairs is held out then.
+    ``cultures``: every culture to route to; one without rows is routed on language and mention
+    evidence alone. Validation pairs may be empty: a stratified fifth of the training pairs is
+    held out then.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
 
     note = None
-    if not validation:
+    if not validation and train:
         counts = Counter(c for _, c in train)
         if min(counts.values()) >= 2 and int(len(train) * 0.2) >= len(counts):
             train, validation = train_test_split(train, test_size=0.2, random_state=seed,
@@ -217,44 +270,43 @@ def train_router(train: list[tuple[str, str]], validation: list[tuple[str, str]]
             # Too few rows to hold one out per culture: calibrate and report in-sample, and say so.
             validation = list(train)
             note = "validation is in-sample: too few rows per culture to hold any out"
-    cultures = sorted({c for _, c in train})
-    index = {k: i for i, k in enumerate(cultures)}
+    with_rows = sorted({c for _, c in train})
+    every = sorted(set(with_rows) | set(cultures or []))
     enc_ref = getattr(encoder, "ref", "embedded:all-minilm-l6-v2")
-    if len(cultures) == 1:
-        router = CultureRouter(cultures, np.zeros((1, 1)), np.zeros(1), 1.0, threshold, encoder,
-                               enc_ref, use_metadata)
-        return router, {"cultures": cultures, "n_train": len(train), "n_validation": len(validation),
-                        "accuracy": 1.0, "note": "one culture: the router always picks it"}
-    x_tr = encoder([t for t, _ in train])
-    y_tr = np.array([index[c] for _, c in train])
-    head = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(x_tr, y_tr)
-    val = [(t, c) for t, c in validation if c in index]
-    x_va, y_va = encoder([t for t, _ in val]), np.array([index[c] for _, c in val])
-    weight, bias = head.coef_, head.intercept_
-    if len(cultures) == 2:
-        # Binary LogisticRegression keeps one row (logit of class 1); softmax over [0, z] is the
-        # same sigmoid, so store it as two rows like the multi-class case.
-        weight, bias = np.vstack([np.zeros_like(weight), weight]), np.concatenate([[0.0], bias])
-    router = CultureRouter(cultures, weight, bias, 1.0, threshold, encoder, enc_ref, use_metadata)
-    logits = router.logits(x_va)
-    router.temperature = fit_temperature(logits, y_va)
-    probs = _softmax(logits / router.temperature)
-    pred = probs.argmax(axis=1)
-    routed = probs.max(axis=1) >= threshold
-    labels = cultures + [NONE]
-    confusion = {t: {p: 0 for p in labels} for t in cultures}
-    for y, p, r in zip(y_va, pred, routed):
-        confusion[cultures[y]][cultures[p] if r else NONE] += 1
-    metrics = {
-        "cultures": cultures, "n_train": len(train), "n_validation": len(val),
-        "accuracy": round(float((pred == y_va).mean()), 4),
-        "accuracy_at_threshold": round(float(((pred == y_va) & routed).mean()), 4),
-        "coverage": round(float(routed.mean()), 4), "threshold": threshold,
-        "temperature": round(router.temperature, 4),
-        "ece_uncalibrated": expected_calibration_error(_softmax(logits), y_va),
-        "ece": expected_calibration_error(probs, y_va), "confusion": confusion,
-        "train_accuracy": round(float(head.score(x_tr, y_tr)), 4),
-    }
+    zero = [c for c in every if c not in with_rows]
+    base = {"cultures": every, "zero_row_cultures": zero, "evidence": list(evidence),
+            "n_train": len(train), "n_validation": len(validation)}
+    if len(every) == 1:
+        router = CultureRouter(every, np.zeros((1, 1)), np.zeros(1), 1.0, threshold, encoder,
+                               enc_ref, use_metadata, with_rows, evidence, skip_content_at)
+        return router, {**base, "accuracy": 1.0, "note": "one culture: the router always picks it"}
+    index = {k: i for i, k in enumerate(with_rows)}
+    weight, bias, train_acc = np.zeros((len(with_rows), 1)), np.zeros(len(with_rows)), None
+    if "content" in evidence and len(with_rows) > 1:
+        x_tr = encoder([t for t, _ in train])
+        y_tr = np.array([index[c] for _, c in train])
+        head = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(x_tr, y_tr)
+        weight, bias = head.coef_, head.intercept_
+        train_acc = round(float(head.score(x_tr, y_tr)), 4)
+        if len(with_rows) == 2:
+            # Binary LogisticRegression keeps one row (logit of class 1); softmax over [0, z] is
+            # the same sigmoid, so store it as two rows like the multi-class case.
+            weight, bias = np.vstack([np.zeros_like(weight), weight]), np.concatenate([[0.0], bias])
+    router = CultureRouter(every, weight, bias, 1.0, threshold, encoder, enc_ref, use_metadata,
+                           with_rows, evidence, skip_content_at)
+    val = [(t, c) for t, c in validation if c in every]
+    texts, y_va = [t for t, _ in val], np.array([every.index(c) for _, c in val], int)
+    if val and train_acc is not None:  # the head first, on the rows of its own cultures
+        own = [i for i, (_, c) in enumerate(val) if c in index]
+        router.content_temperature = fit_temperature(
+            router.logits(encoder([texts[i] for i in own])), np.array([index[val[i][1]] for i in own]))
+    # The sum is not re-fitted: each term is a calibrated log-probability already (langid's
+    # posterior x CLDR shares; the head's temperature), and the synthetic rows are English for
+    # every culture, so a temperature fitted on them would mis-calibrate requests in a culture's
+    # own language (ECE on real text: bench/router.py).
+    metrics = {**base, "n_validation": len(val), "train_accuracy": train_acc,
+               **routing_metrics(router, texts, y_va), "temperature": round(router.temperature, 4),
+               "content_temperature": round(router.content_temperature, 4)}
     if note:
         metrics["note"] = note
     return router, metrics

@@ -86,10 +86,11 @@ def pick_culture(req, header: str | None, has_adapter: Callable[[str], bool],
             return {"culture": explicit(value, param), "router_confidence": 1.0, "routed_by": by}
     if predict is None:
         return {"culture": NONE, "router_confidence": 0.0, "routed_by": "no_router"}
-    culture, conf = predict(req.router_text(), req.metadata)
+    culture, conf, *why = predict(req.router_text(), req.metadata)  # (+ the deciding evidence)
+    extra = {"router_evidence": why[0]} if why else {}
     if culture != NONE and not has_adapter(culture):
-        return {"culture": NONE, "router_confidence": conf, "routed_by": "router_no_adapter"}
-    return {"culture": culture, "router_confidence": conf, "routed_by": "router"}
+        return {"culture": NONE, "router_confidence": conf, "routed_by": "router_no_adapter", **extra}
+    return {"culture": culture, "router_confidence": conf, "routed_by": "router", **extra}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
@@ -125,11 +126,11 @@ class CultureIngress:
     def _has_adapter(self, key: str) -> bool:
         return self.catalog.has(key)
 
-    def _predict(self, text: str, metadata: dict | None) -> tuple[str, float]:
+    def _predict(self, text: str, metadata: dict | None) -> tuple[str, float, str]:
         t0 = time.perf_counter()
-        out = self.router.predict([text], [metadata] if metadata else None)[0]
+        out = self.router.route([text], [metadata] if metadata else None)[0]
         self.metrics.router.observe(time.perf_counter() - t0)
-        return out
+        return out["culture"], out["probability"], out["evidence"]
 
     def _auth(self, request: Request) -> None:
         if not self.key_sha256:

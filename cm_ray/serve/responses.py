@@ -42,6 +42,8 @@ def chunk_body(chat: bool, cid: str, model: str, delta: str | None, finish: str 
 def route_headers(route: dict, result: dict | None = None) -> dict[str, str]:
     h = {"X-Culture": route["culture"], "X-Router-Confidence": f"{route['router_confidence']:.4f}",
          "X-Routed-By": route["routed_by"]}
+    if route.get("router_evidence"):
+        h["X-Router-Evidence"] = route["router_evidence"]
     if result:
         h["X-Adapter-Cold"] = "1" if result.get("adapter_cold") else "0"
         if result.get("adapter_cold"):

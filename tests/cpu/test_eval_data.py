@@ -58,7 +58,12 @@ def test_blend_items_carry_local_and_english_answers(shared_data):
 def test_router_items_are_labelled_per_culture(shared_data):
     items = D.router_items(shared_data, ["GB", "CN", "MX"], max_items=10)
     assert {it["culture"] for it in items} == {"GB", "CN", "MX"}
-    assert all(sum(it["culture"] == c for it in items) == 10 for c in ["GB", "CN", "MX"])
+    per = {(c, s): sum(1 for it in items if (it["culture"], it["source"]) == (c, s))
+           for c, s in {(it["culture"], it["source"]) for it in items}}
+    assert per == {("GB", "blend"): 10, ("CN", "blend"): 10, ("MX", "blend"): 10,
+                   ("CN", "culture_tasks/China/CDial-Bias/gender-2.jsonl"): 10,
+                   ("MX", "culture_tasks/Spanish/MEX-A3T_offens/data-2.jsonl"): 10}
+    assert D.router_items(shared_data, ["AR"]) == []  # no one-country text for it
 
 
 def test_missing_data_dir_resolves_to_none(tmp_path):

@@ -76,20 +76,37 @@ def test_routes_per_system():
     assert S.plan_routes("base", "MX", texts, CULTURES) == [S.Route(None, None)] * 2
     prompted = S.plan_routes("prompted", "MX", texts, CULTURES)[0]
     assert prompted.adapter is None and "Mexico" in prompted.system
-    assert S.plan_routes("oracle", "MX", texts, CULTURES)[0].adapter == "MX"
+    # Per-culture adapters of the culturemanager recipe were trained without a system prompt.
+    assert S.plan_routes("oracle", "MX", texts, CULTURES)[0] == S.Route("MX", None)
+    assert S.plan_routes("oracle", "MX", texts, CULTURES, recipe="culturespa")[0] == \
+        S.Route("MX", culture_system_prompt("MX"))  # culturespa rows carry the culture prompt
     no_mx = S.plan_routes("oracle", "MX", texts, ["GB", "CN"])[0]  # MX trained nothing: base model
-    assert no_mx.adapter is None and "Mexico" in no_mx.system
+    assert no_mx == S.Route(None, None)
     joint = S.plan_routes("joint", "MX", texts, CULTURES)[0]  # the prompt the joint adapter trained with
     assert joint == S.Route("_joint", culture_system_prompt("MX")) and "Mexico" in joint.system
-    seen = []
 
-    def router(reqs):
+
+def test_the_router_reads_only_what_a_user_sends():
+    """No evaluation-added prompt (nor the true culture's name) ever reaches the router."""
+    texts = ["What do people eat for breakfast?", "¿Qué se come en el desayuno?"]
+    seen, meta = [], []
+
+    def router(reqs, metadata=None):
         seen.extend(reqs)
+        meta.append(metadata)
         return [("CN", 0.9), ("none", 0.2)]
 
     cm = S.plan_routes("culturemanager", "MX", texts, CULTURES, router)
-    assert [r.adapter for r in cm] == ["CN", None]  # misroute kept; "none" falls back to base
-    assert all("Mexico" in s and s.endswith(t) for s, t in zip(seen, texts))  # router sees the request
+    assert seen == texts and meta == [None]
+    assert cm == [S.Route("CN", None), S.Route(None, None)]  # misroute kept; "none" -> base model
+    seen.clear()
+    loc = S.plan_routes("culturemanager_locale", "MX", texts, CULTURES, router, recipe="culturespa")
+    assert seen == texts and meta[-1] == [{"language": "es"}] * 2
+    # The routed adapter is asked with the prompt of the culture it was routed to, not the true one.
+    assert loc[0] == S.Route("CN", culture_system_prompt("CN"))
+    for system in S.SYSTEMS:
+        for r in S.plan_routes(system, "MX", texts, CULTURES, router):
+            assert r.system is None or system in ("prompted", "joint")
 
 
 def test_missing_artifacts_give_reasons():
@@ -135,7 +152,7 @@ def test_evaluate_writes_tables_plots_and_router_confusion(shared_data, run_root
     res = json.loads((root / "eval" / "results.json").read_text())
     got = {(r["benchmark"], r["culture"], r["system"], r["metric"]) for r in res["rows"]}
     for c in CULTURES:
-        for s in ["base", "prompted", "culturemanager", "oracle"]:
+        for s in ["base", "prompted", "culturemanager", "culturemanager_locale", "oracle"]:
             for b, m in [("wvs", "alignment_score"), ("wvs", "one_minus_jsd"), ("wvs", "kl"),
                          ("wvs", "individual_accuracy"), ("wvs", "majority_accuracy"),
                          ("culture_tasks", "macro_f1"), ("blend", "accuracy")]:
@@ -146,8 +163,9 @@ def test_evaluate_writes_tables_plots_and_router_confusion(shared_data, run_root
         if r["metric"] == "alignment_score":
             assert 0 <= r["value"] <= 100
     conf = res["confusion"]
-    assert [sum(row) for row in conf["matrix"]] == [3, 3, 3] and conf["labels"][-1] == "none"
+    assert [sum(row) for row in conf["matrix"]] == [3, 6, 6] and conf["labels"][-1] == "none"
     md = (root / "eval" / "results.md").read_text()
     assert "### wvs: alignment_score" in md and "system `joint` skipped" in md and "[" in md
+    assert "router cost (oracle - culturemanager)" in md
     for png in ["wvs.png", "culture_tasks.png", "blend.png", "router_confusion.png"]:
         assert (root / "eval" / png).read_bytes()[:4] == b"\x89PNG"

@@ -13,7 +13,7 @@ import pytest
 from cm_ray import artifacts
 from cm_ray.artifacts import NONE
 from cm_ray.config import load_config
-from cm_ray.router.model import CultureRouter, Encoder, load_router, train_router
+from cm_ray.router.model import Encoder, load_router, train_router
 from cm_ray.router.stage import run_router_training
 from cm_ray.storage import ArtifactStore
 
@@ -117,8 +117,7 @@ def test_low_confidence_routes_to_base_model(trained):
     text = "12345 67890"
     culture, conf = router.predict([text])[0]
     assert conf < 0.9  # nothing culture-specific in it
-    strict = CultureRouter(router.cultures, router.weight, router.bias, router.temperature,
-                           threshold=conf + 0.05, encoder=router.encoder)
+    strict = load_router(_saved(router, router.encoder), encoder=router.encoder, threshold=conf + 0.05)
     assert strict.predict([text])[0] == (NONE, conf)
 
 
@@ -189,3 +188,71 @@ def test_a_culture_with_one_row_still_trains_with_in_sample_validation(encoder):
     assert "in-sample" in metrics["note"]
     assert router.predict(["¿Unos tacos al pastor?"])[0][0] in {"MX", "none"}
     assert router.probabilities(["Cheers mate"]).shape == (1, 2)
+
+
+def test_a_culture_with_zero_rows_is_routed_on_language_and_mention(encoder):
+    """KR and DE have no training rows: language ID + CLDR shares and country names route them."""
+    train, val = split_pairs()
+    router, metrics = train_router(train, val, encoder, cultures=["CN", "DE", "GB", "KR", "MX"])
+    assert router.cultures == ["CN", "DE", "GB", "KR", "MX"] and router.content_cultures == ["CN", "GB", "MX"]
+    assert metrics["zero_row_cultures"] == ["DE", "KR"]
+    got = router.route(["한국에서 설날에는 무엇을 먹나요?", "Was isst man an Weihnachten zum Abendessen?",
+                        "What do people in Germany eat at Christmas?"])
+    assert [g["culture"] for g in got] == ["KR", "DE", "DE"]
+    assert [g["evidence"] for g in got] == ["language", "language", "mention"]
+    assert all(g["probability"] >= 0.4 for g in got)
+    calls = []
+    router._encoder = lambda texts: calls.append(list(texts)) or encoder(texts)
+    router._emb_cache.clear()
+    router.route(["한국에서 설날에는 무엇을 먹나요?", "春节的时候我们全家一起包饺子。", "Fancy a cuppa?"])
+    assert calls == [["Fancy a cuppa?"]]  # language alone decides ko and zh: no encoder call
+    again = load_router(_saved(router, encoder), encoder=encoder)  # the evidence survives a reload
+    assert again.route(["한국에서 설날에는 무엇을 먹나요?"]) == got[:1]
+
+
+def _saved(router, encoder):
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="router-")
+    router.save(ArtifactStore(d), "router")
+    return ArtifactStore(d)
+
+
+def test_overrides_win_over_every_evidence(encoder):
+    train, val = split_pairs()
+    router, _ = train_router(train, val, encoder, cultures=["CN", "DE", "GB", "MX"])
+    zh = "春节的时候我们全家一起包饺子。"
+    assert router.route([zh])[0]["culture"] == "CN"
+    assert router.route([zh], [{"country": "DE"}])[0] == {"culture": "DE", "probability": 1.0,
+                                                          "evidence": "metadata_country"}
+    # a declared language is evidence, not an override: it moves probability towards its speakers
+    text = "What do people eat at a birthday party?"
+    p, p_de = router.probabilities([text])[0], router.probabilities([text], [{"language": "de"}])[0]
+    assert p_de[router.cultures.index("DE")] > p[router.cultures.index("DE")]
+    from cm_ray.serve.api import ChatRequest
+    from cm_ray.serve.ingress import pick_culture
+
+    req = ChatRequest(model="auto", messages=[{"role": "user", "content": zh}])
+    have = lambda c: True  # noqa: E731
+    assert pick_culture(req, "MX", have, lambda t, m: router.predict([t], m and [m])[0])["culture"] == "MX"
+    assert pick_culture(req, None, have, lambda t, m: router.predict([t], m and [m])[0])["culture"] == "CN"
+
+
+def test_calibration_is_sane_on_held_out_rows(encoder):
+    """The head's temperature minimises the held-out NLL; probabilities sum to one; confident
+    language evidence gives confident, correct picks, and a text with none stays uncertain."""
+    from cm_ray.router.model import _softmax, fit_temperature
+
+    train, val = split_pairs(8)
+    router, metrics = train_router(train, val, encoder)
+    texts, y = [t for t, _ in val], np.array([router.content_cultures.index(c) for _, c in val])
+    z = router.logits(encoder(texts))
+    nll = lambda t: float(-np.log(_softmax(z / t)[np.arange(len(y)), y]).mean())  # noqa: E731
+    assert abs(fit_temperature(z, y) - router.content_temperature) < 1e-6
+    assert nll(router.content_temperature) <= min(nll(1.0), nll(4.0)) + 1e-6
+    np.testing.assert_allclose(router.probabilities(texts).sum(axis=1), 1.0, atol=1e-6)
+    assert 0 <= metrics["ece"] <= 1 and sum(metrics["decided_by"].values()) == len(val)
+    lang_only, _ = train_router(train, val, encoder, cultures=["CN", "DE", "GB", "MX"], evidence=("language",))
+    p = lang_only.probabilities(["Heute gehen wir mit der ganzen Familie in den Wald spazieren.", "!!! ???"])
+    assert p[0].argmax() == lang_only.cultures.index("DE") and p[0].max() > 0.8
+    np.testing.assert_allclose(p[1], 0.25, atol=1e-6)  # no letters, no evidence: uniform

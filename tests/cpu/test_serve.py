@@ -90,6 +90,7 @@ def test_auto_routes_by_language_and_says_who_answered(url):
     assert body["culture"] == "MX" and body["routed_by"] == "router"
     assert 0.4 <= body["router_confidence"] <= 1.0
     assert r.headers["X-Culture"] == "MX" and float(r.headers["X-Router-Confidence"]) > 0.4
+    assert r.headers["X-Router-Evidence"] in {"language", "mention", "content"}  # what decided
     assert body["object"] == "chat.completion" and isinstance(body["choices"][0]["message"]["content"], str)
     assert body["usage"]["completion_tokens"] <= 8
     assert chat(url, "过年的时候我们吃饺子。").json()["culture"] == "CN"
