@@ -114,6 +114,7 @@ def _trial(params: dict, train, model_ref: str, cache_dir: str | None, root: str
     from cm_ray.models import resolve_model
     from cm_ray.storage import ArtifactStore
     from cm_ray.train.loop import steps_plan
+    from cm_ray.train.setup import torch_backend
     from cm_ray.train.worker import train_fn_per_worker
 
     tc, adapter = train, params["adapter"]
