@@ -187,7 +187,7 @@ def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
             spec = load_task(t)
             for kind in qcfg.kinds:
                 n = qcfg.n_specific if kind == "specific" else qcfg.n_agnostic
-                if n > 0:
+                if n > 0 and qcfg.llm:
                     items.append({"culture": c, "task": spec.name, "kind": kind,
                                   "messages": build_query_messages(c, spec, kind, n),
                                   "json_schema": json.dumps(query_schema(n, qcfg))})
@@ -224,7 +224,9 @@ def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
     summary = {"queries": total, "cultures_written": len(todo),
                "cultures_skipped": len(cfg.cultures) - len(todo), "generations": len(items),
                "by_source": dict(by_source), "per_culture": counts, "rejected": log.reasons(),
+               "llm": qcfg.llm,
                "seconds": round(time.time() - t0, 1)}
     summary["headline"] = (f"{total} queries for {len(todo)} cultures ({by_source.get('llm', 0)} LLM, "
-                           f"{by_source.get('template', 0)} template; {sum(log.reasons().values())} rejected)")
+                           f"{by_source.get('template', 0)} template; {sum(log.reasons().values())} rejected)"
+                           if qcfg.llm else f"{total} template queries for {len(todo)} cultures (queries.llm=false)")
     return summary
