@@ -39,12 +39,16 @@ TOPICS = ["football", "food", "weddings", "traffic", "politics", "school", "musi
 
 
 def conversations(n: int) -> list[list[dict]]:
+    """n sample requests sharing their system prompt, task text and example (as the synthesis
+    stage's prompts share theirs); the topic asked for comes last."""
     from cm_ray.tasks import load_task
 
     spec = load_task("offensive")
-    return [[{"role": "user", "content": f"{spec.description} Write one new sample about {TOPICS[i % len(TOPICS)]} "
-                                         f"(number {i}) as JSON with the fields text and label. Example:\n"
-                                         f"{spec.example_json(1)}"}] for i in range(n)]
+    head = (f"{spec.description} Reply with one sample as JSON with the fields text and label. Example:\n"
+            f"{spec.example_json(1)}\n")
+    return [[{"role": "system", "content": "You write training data. You reply with one JSON object."},
+             {"role": "user", "content": head + f"Write one new sample about {TOPICS[i % len(TOPICS)]} "
+                                                f"(number {i})."}] for i in range(n)]
 
 
 def config(args, engine: str):
@@ -94,7 +98,10 @@ def _direct_vllm_child(args, queue) -> None:
     t1 = time.perf_counter()
     gens = eng.generate(conversations(args.prompts), params)
     busy = time.perf_counter() - t1
-    queue.put(summarize([g.output_tokens for g in gens], [g.text for g in gens], busy, start + busy))
+    queue.put({**summarize([g.output_tokens for g in gens], [g.text for g in gens], busy, start + busy),
+               "prompt_tokens": sum(g.prompt_tokens for g in gens),
+               "cached_prompt_tokens": sum(g.cached_prompt_tokens for g in gens),
+               "prefix_caching": cfg.synthesis.vllm.prefix_caching})
 
 
 def direct_vllm(args) -> dict:
@@ -248,6 +255,8 @@ def main() -> None:
         figures["pipeline_vs_direct_vllm_cpu"] = round(res["vllm_cpu_pipeline"]["tok_s"] / res["vllm_cpu_direct"]["tok_s"], 3)
         figures["pipeline_vs_direct_vllm_cpu_incl_start"] = round(
             res["vllm_cpu_pipeline"]["tok_s_incl_start"] / res["vllm_cpu_direct"]["tok_s_incl_start"], 3)
+        d = res["vllm_cpu_direct"]
+        figures["prefix_cache_hit_vllm_cpu"] = round(d["cached_prompt_tokens"] / max(1, d["prompt_tokens"]), 3)
         figures["vllm_cpu_vs_transformers_pipeline"] = round(
             res["vllm_cpu_pipeline"]["tok_s"] / res["transformers_pipeline"]["tok_s"], 3)
     figures["direct_tok_s_transformers"] = res["transformers_direct"]["tok_s"]

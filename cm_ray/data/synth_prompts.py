@@ -149,7 +149,7 @@ def build_messages(culture_key: str, spec: TaskSpec, snippets: list[dict],
         ask += f' whose "{spec.answer_field}" is "{target_label}"'
     ask += "."
     if focus:
-        ask += f" Draw mainly on source [S{focus}]."
+        ask += focus_line(snippets, focus)
     user = "\n".join([
         f"Culture: {c.name} (language: {c.language_name}).",
         f"Task: {spec.description}",
@@ -170,6 +170,14 @@ def build_messages(culture_key: str, spec: TaskSpec, snippets: list[dict],
         f"{ask} Cite the sources you used in \"sources\". Reply with the JSON object only.",
     ])
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+def focus_line(snippets: list[dict], focus: int) -> str:
+    """The sample's topic, named by its snippet's title (a bare "source [S2]" made the embedded
+    model begin its text with "S2." and write the same sample for every focus)."""
+    s = snippets[focus - 1] if 0 < focus <= len(snippets) else {}
+    topic = " ".join(str(s.get("title") or "").split())[:120] or " ".join(str(s.get("snippet") or "").split()[:8])
+    return f" Its topic: {topic} (source [S{focus}])." if topic else f" Its topic: source [S{focus}]."
 
 
 def prompt_hash(messages: list[dict]) -> str:

@@ -235,7 +235,8 @@ class VLLMEngine:
         return [Generation(text=o.outputs[0].text, prompt_tokens=len(o.prompt_token_ids or []),
                            output_tokens=len(o.outputs[0].token_ids),
                            finish_reason=o.outputs[0].finish_reason or "stop",
-                           latency_s=time.perf_counter() - t0) for o in outs]
+                           latency_s=time.perf_counter() - t0,
+                           cached_prompt_tokens=int(getattr(o, "num_cached_tokens", 0) or 0)) for o in outs]
 
 
 def threads_per_replica(synthesis: Any) -> int:
