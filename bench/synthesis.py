@@ -210,8 +210,8 @@ def main() -> None:
     parser.add_argument("--tf-prompts", type=int, default=16, help="prompts for the transformers baseline")
     parser.add_argument("--batch-size", type=int, default=None, help="default: all prompts in one batch")
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads of the transformers engine on both paths")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the transformers engine on both paths (1 = robust on a busy machine)")
     parser.add_argument("--skip-vllm", action="store_true")
     parser.add_argument("--stage-config", default="configs/demo.yaml", help="'' = skip the demo stage")
     parser.add_argument("--gpu", action="store_true", help="also the GPU figures (needs a GPU and vLLM)")
