@@ -9,7 +9,8 @@ Generated text is parsed leniently (the first JSON object/array; a numbered list
 and validated (strings, length bounds, no placeholders); exact and near duplicates (word-shingle
 Jaccard) are dropped, every rejection counted by reason. When the model gives too few valid
 queries, deterministic template queries built from the task spec and culture top the kind up, so
-no pair ends with zero queries. LLM queries always come first.
+no pair ends with zero queries. LLM queries always come first. ``queries.llm: false`` skips the
+LLM (no engine starts) and writes the template queries only.
 """
 
 from __future__ import annotations
