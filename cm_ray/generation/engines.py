@@ -158,7 +158,7 @@ def vllm_engine_kwargs(cfg: Any, gpu: bool) -> dict:
     dtype = s.dtype if s.dtype != "auto" else default_dtype("cuda" if gpu else "cpu")
     kwargs = dict(dtype=dtype, max_model_len=s.vllm.max_model_len, max_num_seqs=s.vllm.max_num_seqs,
                   enforce_eager=not gpu if s.vllm.enforce_eager is None else s.vllm.enforce_eager,
-                  seed=cfg.seed)
+                  enable_prefix_caching=s.vllm.prefix_caching, seed=cfg.seed)
     if gpu and s.vllm.tensor_parallel_size > 1:
         kwargs["tensor_parallel_size"] = s.vllm.tensor_parallel_size
     if not gpu:
@@ -235,7 +235,8 @@ class VLLMEngine:
         return [Generation(text=o.outputs[0].text, prompt_tokens=len(o.prompt_token_ids or []),
                            output_tokens=len(o.outputs[0].token_ids),
                            finish_reason=o.outputs[0].finish_reason or "stop",
-                           latency_s=time.perf_counter() - t0) for o in outs]
+                           latency_s=time.perf_counter() - t0,
+                           cached_prompt_tokens=int(getattr(o, "num_cached_tokens", 0) or 0)) for o in outs]
 
 
 def threads_per_replica(synthesis: Any) -> int:

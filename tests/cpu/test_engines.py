@@ -111,3 +111,15 @@ def test_make_engine_builds_the_configured_engine(tiny_model_dir):
     eng = make_engine(cfg)
     assert eng.name == "openai" and eng.url == "http://127.0.0.1:9/v1/chat/completions"
     assert make_engine(cfg, "transformers").name == "transformers"
+
+
+def test_vllm_engine_kwargs_cache_prefixes_and_keep_whole_prompt_prefill_on_cpu():
+    from cm_ray.generation.engines import vllm_engine_kwargs
+
+    demo = load_config("configs/demo.yaml")
+    cpu = vllm_engine_kwargs(demo, gpu=False)
+    assert cpu["enable_prefix_caching"] is True and cpu["enable_chunked_prefill"] is False
+    assert cpu["max_num_seqs"] == demo.synthesis.batch_size  # every prompt of the stage in flight
+    assert "enable_chunked_prefill" not in vllm_engine_kwargs(demo, gpu=True)
+    off = load_config(None, ["synthesis.vllm.prefix_caching=false"])
+    assert vllm_engine_kwargs(off, gpu=False)["enable_prefix_caching"] is False

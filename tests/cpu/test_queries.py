@@ -142,3 +142,15 @@ def test_tiny_model_output_still_yields_template_queries_for_every_pair(ray_loca
             assert sum(r["task"] == task and r["kind"] == kind for r in rows) == 3
     assert summary["generations"] == 4 and summary["queries"] == 12
     assert summary["by_source"].get("template", 0) + summary["by_source"].get("llm", 0) == 12
+
+
+def test_llm_off_writes_template_queries_without_an_engine(query_llm, tmp_path):
+    cfg = load_config(None, [f"root={tmp_path / 'run'}", "cultures=[GB]", "tasks=[offensive]", "queries.llm=false",
+                             "synthesis.engine=openai", f"synthesis.openai.base_url={query_llm.url}"])
+    before = len(query_llm.requests)
+    summary = run_queries(cfg, ArtifactStore(cfg.root))
+    assert len(query_llm.requests) == before and summary["generations"] == 0
+    assert summary["by_source"] == {"template": 6} and summary["rejected"] == {}
+    assert "queries.llm=false" in summary["headline"]
+    with pytest.raises(ConfigError, match=r"^queries.llm"):
+        load_config(None, ["queries.llm=false", "queries.template_fill=false"])

@@ -94,6 +94,27 @@ def test_survey_answers_must_be_option_numbers():
     assert S.parse_samples(bad, spec, 1)[1] == ["schema: answer '5' is not an option number 1..2"]
 
 
+def test_guided_choice_schema_only_allows_answers_within_the_samples_options():
+    spec = load_task("survey")
+    schema = S.sample_schema(spec, 2)
+    base = {"question": "Is family important?", "options": ["A", "B", "C", "D"], "sources": [1]}
+    for answer in "1234":  # everything the grammar can emit is a valid sample
+        jsonschema.validate({**base, "answer": answer}, schema)
+        assert spec.validate({**base, "answer": answer}) is None
+    for bad in ({**base, "answer": "5"}, {**base, "answer": "S1"}, {**base, "answer": "2,"},
+                {**base, "options": ["A", "B"], "answer": "1"}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    assert "4 or 5 short strings" in S.build_messages("MX", spec, SNIPPETS)[-1]["content"]
+    assert S.sample_schema(load_task("offensive"), 2)["properties"]["label"]["enum"]  # untouched
+
+
+def test_each_sample_names_its_topic_by_the_focused_snippets_title():
+    user = S.build_messages("MX", load_task("offensive"), SNIPPETS, focus=2)[-1]["content"]
+    assert user.rstrip().splitlines()[-1].startswith("Write one new sample for Mexico. Its topic: Etiquette (source [S2]).")
+    assert S.focus_line([{"title": "", "snippet": "one two three"}], 1) == " Its topic: one two three (source [S1])."
+
+
 def test_pool_interleaves_queries_by_rank_and_drops_duplicates_and_failed_queries():
     hit = lambda u, r, s: {"title": u, "url": u, "snippet": s, "rank": r}
     results = [
