@@ -5,6 +5,7 @@
     cm-ray train configs/demo.yaml --force
     cm-ray evaluate configs/demo.yaml evaluate.data_dir=../shared/data
     cm-ray plan configs/paper.yaml --cluster cluster.yaml   # requests, node types, estimate
+    cm-ray status configs/demo.yaml --json       # what is done, stale (and why), missing, failed
 
 The job scripts take the same arguments (python jobs/train.py --config configs/paper.yaml ...):
 each is this entry point with its command filled in.
@@ -26,6 +27,7 @@ COMMANDS = {
     "evaluate": "score base / prompted / joint / culturemanager / oracle on the public benchmarks",
     "ablation": "the paper's ablations as config variants, each through the same stages, one table",
     "plan": "print what every stage will request, where it lands and what it costs; starts nothing",
+    "status": "culture x stage table: done / stale (changed field) / missing / failed; starts nothing",
 }
 
 
@@ -99,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         code, text = run_plan(cfg, args.cluster, as_json=args.json)
         print(text, file=sys.stderr if code else sys.stdout)
         return code
+
+    if args.command == "status":
+        from cm_ray.status import run_status
+        from cm_ray.storage import ArtifactStore
+
+        print(run_status(cfg, ArtifactStore(cfg.root), as_json=args.json))
+        return 0
 
     from cm_ray.stages import pipeline, run_stage
     from cm_ray.storage import ArtifactStore, ensure_bucket

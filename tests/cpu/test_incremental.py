@@ -125,3 +125,46 @@ def test_adding_a_culture_trains_only_its_adapter_and_refits_the_router(ray_loca
     # A changed training field: every adapter is stale, by name and field; serving would warn.
     lines = FP.stale_warnings(_cfg(store.root, tiny_model_dir, "cultures=[GB, MX, CN]", "train.lora_r=4"), store)
     assert "stale adapter GB: train.lora_r 8 -> 4" in lines and len(lines) == 3, lines
+
+
+def test_status_table_and_json_say_done_stale_missing_failed(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from cm_ray.status import status_rows
+
+    store = ArtifactStore(str(tmp_path))
+    args = [f"root={tmp_path}", "cultures=[GB, MX]", "tasks=[offensive]", "train.joint_baseline=false"]
+    demo = str(A.__file__).rsplit("/cm_ray/", 1)[0] + "/configs/demo.yaml"
+    cfg = load_config(demo, args)
+    for stage in ("queries", "search", "synthesize", "train"):
+        FP.prepare(stage, cfg, store, log=lambda _: None)
+    for c in cfg.cultures:
+        store.write_table([{"query_id": "q", "culture": c}], *A.queries_file(c))
+    store.write_table([{"query_id": "q", "culture": "GB"}], *A.search_results_file("GB"))
+    write_rows(store, "GB", 3)
+    FP.record_failures("train", store, {"failed": {"GB": "ValueError: no usable rows"}})
+    st = status_rows(load_config(demo, [*args, "queries.n_agnostic=5"]), store)
+    gb, mx = st["rows"]["GB"], st["rows"]["MX"]
+    assert gb["queries"] == {"state": "stale", "reason": "queries.n_agnostic 2 -> 5",
+                             "parts": {"GB": {"state": "stale", "reason": "queries.n_agnostic 2 -> 5"}}}
+    assert gb["search"]["state"] == "done" and gb["synthesize"]["state"] == "done"
+    assert gb["train"] == {"state": "failed", "reason": "ValueError: no usable rows",
+                           "parts": {"GB": {"state": "failed", "reason": "ValueError: no usable rows"}}}
+    assert mx["search"]["state"] == "missing" and st["rows"]["router"]["route"]["state"] == "missing"
+    assert st["totals"]["queries"] == {"stale": 2} and st["totals"]["search"] == {"done": 1, "missing": 1}
+    assert st["root"] == str(tmp_path)
+
+    env = {**os.environ, "PYTHONPATH": str(A.__file__).rsplit("/cm_ray/", 1)[0]}
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "cm_ray.cli", "status", demo, *args,
+                                         "queries.n_agnostic=5", *extra], capture_output=True, text=True, env=env,
+                                        timeout=120)
+    r = run()
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    gb_line = next(ln for ln in lines if ln.startswith("GB "))
+    assert "stale: queries.n_agnostic 2 -> 5" in gb_line and "failed: ValueError" in gb_line
+    assert "  search      1/2 done, 1 missing" in lines and lines[-1] == f"store: {tmp_path}"
+    r = run("--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["rows"]["MX"]["search"]["state"] == "missing"
