@@ -197,13 +197,18 @@ def why_changed(old: dict, part: Part) -> str:
     return "; ".join(out) or "fingerprint changed"
 
 
+def _version(rec: dict | None) -> str | None:
+    """An upstream partition's version as its readers see it: None until its output is complete."""
+    return rec.get("version") if rec and rec.get("complete") else None
+
+
 def plan(name: str, cfg, store, force: bool = False, records: Records | None = None) -> list[Part]:
     """Every partition of stage ``name`` with its state (done / stale / missing / failed) and reason."""
     records = records or Records(store)
     mine = records.get(name)
     parts = stage_parts(name, cfg)
     for p in parts:
-        p.upstream_versions = {f"{st}/{k}": records.get(st).get(k, {}).get("version") for st, k in p.upstream}
+        p.upstream_versions = {f"{st}/{k}": _version(records.get(st).get(k)) for st, k in p.upstream}
         p.fp = A.stable_id(p.fields, p.upstream_versions)
         old = mine.get(p.key)
         if force:
@@ -234,31 +239,43 @@ def prepare(name: str, cfg, store, force: bool = False, log=None) -> list[Part]:
         if len(todo) > 20:
             log(f"  ... and {len(todo) - 20} more")
     mine = records.get(name)
+    changed = bool(todo)
+    for p in parts:
+        if p.state == "done" and not mine[p.key].get("complete"):
+            mine[p.key]["complete"] = changed = True  # finished by a run that was stopped after it
     for p in todo:
         if p.state == "stale" and p.output is not None and store.exists(*p.output):
             store.delete(*p.output)
+        old = mine.get(p.key) or {}
+        # The same inputs as an attempt that did not finish (a stopped job, a failure): the same
+        # version, so the attempt's checkpoints (named after it) are picked up again.
+        same = p.state in ("missing", "failed") and old.get("fp") == p.fp and old.get("version")
         mine[p.key] = {"fp": p.fp, "fields": p.fields, "upstream": p.upstream_versions,
-                       "version": A.stable_id(p.fp, time.time(), uuid.uuid4().hex),
+                       "version": old["version"] if same else A.stable_id(p.fp, time.time(), uuid.uuid4().hex),
                        "recorded_at": time.time()}
-    if todo:
+    if changed:
         records.save(name)
     return todo
 
 
-def record_failures(name: str, store, summary: dict) -> None:
-    """Keep the reason of each partition a stage reports as failed (shown by ``cm-ray status``)."""
+def finish(name: str, store, todo: list[Part], summary: dict) -> None:
+    """After a stage: mark the partitions it completed, and keep the reason of each it reports as
+    failed (``summary["failed"]`` / ``summary["no_data"]``; shown by ``cm-ray status``)."""
     failed = dict(summary.get("failed") or {}) if isinstance(summary.get("failed"), dict) else {}
     failed.update({n: "no synthesized rows to train on" for n in summary.get("no_data") or []})
     records = Records(store)
     mine = records.get(name)
-    changed = False
+    for p in todo:
+        if p.key in mine:
+            mine[p.key]["complete"] = p.done(store)
     for key, rec in mine.items():
-        reason = failed.get(key)
-        if rec.get("failed") != reason:
-            rec["failed"] = reason
-            changed = True
-    if changed:
-        records.save(name)
+        rec["failed"] = failed.get(key)
+    records.save(name)
+
+
+def record_failures(name: str, store, summary: dict) -> None:
+    """``finish`` without partitions to mark: only the failure reasons."""
+    finish(name, store, [], summary)
 
 
 def stale_warnings(cfg, store) -> list[str]:

@@ -99,6 +99,6 @@ def run_stage(name: str, cfg: Config, store: Any, force: bool = False, **kwargs)
         summary["stale"] = stale
     else:
         summary["recomputed"] = [p.key for p in todo]
-        fingerprints.record_failures(name, store, summary)
+        fingerprints.finish(name, store, todo, summary)
     store.write_manifest(name, summary)
     return summary

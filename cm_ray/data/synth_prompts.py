@@ -185,7 +185,7 @@ def build_prompt_rows(pair: dict, scfg: Any, root: str) -> list[dict]:
         root: the artifact root the search results are read from.
 
     Input columns:  culture (str), task (str), pair_idx (int)
-    Output columns: culture, task, pair_idx, prompt_idx, messages, json_schema, snippets_json,
+    Output columns: culture, task, pair_idx, prompt_idx, sample_idx, messages, json_schema, snippets_json,
                     target_label, prompt_hash
     """
     from cm_ray.storage import ArtifactStore
@@ -206,7 +206,7 @@ def build_prompt_rows(pair: dict, scfg: Any, root: str) -> list[dict]:
             msgs = build_messages(culture, spec, snippets, target_label=label,
                                   focus=(s % len(snippets)) + 1 if scfg.samples_per_prompt > 1 else None)
             rows.append({"culture": culture, "task": spec.name, "pair_idx": int(pair["pair_idx"]),
-                         "prompt_idx": p, "messages": msgs,
+                         "prompt_idx": p, "sample_idx": s, "messages": msgs,
                          "json_schema": schema if scfg.guided_json else "",
                          "snippets_json": json.dumps(snippets, ensure_ascii=False),
                          "target_label": label or "", "prompt_hash": prompt_hash(msgs)})

@@ -28,14 +28,14 @@ def test_variants_change_only_their_knob(cfg, tmp_path):
 
 
 def _finish(store, cfg, stages, marker, tmp_path):
-    """Make ``stages`` done in ``store`` the way the stages leave them: fingerprints recorded,
-    then every partition's output, then the manifest."""
+    """Make ``stages`` done in ``store`` the way run_stage leaves them: fingerprints recorded,
+    every partition's output, the partitions marked complete, the manifest."""
     from cm_ray import artifacts as AR
     from cm_ray import fingerprints as FP
 
     for stage in stages:
-        FP.prepare(stage, cfg, store, log=lambda _: None)
-        for p in FP.stage_parts(stage, cfg):
+        todo = FP.prepare(stage, cfg, store, log=lambda _: None)
+        for p in todo:
             if stage in ("queries", "search"):
                 f = AR.queries_file if stage == "queries" else AR.search_results_file
                 store.write_table([{"query_id": "q", "culture": p.key}], *f(p.key))
@@ -48,6 +48,7 @@ def _finish(store, cfg, stages, marker, tmp_path):
                 for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "router.json"):
                     (src / name).write_text("{}")
                 store.publish_dir(src, *(AR.router_dir() if stage == "route" else AR.adapter_dir(p.key)))
+        FP.finish(stage, store, todo, {})
         store.write_manifest(stage, {"complete": True, "marker": f"{marker}-{stage}"})
 
 

@@ -31,19 +31,27 @@ def _states(stage, cfg, store):
     return {p.key: (p.state, p.reason) for p in FP.plan(stage, cfg, store)}
 
 
+def _write(store, stage, keys):
+    """The outputs a data stage writes for ``keys`` (minimal rows)."""
+    for k in keys:
+        if stage == "synthesize":
+            c, t = k.split("/")
+            write_rows(store, c, 3, task=t)
+        else:
+            f = A.queries_file if stage == "queries" else A.search_results_file
+            store.write_table([{"query_id": "q", "culture": k}], *f(k))
+
+
 def test_changed_fields_and_recomputed_inputs_make_exactly_their_readers_stale(tmp_path):
     store = ArtifactStore(str(tmp_path))
     cfg = load_config(None, [f"root={tmp_path}", "cultures=[GB, MX]", "tasks=[offensive, survey]"])
     lines: list[str] = []
-    for stage in ("queries", "search", "synthesize"):
+    for stage in ("queries", "search", "synthesize"):  # as run_stage does: record, compute, finish
         todo = FP.prepare(stage, cfg, store, log=lines.append)
         assert {p.state for p in todo} == {"missing"}
+        _write(store, stage, [p.key for p in todo])
+        FP.finish(stage, store, todo, {})
     assert "synthesize: 4 of 4 partitions to compute" in lines and "  MX/offensive: missing" in lines
-    for c in cfg.cultures:  # the stages' outputs (written after the records, as the stages do)
-        store.write_table([{"query_id": "q", "culture": c}], *A.queries_file(c))
-        store.write_table([{"query_id": "q", "culture": c}], *A.search_results_file(c))
-        for t in cfg.tasks:
-            write_rows(store, c, 3, task=t)
     for stage in ("queries", "search", "synthesize"):
         assert {s for s, _ in _states(stage, cfg, store).values()} == {"done"}, stage
 
@@ -64,8 +72,9 @@ def test_changed_fields_and_recomputed_inputs_make_exactly_their_readers_stale(t
     got = _states("search", load_config(None, [f"root={tmp_path}", "cultures=[GB, MX]", "search.top_k=9"]), store)
     assert got["GB"] == ("stale", "search.top_k 5 -> 9")
     only_mx = load_config(None, [f"root={tmp_path}", "cultures=[MX]", "tasks=[offensive, survey]"])
-    FP.prepare("search", only_mx, store, force=True, log=lines.append)
-    store.write_table([{"query_id": "q", "culture": "MX"}], *A.search_results_file("MX"))
+    todo = FP.prepare("search", only_mx, store, force=True, log=lines.append)
+    _write(store, "search", ["MX"])
+    FP.finish("search", store, todo, {})
     got = _states("synthesize", cfg, store)
     assert got["MX/offensive"] == ("stale", "input search/MX recomputed") and got["MX/survey"][0] == "stale"
     assert got["GB/offensive"][0] == got["GB/survey"][0] == "done"
@@ -138,13 +147,11 @@ def test_status_table_and_json_say_done_stale_missing_failed(tmp_path):
     args = [f"root={tmp_path}", "cultures=[GB, MX]", "tasks=[offensive]", "train.joint_baseline=false"]
     demo = str(A.__file__).rsplit("/cm_ray/", 1)[0] + "/configs/demo.yaml"
     cfg = load_config(demo, args)
-    for stage in ("queries", "search", "synthesize", "train"):
-        FP.prepare(stage, cfg, store, log=lambda _: None)
-    for c in cfg.cultures:
-        store.write_table([{"query_id": "q", "culture": c}], *A.queries_file(c))
-    store.write_table([{"query_id": "q", "culture": "GB"}], *A.search_results_file("GB"))
-    write_rows(store, "GB", 3)
-    FP.record_failures("train", store, {"failed": {"GB": "ValueError: no usable rows"}})
+    done = {"queries": ["GB", "MX"], "search": ["GB"], "synthesize": ["GB/offensive"], "train": []}
+    for stage, keys in done.items():
+        todo = FP.prepare(stage, cfg, store, log=lambda _: None)
+        _write(store, stage, keys)
+        FP.finish(stage, store, todo, {"failed": {"GB": "ValueError: no usable rows"}} if stage == "train" else {})
     st = status_rows(load_config(demo, [*args, "queries.n_agnostic=5"]), store)
     gb, mx = st["rows"]["GB"], st["rows"]["MX"]
     assert gb["queries"] == {"state": "stale", "reason": "queries.n_agnostic 2 -> 5",
