@@ -44,16 +44,20 @@ def adapter_names(cfg: Config) -> list[str]:
 
 def _phase_sources(cfg: Config, store, adapter: str) -> list[list[tuple[str, list[str]]]]:
     """Per training phase, the (culture, tasks) partitions it reads."""
+    from cm_ray.tasks import load_task
+
     tc = cfg.train
-    tasks = list(tc.tasks or cfg.tasks)
+    # Partitions are named by the spec's name: a task given as a YAML path is read by its name.
+    name = {t: load_task(t).name for t in [*(tc.tasks or cfg.tasks), *tc.continual_first]}
+    tasks = [name[t] for t in (tc.tasks or cfg.tasks)]
+    first = [name[t] for t in tc.continual_first]
     if adapter == JOINT:
         return [[(c, tasks) for c in cfg.cultures]]
     if tc.mode == "multitask":
         return [[(adapter, artifacts.synth_tasks(store, adapter))]]
     if tc.mode == "continual":
-        rest = [t for t in tasks if t not in tc.continual_first]
-        return [[(adapter, list(tc.continual_first))], [(adapter, rest)]] if rest else \
-            [[(adapter, list(tc.continual_first))]]
+        rest = [t for t in tasks if t not in first]
+        return [[(adapter, first)], [(adapter, rest)]] if rest else [[(adapter, first)]]
     return [[(adapter, tasks)]]
 
 

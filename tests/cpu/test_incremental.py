@@ -175,3 +175,26 @@ def test_status_table_and_json_say_done_stale_missing_failed(tmp_path):
     assert "  search      1/2 done, 1 missing" in lines and lines[-1] == f"store: {tmp_path}"
     r = run("--json")
     assert r.returncode == 0 and json.loads(r.stdout)["rows"]["MX"]["search"]["state"] == "missing"
+
+
+def test_a_task_given_by_yaml_path_is_trained_from_its_partitions(tmp_path):
+    from pathlib import Path
+
+    from cm_ray.train.tune import _phase_sources, has_data
+
+    shipped = Path(A.__file__).parent / "tasks" / "offensive.yaml"
+    custom = tmp_path / "my_offence.yaml"
+    custom.write_text(shipped.read_text().replace("name: offensive", "name: my_offence", 1))
+    store = ArtifactStore(str(tmp_path / "run"))
+    from cm_ray.tasks import load_task
+
+    spec = load_task(str(custom))
+    rows = [A.synth_row(culture="GB", task=spec.name, split="train", sample=ex, input=spec.render_input(ex),
+                        output=spec.render_output(ex), messages=spec.messages(ex)) for ex in spec.examples]
+    A.write_synth_partition(store, "GB", spec.name, rows)  # partitions are named by the spec's name
+    assert store.exists(*A.synth_file("GB", "my_offence"))
+    for mode in ("per_culture", "continual"):
+        cfg = load_config(None, [f"root={store.root}", "cultures=[GB]", f"tasks=[{custom}]", f"train.mode={mode}",
+                                 *([f"train.continual_first=[{custom}]"] if mode == "continual" else [])])
+        assert _phase_sources(cfg, store, "GB") == [[("GB", ["my_offence"])]] and has_data(cfg, store, "GB")
+    assert [p.key for p in FP.stage_parts("synthesize", cfg)] == ["GB/my_offence"]
