@@ -167,6 +167,12 @@ def assemble(cfg: Config, culture: str, task: str, generated: dict[str, str | No
     return kept
 
 
+def generation_key(culture: str, task: str, kind: str) -> tuple[str, str, str]:
+    """Which generation a (culture, task, kind) uses: agnostic queries do not depend on the task,
+    so one generation per culture serves every task."""
+    return (culture, "" if kind == "agnostic" else task, kind)
+
+
 def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
     """Generate, validate and write the search queries of every culture not written yet.
 
@@ -181,14 +187,16 @@ def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
     t0 = time.time()
     qcfg = cfg.queries
     todo = [c for c in cfg.cultures if force or not store.exists(*queries_file(c))]
-    items = []
+    items, asked = [], set()
     for c in todo:
         for t in cfg.tasks:
             spec = load_task(t)
             for kind in qcfg.kinds:
                 n = qcfg.n_specific if kind == "specific" else qcfg.n_agnostic
-                if n > 0:
-                    items.append({"culture": c, "task": spec.name, "kind": kind,
+                key = generation_key(c, spec.name, kind)
+                if n > 0 and key not in asked:
+                    asked.add(key)
+                    items.append({"culture": c, "task": key[1], "kind": kind,
                                   "messages": build_query_messages(c, spec, kind, n),
                                   "json_schema": json.dumps(query_schema(n, qcfg))})
     generated: dict[tuple, str] = {}
@@ -208,7 +216,7 @@ def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
         for t in cfg.tasks:
             name = load_task(t).name
             why: Counter = Counter()
-            pair = assemble(cfg, c, name, {k: generated.get((c, name, k)) for k in qcfg.kinds}, why)
+            pair = assemble(cfg, c, name, {k: generated.get(generation_key(c, name, k)) for k in qcfg.kinds}, why)
             # In: what the LLM wrote (queries kept + candidates or generations rejected).
             log.record("llm_queries", sum(r["source"] == "llm" for r in pair) + sum(why.values()), why.elements())
             rows += pair
