@@ -68,6 +68,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def usage_text(usage: dict | None) -> str:
+    """``; 12,345 tokens, $0.0123, 3 retries`` from a stage summary's ``usage`` (empty without)."""
+    if not usage:
+        return ""
+    parts = []
+    tokens = (usage.get("prompt_tokens") or 0) + (usage.get("output_tokens") or 0)
+    if "prompt_tokens" in usage:
+        parts.append(f"{tokens:,} tokens")
+    if usage.get("cost_usd"):
+        parts.append(f"${usage['cost_usd']:.4f}")
+    if "provider_calls" in usage:
+        parts.append(f"{usage['provider_calls']} calls")
+    parts.append(f"{usage.get('retries') or 0} retries")
+    return "; " + ", ".join(parts)
+
+
 def format_summary(cfg, summaries: dict[str, dict], store_uri: str) -> str:
     """The final table: one line per stage with its key counts, then where artifacts are."""
     lines = [f"cm_ray {cfg.name}  ({cfg.recipe}, {len(cfg.cultures)} cultures: "
@@ -78,9 +94,9 @@ def format_summary(cfg, summaries: dict[str, dict], store_uri: str) -> str:
         secs = f"{s['seconds']:.0f}s" if isinstance(s.get("seconds"), (int, float)) else "-"
         shown = s.get("headline") or ", ".join(
             f"{k}={v}" for k, v in s.items()
-            if k not in {"complete", "stage", "seconds", "skipped", "status", "headline"}
+            if k not in {"complete", "stage", "seconds", "skipped", "status", "headline", "usage"}
             and isinstance(v, (int, float, str)) and len(str(v)) < 40)
-        lines.append(f"{name:<12} {status:<9} {secs:>7}  {shown}")
+        lines.append(f"{name:<12} {status:<9} {secs:>7}  {shown}{usage_text(s.get('usage'))}")
     lines.append(f"artifacts: {store_uri}")
     return "\n".join(lines)
 

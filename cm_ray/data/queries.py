@@ -199,16 +199,21 @@ def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
                     items.append({"culture": c, "task": key[1], "kind": kind,
                                   "messages": build_query_messages(c, spec, kind, n),
                                   "json_schema": json.dumps(query_schema(n, qcfg))})
+    from cm_ray.generation.generate import COUNTERS
+
     generated: dict[tuple, str] = {}
+    usage: dict = {"generations": len(items), **{k: 0 for k in COUNTERS}}
     if items:
         init_ray(cfg)
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 4, 32)))
         ds = generate(ds, cfg, max_new_tokens=qcfg.max_new_tokens, temperature=qcfg.temperature,
                       top_p=cfg.synthesis.top_p, seed=cfg.seed).select_columns(
-            ["culture", "task", "kind", "generated_text"])
+            ["culture", "task", "kind", "generated_text", *COUNTERS])
         # One short text per prompt: small enough to collect even for hundreds of cultures.
         for r in ds.take_all():
             generated[(r["culture"], r["task"], r["kind"])] = r["generated_text"]
+            for k in COUNTERS:
+                usage[k] = usage.get(k, 0) + (r[k] or 0)
     log = F.FilterLog()
     counts: dict[str, dict] = {}
     for c in todo:
@@ -232,6 +237,7 @@ def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
     summary = {"queries": total, "cultures_written": len(todo),
                "cultures_skipped": len(cfg.cultures) - len(todo), "generations": len(items),
                "by_source": dict(by_source), "per_culture": counts, "rejected": log.reasons(),
+               "usage": {**usage, "cost_usd": round(float(usage["cost_usd"]), 6)},
                "seconds": round(time.time() - t0, 1)}
     summary["headline"] = (f"{total} queries for {len(todo)} cultures ({by_source.get('llm', 0)} LLM, "
                            f"{by_source.get('template', 0)} template; {sum(log.reasons().values())} rejected)")

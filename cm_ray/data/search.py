@@ -92,6 +92,7 @@ def _summary(store, cultures: list[str], provider: str, calls: int, skipped: lis
             k["cached"] += bool(r["cached"])
             k["retried"] += r["retries"] > 0
             total[r["status"]] += 1
+            total["retries"] += r["retries"] or 0
             total["hits"] += len(r["hits"] or [])
             for page in r["pages"] or []:
                 total["pages_failed" if page["error"] else "pages_fetched"] += 1
@@ -99,6 +100,7 @@ def _summary(store, cultures: list[str], provider: str, calls: int, skipped: lis
     return {"queries": n, "ok": total["ok"], "failed": total["failed"], "hits": total["hits"],
             "pages": {"fetched": total["pages_fetched"], "failed": total["pages_failed"]},
             "provider_calls": calls, "skipped_cultures": skipped, "deduplicated": deduplicated,
+            "usage": {"provider_calls": calls, "retries": total["retries"]},
             "per_provider": {p: {k: c[k] for k in ("ok", "failed", "retried", "cached")}
                              for p, c in sorted(per.items())},
             "headline": f"{n} queries via {provider}: {total['ok']} ok, {total['failed']} failed, "

@@ -31,3 +31,35 @@ def test_identical_searches_are_sent_once_and_answer_every_row():
     assert [r["query_id"] for r in unique] == ["GB-offensive", "US-offensive"]  # per locale, case/space folded
     assert sorted(r["query_id"] for rs in twins.values() for r in rs) == sorted(r["query_id"] for r in rows)
     assert max(len(rs) for rs in twins.values()) == 3
+
+
+def test_token_cost_and_retry_counts_reach_the_partition_stats_once_per_generation():
+    import json
+
+    import numpy as np
+
+    from cm_ray.cli import usage_text
+    from cm_ray.data.synth_prompts import parse_generations
+    from cm_ray.data.synthesize import add_usage, partition_usage
+    from cm_ray.tasks import load_task
+
+    ex = load_task("offensive").examples
+    two = json.dumps({"samples": [{**ex[0], "sources": [1]}, {**ex[1], "sources": [1]}]})
+    snippets = json.dumps([{"query_id": "q1", "url": "https://example.org/a", "title": "t", "snippet": "s"}])
+    n = 3
+    batch = {"culture": np.array(["GB"] * n), "task": np.array(["offensive"] * n), "pair_idx": np.array([0] * n),
+             "snippets_json": np.array([snippets] * n), "prompt_hash": np.array(["h0", "h1", "h2"]),
+             "generated_text": np.array([two, "not json at all", json.dumps({**ex[2], "sources": [1]})]),
+             "engine": np.array(["openai"] * n), "model": np.array(["m"] * n),
+             "finish_reason": np.array(["stop"] * n), "prompt_tokens": np.array([100, 90, 80]),
+             "output_tokens": np.array([50, 7, 20]), "retries": np.array([0, 2, 1]),
+             "cost_usd": np.array([0.001, 0.0005, 0.0002])}
+    out = parse_generations(batch)
+    rows = [dict(zip(out, vals)) for vals in zip(*out.values())]
+    assert len(rows) >= 3 and sum(r["status"] == "ok" for r in rows) >= 2
+    u = partition_usage(rows)
+    assert u == {"generations": 3, "prompt_tokens": 270, "output_tokens": 77, "retries": 3, "cost_usd": 0.0017}
+    total = add_usage(add_usage({}, u), u)
+    assert total["prompt_tokens"] == 540 and total["cost_usd"] == 0.0034
+    assert usage_text(total) == "; 694 tokens, $0.0034, 6 retries"
+    assert usage_text({"provider_calls": 12, "retries": 1}) == "; 12 calls, 1 retries" and usage_text(None) == ""
