@@ -6,6 +6,7 @@
     cm-ray evaluate configs/demo.yaml evaluate.data_dir=../shared/data
     cm-ray plan configs/paper.yaml --cluster cluster.yaml   # requests, node types, estimate
     cm-ray status configs/demo.yaml --json       # what is done, stale (and why), missing, failed
+    cm-ray export configs/demo.yaml --to out/    # the data as a Hugging Face dataset + card
 
 The job scripts take the same arguments (python jobs/train.py --config configs/paper.yaml ...):
 each is this entry point with its command filled in.
@@ -27,6 +28,7 @@ COMMANDS = {
     "evaluate": "score base / prompted / joint / culturemanager / oracle on the public benchmarks",
     "ablation": "the paper's ablations as config variants, each through the same stages, one table",
     "plan": "print what every stage will request, where it lands and what it costs; starts nothing",
+    "export": "the synthesized data as a Hugging Face dataset (one config per task) with a card",
     "status": "culture x stage table: done / stale (changed field) / missing / failed; starts nothing",
 }
 
@@ -47,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
         if name == "plan":
             c.add_argument("--cluster", metavar="FILE",
                            help="cluster.yaml or a KubeRay manifest (default: ray.cluster_config)")
+        if name == "export":
+            c.add_argument("--to", metavar="DIR", required=True, help="directory to write the dataset to")
+            c.add_argument("--push-to-hub", metavar="REPO",
+                           help="also upload it to this Hugging Face dataset repo (token: HF_TOKEN)")
         if name in ("run", "serve"):
             c.add_argument("--keep-serving", action="store_true",
                            help="keep the Serve app up after the demo request: blocks here until "
@@ -117,6 +123,22 @@ def main(argv: list[str] | None = None) -> int:
         code, text = run_plan(cfg, args.cluster, as_json=args.json)
         print(text, file=sys.stderr if code else sys.stdout)
         return code
+
+    if args.command == "export":
+        from cm_ray.export import build_export, push_to_hub
+        from cm_ray.storage import ArtifactStore
+
+        try:
+            card = build_export(cfg, ArtifactStore(cfg.root), args.to)
+            where = push_to_hub(args.to, args.push_to_hub) if args.push_to_hub else None
+        except (FileNotFoundError, RuntimeError) as e:
+            print(f"cm-ray export: {e}", file=sys.stderr)
+            return 1
+        rows = sum(n for s in card["rows"].values() for per in s.values() for n in per.values())
+        print(json.dumps(card, indent=2) if args.json else
+              f"{rows} rows, {len(card['rows'])} configs ({', '.join(card['rows'])}) -> {args.to}"
+              + (f"; pushed: {where}" if where else ""))
+        return 0
 
     if args.command == "status":
         from cm_ray.status import run_status
