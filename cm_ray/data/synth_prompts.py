@@ -84,11 +84,21 @@ def sample_schema(spec: TaskSpec, n_snippets: int, require_sources: bool = True)
     return schema
 
 
+PAGE_CHARS = 600
+"""Characters of a fetched page's main text (``search.fetch``) added to its snippet as grounding."""
+_FENCE = re.compile(r"<<<|>>>")
+
+
 def format_snippets(snippets: list[dict], max_chars: int = 400) -> str:
+    """The sources block's lines ``[Si] title: snippet`` (+ ``| page: ...`` where the page was
+    fetched); fence markers inside the web text are removed, so it cannot close the fence."""
     lines = []
     for i, s in enumerate(snippets, 1):
         body = " ".join(str(s.get("snippet") or "").split())[:max_chars]
-        title = " ".join(str(s.get("title") or "").split())[:120]
+        if s.get("page"):
+            body += " | page: " + str(s["page"])[:PAGE_CHARS]
+        body = _FENCE.sub(" ", body)
+        title = _FENCE.sub(" ", " ".join(str(s.get("title") or "").split())[:120])
         lines.append(f"[S{i}] {title}: {body}" if title else f"[S{i}] {body}")
     return "\n".join(lines)
 
@@ -148,10 +158,13 @@ def prompt_hash(messages: list[dict]) -> str:
 # -- snippet selection ----------------------------------------------------------------------------
 def pool_snippets(results: list[dict]) -> list[dict]:
     """Hits of one (culture, task) as one pool: rank 1 of every query first, then rank 2, ...
-    (so every prompt mixes task-specific and task-agnostic evidence); duplicates removed."""
-    per_query = [sorted(r.get("hits") or [], key=lambda h: h.get("rank") or 0)
-                 for r in results if r.get("status") == "ok"]
-    ids = [r["query_id"] for r in results if r.get("status") == "ok"]
+    (so every prompt mixes task-specific and task-agnostic evidence); duplicates removed. A hit
+    whose page was fetched (``search.fetch``) carries its main text as ``page``."""
+    ok = [r for r in results if r.get("status") == "ok"]
+    per_query = [sorted(r.get("hits") or [], key=lambda h: h.get("rank") or 0) for r in ok]
+    ids = [r["query_id"] for r in ok]
+    pages = {(r["query_id"], p.get("url")): " ".join(str(p.get("text") or "")[:PAGE_CHARS * 4].split())[:PAGE_CHARS]
+             for r in ok for p in r.get("pages") or [] if p.get("text") and not p.get("error")}
     pool, seen = [], set()
     for depth in range(max((len(h) for h in per_query), default=0)):
         for qid, hits in zip(ids, per_query):
@@ -162,7 +175,8 @@ def pool_snippets(results: list[dict]) -> list[dict]:
                     continue
                 seen.add(key)
                 pool.append({"title": h.get("title") or "", "url": h.get("url") or "",
-                             "snippet": h.get("snippet") or "", "query_id": qid})
+                             "snippet": h.get("snippet") or "", "query_id": qid,
+                             "page": pages.get((qid, h.get("url")), "")})
     return pool
 
 
