@@ -137,11 +137,19 @@ def run_search(cfg: Config, store, force: bool = False) -> dict:
             hit = cache.lookup(r)
             (results[c].append(hit) if hit else misses.append(r))
 
+    from cm_ray.progress import stage_bar
+
+    bar = stage_bar("search", len(todo))
+    written = [0]
+
     def finish(c: str) -> None:
         cache.flush()  # cache first: a partition on disk means its answers are cached too
         rows = sorted(results.pop(c), key=lambda r: order[r["query_id"]])  # the queries' order
         store.write_table(pa.Table.from_pylist(rows, schema=result_schema()),
                           *artifacts.search_results_file(c))
+        written[0] += len(rows)
+        bar.set_postfix_str(f"{written[0]} queries, last {c}", refresh=False)
+        bar.update(1)
 
     for c in [c for c in todo if len(results[c]) == expected[c]]:
         finish(c)
@@ -149,6 +157,7 @@ def run_search(cfg: Config, store, force: bool = False) -> dict:
     unique, twins = dedup_misses(misses)
     if unique:
         calls = _search_on_ray(cfg, unique, key_env, results, expected, cache, finish, twins)
+    bar.close()
     return _summary(store, cfg.cultures, scfg.provider, calls,
                     [c for c in cfg.cultures if c not in todo], deduplicated=len(misses) - len(unique))
 

@@ -139,15 +139,20 @@ def run_synthesis(cfg: Config, store: Any, force: bool = False) -> dict:
     if todo:
         init_ray(cfg)
         ds = build_synthesis_dataset(cfg, todo)
+        from cm_ray.progress import stage_bar
+
         buffers: dict[int, list[dict]] = {i: [] for i in range(len(todo))}
-        next_idx = 0
+        next_idx, kept = 0, 0
+        bar = stage_bar("synthesize", len(todo), "partition")
 
         def flush(upto: int):
-            nonlocal next_idx
+            nonlocal next_idx, kept
             while next_idx < upto:
                 c, t = todo[next_idx]
-                _write_partition(cfg, store, c, names[t], buffers.pop(next_idx))
+                kept += _write_partition(cfg, store, c, names[t], buffers.pop(next_idx))
                 next_idx += 1
+                bar.set_postfix_str(f"{kept} rows kept, last {c}/{names[t]}", refresh=False)
+                bar.update(1)
 
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for r in batch.to_pylist():
@@ -155,6 +160,7 @@ def run_synthesis(cfg: Config, store: Any, force: bool = False) -> dict:
                 flush(i)  # rows arrive in pair order: every earlier pair is complete
                 buffers[i].append(r)
         flush(len(todo))
+        bar.close()
     return summarize(cfg, store, pairs, names, n_written=len(todo), n_skipped=len(skipped),
                      seconds=time.time() - t0)
 
@@ -165,7 +171,7 @@ def _task_name(task: str) -> str:
     return load_task(task).name
 
 
-def _write_partition(cfg: Config, store: Any, culture: str, task: str, rows: list[dict]) -> None:
+def _write_partition(cfg: Config, store: Any, culture: str, task: str, rows: list[dict]) -> int:
     out, log = finalize_partition(cfg, culture, task, rows)
     # Stats first, data file last: the data file is the partition's completion marker.
     stats = {"culture": culture, "task": task, "filters": log, "rows_out": len(out),
@@ -174,6 +180,7 @@ def _write_partition(cfg: Config, store: Any, culture: str, task: str, rows: lis
         stats["note"] = "no search snippets"
     store.write_json(stats, *A.synth_stats_file(culture, task))
     A.write_synth_partition(store, culture, task, out)
+    return len(out)
 
 
 def partition_usage(rows: list[dict]) -> dict:

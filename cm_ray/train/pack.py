@@ -169,6 +169,7 @@ def run_packed_trials(cfg, store, names: list[str], capacity, single_trial, sour
     from ray import tune
 
     from cm_ray.models import resolve_model
+    from cm_ray.progress import trial_callback
     from cm_ray.train.data import get_tokenizer
 
     tc = cfg.train
@@ -197,7 +198,7 @@ def run_packed_trials(cfg, store, names: list[str], capacity, single_trial, sour
         param_space={"unit": tune.grid_search(units)},
         tune_config=tune.TuneConfig(max_concurrent_trials=capacity(len(units))),
         run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", storage_path=store.fs_path(*artifacts.checkpoints_dir()),
-                                  storage_filesystem=store.fs, verbose=0,
+                                  storage_filesystem=store.fs, verbose=0, callbacks=[trial_callback(len(units))],
                                   failure_config=tune.FailureConfig(max_failures=0)))
     for result in tuner.fit():
         unit = result.config["unit"]

@@ -167,6 +167,7 @@ def run_culture_trials(cfg: Config, store, names: list[str], fault: dict | None 
     """
     from ray import tune
 
+    from cm_ray.progress import trial_callback
     from cm_ray.train.pack import attempt_ids
 
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -180,7 +181,7 @@ def run_culture_trials(cfg: Config, store, names: list[str], fault: dict | None 
         trainable, param_space={"adapter": tune.grid_search(names)},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials(cfg, len(names))),
         run_config=tune.RunConfig(name=f"tune-{run_id}", storage_path=store.fs_path(*artifacts.checkpoints_dir()),
-                                  storage_filesystem=store.fs, verbose=0,
+                                  storage_filesystem=store.fs, verbose=0, callbacks=[trial_callback(len(names))],
                                   failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
     out: dict[str, dict] = {}

@@ -198,3 +198,20 @@ def test_a_task_given_by_yaml_path_is_trained_from_its_partitions(tmp_path):
                                  *([f"train.continual_first=[{custom}]"] if mode == "continual" else [])])
         assert _phase_sources(cfg, store, "GB") == [[("GB", ["my_offence"])]] and has_data(cfg, store, "GB")
     assert [p.key for p in FP.stage_parts("synthesize", cfg)] == ["GB/my_offence"]
+
+
+def test_progress_lines_say_done_total_rows_elapsed_eta_and_each_finished_trial(capsys):
+    from cm_ray.progress import stage_bar, trial_line
+
+    bar = stage_bar("synthesize", 4, "partition")
+    for i in range(4):
+        bar.set_postfix_str(f"{(i + 1) * 10} rows kept, last GB/t{i}", refresh=False)
+        bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "synthesize: 4/4 partitions, 40 rows kept, last GB/t3 [" in err and "elapsed, ETA" in err
+    assert trial_line({"adapter": "GB"}, {"loss": 1.23456, "step": 40}, None, 2, 5) == \
+        "train 2/5 GB: loss 1.235 at step 40"
+    assert trial_line({"unit": {"pack": 0, "adapters": ["GB", "MX"]}}, {}, None, 1, 1) == "train 1/1 GB,MX: finished"
+    assert trial_line({"unit": {"adapter": "_joint"}}, None, RuntimeError("boom\nValueError: bad rows"), 1, 2) == \
+        "train 1/2 _joint: failed: ValueError: bad rows"
