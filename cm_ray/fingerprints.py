@@ -14,7 +14,8 @@ last attempt gave). Stale outputs are deleted and the record of every partition 
 written with a fresh version *before* the stage runs: an output found later was written by a run
 with that fingerprint (outputs are written atomically), and each dependent sees the new version,
 so it is redone too. Adding a culture therefore computes that culture's data and adapter and the
-router (which reads every culture), and nothing else.
+router (which reads every culture), and nothing else. A root written before fingerprints (no record
+file for a stage) has its existing outputs *adopted*: taken as current and recorded, not redone.
 """
 
 from __future__ import annotations
@@ -163,16 +164,22 @@ class Records:
     """The recorded fingerprints of every stage in one store (read once, written per stage)."""
 
     def __init__(self, store):
-        self.store, self._cache = store, {}
+        self.store, self._cache, self._found = store, {}, {}
 
     def get(self, stage: str) -> dict:
         if stage not in self._cache:
             parts = A.fingerprints_file(stage)
+            self._found[stage] = self.store.exists(*parts)
             try:
-                self._cache[stage] = self.store.read_json(*parts) if self.store.exists(*parts) else {}
+                self._cache[stage] = self.store.read_json(*parts) if self._found[stage] else {}
             except (OSError, ValueError):
                 self._cache[stage] = {}
         return self._cache[stage]
+
+    def legacy(self, stage: str) -> bool:
+        """Whether the root has no record of ``stage`` at all (written before fingerprints)."""
+        self.get(stage)
+        return not self._found[stage]
 
     def save(self, stage: str) -> None:
         self.store.write_json(self.get(stage), *A.fingerprints_file(stage))
@@ -216,6 +223,10 @@ def plan(name: str, cfg, store, force: bool = False, records: Records | None = N
         elif not p.done(store):
             failed = (old or {}).get("failed")
             p.state, p.reason = ("failed", failed) if failed and old.get("fp") == p.fp else ("missing", "missing")
+        elif old is None and records.legacy(name):
+            # A root from before fingerprints: its outputs are taken as current (recorded now),
+            # rather than redoing a finished run; later changes are detected from here on.
+            p.state, p.reason = "adopted", "written before fingerprints: taken as current"
         elif old is None:
             p.state, p.reason = "stale", "no fingerprint recorded"
         elif old.get("fp") != p.fp:
@@ -230,8 +241,11 @@ def prepare(name: str, cfg, store, force: bool = False, log=None) -> list[Part]:
     the fingerprints of the partitions about to be computed. Returns the partitions to compute."""
     records = Records(store)
     parts = plan(name, cfg, store, force, records)
-    todo = [p for p in parts if p.state != "done"]
+    todo = [p for p in parts if p.state not in ("done", "adopted")]
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    adopted = [p.key for p in parts if p.state == "adopted"]
+    if adopted:
+        log(f"{name}: {len(adopted)} partitions written before fingerprints taken as current")
     if todo:
         log(f"{name}: {len(todo)} of {len(parts)} partitions to compute")
         for p in todo[:20]:
@@ -241,7 +255,11 @@ def prepare(name: str, cfg, store, force: bool = False, log=None) -> list[Part]:
     mine = records.get(name)
     changed = bool(todo)
     for p in parts:
-        if p.state == "done" and not mine[p.key].get("complete"):
+        if p.state == "adopted":
+            mine[p.key] = {"fp": p.fp, "fields": p.fields, "upstream": p.upstream_versions, "complete": True,
+                           "version": A.stable_id(p.fp, "adopted"), "recorded_at": time.time()}
+            changed = True
+        elif p.state == "done" and not mine[p.key].get("complete"):
             mine[p.key]["complete"] = changed = True  # finished by a run that was stopped after it
     for p in todo:
         if p.state == "stale" and p.output is not None and store.exists(*p.output):

@@ -2,7 +2,8 @@
 
 One row per culture (plus the joint adapter and the router), one column per stage of the
 recipe; a cell is ``done``, ``stale`` with the changed field, ``missing`` or ``failed`` with the
-reason the last attempt gave (``cm_ray.fingerprints``). Then totals per stage and the store.
+reason the last attempt gave, or ``adopted`` (written before fingerprints; taken as current by the
+next run) (``cm_ray.fingerprints``). Then totals per stage and the store.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections import Counter
 
 from cm_ray.artifacts import JOINT
 
-ORDER = ("failed", "stale", "missing", "done")
+ORDER = ("failed", "stale", "missing", "adopted", "done")
 """A cell holding several partitions (one per task) shows the first of these it has."""
 
 
@@ -47,7 +48,7 @@ def status_rows(cfg, store) -> dict:
 def _cell(cell: dict | None, width: int) -> str:
     if not cell:
         return "-"
-    text = cell["state"] if cell["state"] in ("done", "missing") else f"{cell['state']}: {cell['reason']}"
+    text = cell["state"] if cell["state"] in ("done", "missing", "adopted") else f"{cell['state']}: {cell['reason']}"
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
@@ -65,7 +66,7 @@ def format_status(st: dict, width: int = 34) -> str:
         t = st["totals"].get(s, {})
         n = sum(t.values())
         lines.append(f"  {s:<11} {t.get('done', 0)}/{n} done"
-                     + "".join(f", {t[k]} {k}" for k in ("stale", "missing", "failed") if t.get(k)))
+                     + "".join(f", {t[k]} {k}" for k in ("adopted", "stale", "missing", "failed") if t.get(k)))
     lines.append(f"store: {st['root']}")
     return "\n".join(lines)
 

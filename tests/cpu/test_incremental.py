@@ -215,3 +215,16 @@ def test_progress_lines_say_done_total_rows_elapsed_eta_and_each_finished_trial(
     assert trial_line({"unit": {"pack": 0, "adapters": ["GB", "MX"]}}, {}, None, 1, 1) == "train 1/1 GB,MX: finished"
     assert trial_line({"unit": {"adapter": "_joint"}}, None, RuntimeError("boom\nValueError: bad rows"), 1, 2) == \
         "train 1/2 _joint: failed: ValueError: bad rows"
+
+
+def test_a_root_from_before_fingerprints_is_adopted_not_redone(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    cfg = load_config(None, [f"root={tmp_path}", "cultures=[GB, MX]"])
+    _write(store, "queries", ["GB"])  # outputs, no record file: an older run's
+    lines: list[str] = []
+    todo = FP.prepare("queries", cfg, store, log=lines.append)
+    assert [p.key for p in todo] == ["MX"] and store.exists(*A.queries_file("GB"))
+    assert lines[0] == "queries: 1 partitions written before fingerprints taken as current"
+    assert _states("queries", cfg, store)["GB"] == ("done", "")
+    changed = load_config(None, [f"root={tmp_path}", "cultures=[GB, MX]", "queries.n_specific=1"])
+    assert _states("queries", changed, store)["GB"] == ("stale", "queries.n_specific 3 -> 1")
