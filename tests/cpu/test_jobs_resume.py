@@ -44,15 +44,16 @@ def test_a_stopped_train_job_resumes_from_its_last_checkpoint(ray_head, tiny_mod
     write_rows(store, "GB", 160)
     overrides = [f"root={root}", f"models.base={tiny_model_dir}", "cultures=[GB]", "tasks=[offensive]",
                  "train.joint_baseline=false", "train.target_modules=[all-linear]", "train.batch_size=1",
-                 "train.epochs=2", "train.max_seq_len=128", "train.checkpoint_every_steps=20"]
+                 "train.epochs=20", "train.max_seq_len=128", "train.checkpoint_every_steps=100"]
     job = ["--working-dir", ".", "--", "python", "jobs/train.py", "--config", "configs/demo.yaml", *overrides]
     sub = f"train-{os.getpid()}"
     r = ray_head.cli("job", "submit", "--no-wait", "--submission-id", sub, *job, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    wait_for(lambda: len(_checkpoints(root)) >= 1, 600, "a checkpoint of the first job")
+    wait_for(lambda: len(_checkpoints(root)) >= 1, 600, "a checkpoint of the first job", every=0.2)
     r = ray_head.cli("job", "stop", sub, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    wait_for(lambda: "STOPPED" in ray_head.cli("job", "status", sub, timeout=60).stdout, 300, "the job to stop")
+    status = ray_head.cli("job", "status", sub, timeout=60).stdout
+    assert "STOPPED" in status, status[-2000:] + ray_head.cli("job", "logs", sub, timeout=60).stdout[-3000:]
     time.sleep(3)  # its Train worker goes with the driver
     assert A.published_adapter(store, "GB") is None  # stopped before the end
     first = _checkpoints(root)
@@ -63,7 +64,7 @@ def test_a_stopped_train_job_resumes_from_its_last_checkpoint(ray_head, tiny_mod
     where, _ = A.published_adapter(store, "GB")
     m = store.read_json(*where, "metrics.json")
     assert m["run_name"] == run_name  # the first job's run, continued
-    assert len(m["resumed_from"]) == 1 and m["resumed_from"][0] >= 20 and m["resumed_from"][0] % 20 == 0, m
+    assert len(m["resumed_from"]) == 1 and m["resumed_from"][0] >= 100 and m["resumed_from"][0] % 100 == 0, m
     assert m["resumed_from"][0] < m["total_steps"]
     # One loss curve from step 1 to the end: the first job's steps restored, the rest trained.
     assert [s for s, _ in m["loss_curve"]] == list(range(1, m["total_steps"] + 1))
