@@ -14,6 +14,7 @@ Layout under the root (one culture key names every per-culture thing):
     router/current.json  router/versions/<hash>/   router head, config, metrics (same scheme)
     checkpoints/                                   Ray Train checkpoints
     manifests/<stage>.json                         what each stage wrote, with counts
+    manifests/fingerprints/<stage>.json            per partition: the inputs it was computed from
     recipes/<recipe>/<name>                        a recipe's inspection files (questions, dialogues)
     eval/                                          tables and plots
     ablation/<variant>/  ablation/comparison.*     one full run root per ablation variant, the table
@@ -120,6 +121,11 @@ def checkpoints_dir(*parts: str) -> tuple[str, ...]:
 
 def manifest_file(stage: str) -> tuple[str, ...]:
     return ("manifests", f"{stage}.json")
+
+
+def fingerprints_file(stage: str) -> tuple[str, ...]:
+    """What each partition of ``stage`` was (or is being) computed from (``cm_ray.fingerprints``)."""
+    return ("manifests", "fingerprints", f"{stage}.json")
 
 
 def eval_dir(*parts: str) -> tuple[str, ...]:

@@ -5,6 +5,8 @@
     cm-ray train configs/demo.yaml --force
     cm-ray evaluate configs/demo.yaml evaluate.data_dir=../shared/data
     cm-ray plan configs/paper.yaml --cluster cluster.yaml   # requests, node types, estimate
+    cm-ray status configs/demo.yaml --json       # what is done, stale (and why), missing, failed
+    cm-ray export configs/demo.yaml --to out/    # the data as a Hugging Face dataset + card
 
 The job scripts take the same arguments (python jobs/train.py --config configs/paper.yaml ...):
 each is this entry point with its command filled in.
@@ -26,6 +28,8 @@ COMMANDS = {
     "evaluate": "score base / prompted / joint / culturemanager / oracle on the public benchmarks",
     "ablation": "the paper's ablations as config variants, each through the same stages, one table",
     "plan": "print what every stage will request, where it lands and what it costs; starts nothing",
+    "export": "the synthesized data as a Hugging Face dataset (one config per task) with a card",
+    "status": "culture x stage table: done / stale (changed field) / missing / failed; starts nothing",
 }
 
 
@@ -45,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
         if name == "plan":
             c.add_argument("--cluster", metavar="FILE",
                            help="cluster.yaml or a KubeRay manifest (default: ray.cluster_config)")
+        if name == "export":
+            c.add_argument("--to", metavar="DIR", required=True, help="directory to write the dataset to")
+            c.add_argument("--push-to-hub", metavar="REPO",
+                           help="also upload it to this Hugging Face dataset repo (token: HF_TOKEN)")
         if name in ("run", "serve"):
             c.add_argument("--keep-serving", action="store_true",
                            help="keep the Serve app up after the demo request: blocks here until "
@@ -66,6 +74,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def usage_text(usage: dict | None) -> str:
+    """``; 12,345 tokens, $0.0123, 3 retries`` from a stage summary's ``usage`` (empty without)."""
+    if not usage:
+        return ""
+    parts = []
+    tokens = (usage.get("prompt_tokens") or 0) + (usage.get("output_tokens") or 0)
+    if "prompt_tokens" in usage:
+        parts.append(f"{tokens:,} tokens")
+    if usage.get("cost_usd"):
+        parts.append(f"${usage['cost_usd']:.4f}")
+    if "provider_calls" in usage:
+        parts.append(f"{usage['provider_calls']} calls")
+    parts.append(f"{usage.get('retries') or 0} retries")
+    return "; " + ", ".join(parts)
+
+
 def format_summary(cfg, summaries: dict[str, dict], store_uri: str) -> str:
     """The final table: one line per stage with its key counts, then where artifacts are."""
     lines = [f"cm_ray {cfg.name}  ({cfg.recipe}, {len(cfg.cultures)} cultures: "
@@ -76,9 +100,9 @@ def format_summary(cfg, summaries: dict[str, dict], store_uri: str) -> str:
         secs = f"{s['seconds']:.0f}s" if isinstance(s.get("seconds"), (int, float)) else "-"
         shown = s.get("headline") or ", ".join(
             f"{k}={v}" for k, v in s.items()
-            if k not in {"complete", "stage", "seconds", "skipped", "status", "headline"}
+            if k not in {"complete", "stage", "seconds", "skipped", "status", "headline", "usage"}
             and isinstance(v, (int, float, str)) and len(str(v)) < 40)
-        lines.append(f"{name:<12} {status:<9} {secs:>7}  {shown}")
+        lines.append(f"{name:<12} {status:<9} {secs:>7}  {shown}{usage_text(s.get('usage'))}")
     lines.append(f"artifacts: {store_uri}")
     return "\n".join(lines)
 
@@ -99,6 +123,29 @@ def main(argv: list[str] | None = None) -> int:
         code, text = run_plan(cfg, args.cluster, as_json=args.json)
         print(text, file=sys.stderr if code else sys.stdout)
         return code
+
+    if args.command == "export":
+        from cm_ray.export import build_export, push_to_hub
+        from cm_ray.storage import ArtifactStore
+
+        try:
+            card = build_export(cfg, ArtifactStore(cfg.root), args.to)
+            where = push_to_hub(args.to, args.push_to_hub) if args.push_to_hub else None
+        except (FileNotFoundError, RuntimeError) as e:
+            print(f"cm-ray export: {e}", file=sys.stderr)
+            return 1
+        rows = sum(n for s in card["rows"].values() for per in s.values() for n in per.values())
+        print(json.dumps(card, indent=2) if args.json else
+              f"{rows} rows, {len(card['rows'])} configs ({', '.join(card['rows'])}) -> {args.to}"
+              + (f"; pushed: {where}" if where else ""))
+        return 0
+
+    if args.command == "status":
+        from cm_ray.status import run_status
+        from cm_ray.storage import ArtifactStore
+
+        print(run_status(cfg, ArtifactStore(cfg.root), as_json=args.json))
+        return 0
 
     from cm_ray.stages import pipeline, run_stage
     from cm_ray.storage import ArtifactStore, ensure_bucket

@@ -2,13 +2,15 @@
 
 Every stage is a function ``run(cfg, store, force=False, **kw) -> dict`` in its own module. It
 writes its outputs under the artifact root (``cm_ray.artifacts`` names them) and returns a summary
-(counts) that is also saved as ``manifests/<stage>.json``. A stage whose manifest says ``complete``
-is skipped unless forced. Stage modules import their heavy libraries (ray, torch, vllm) inside
+(counts) that is also saved as ``manifests/<stage>.json``. ``run_stage`` computes only the partitions
+that are missing or whose fingerprint changed (``cm_ray.fingerprints``), and skips a stage whose
+partitions are all done; ``force`` redoes every partition. Stage modules import their heavy libraries (ray, torch, vllm) inside
 their functions, so importing this registry stays cheap.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable
 
@@ -73,15 +75,30 @@ def pipeline(cfg: Config, command: str) -> list[str]:
 
 
 def run_stage(name: str, cfg: Config, store: Any, force: bool = False, **kwargs) -> dict:
-    """Run one stage (or skip it when its manifest says complete); return its summary."""
-    if not force and name not in ALWAYS_RUN:
+    """Run one stage on the partitions that are missing, failed or stale (``cm_ray.fingerprints``),
+    or skip it when every partition is done; return its summary. Serving and evaluation always run,
+    with a warning naming every stale adapter or router they would use."""
+    from cm_ray import fingerprints
+
+    stale: list[str] = []
+    if name in ALWAYS_RUN:
+        stale = fingerprints.stale_warnings(cfg, store)
+        for line in stale:
+            print(f"warning: {name} uses a {line}", file=sys.stderr, flush=True)
+    else:
+        todo = fingerprints.prepare(name, cfg, store, force=force)
         manifest = store.read_manifest(name)
-        if manifest and manifest.get("complete"):
-            return {**manifest, "skipped": True}
+        if not todo and manifest and manifest.get("complete"):
+            return {**manifest, "skipped": True, "recomputed": []}
     t0 = time.time()
     summary = dict(STAGES[name](cfg, store, force=force, **kwargs) or {})
     summary.setdefault("complete", True)
     summary["stage"] = name
     summary["seconds"] = round(time.time() - t0, 1)
+    if name in ALWAYS_RUN:
+        summary["stale"] = stale
+    else:
+        summary["recomputed"] = [p.key for p in todo]
+        fingerprints.finish(name, store, todo, summary)
     store.write_manifest(name, summary)
     return summary

@@ -168,6 +168,12 @@ def assemble(cfg: Config, culture: str, task: str, generated: dict[str, str | No
     return kept
 
 
+def generation_key(culture: str, task: str, kind: str) -> tuple[str, str, str]:
+    """Which generation a (culture, task, kind) uses: agnostic queries do not depend on the task,
+    so one generation per culture serves every task."""
+    return (culture, "" if kind == "agnostic" else task, kind)
+
+
 def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
     """Generate, validate and write the search queries of every culture not written yet.
 
@@ -182,26 +188,33 @@ def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
     t0 = time.time()
     qcfg = cfg.queries
     todo = [c for c in cfg.cultures if force or not store.exists(*queries_file(c))]
-    items = []
+    items, asked = [], set()
     for c in todo:
         for t in cfg.tasks:
             spec = load_task(t)
             for kind in qcfg.kinds:
                 n = qcfg.n_specific if kind == "specific" else qcfg.n_agnostic
-                if n > 0 and qcfg.llm:
-                    items.append({"culture": c, "task": spec.name, "kind": kind,
+                key = generation_key(c, spec.name, kind)
+                if n > 0 and qcfg.llm and key not in asked:
+                    asked.add(key)
+                    items.append({"culture": c, "task": key[1], "kind": kind,
                                   "messages": build_query_messages(c, spec, kind, n),
                                   "json_schema": json.dumps(query_schema(n, qcfg))})
+    from cm_ray.generation.generate import COUNTERS
+
     generated: dict[tuple, str] = {}
+    usage: dict = {"generations": len(items), **{k: 0 for k in COUNTERS}}
     if items:
         init_ray(cfg)
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 4, 32)))
         ds = generate(ds, cfg, max_new_tokens=qcfg.max_new_tokens, temperature=qcfg.temperature,
                       top_p=cfg.synthesis.top_p, seed=cfg.seed).select_columns(
-            ["culture", "task", "kind", "generated_text"])
+            ["culture", "task", "kind", "generated_text", *COUNTERS])
         # One short text per prompt: small enough to collect even for hundreds of cultures.
         for r in ds.take_all():
             generated[(r["culture"], r["task"], r["kind"])] = r["generated_text"]
+            for k in COUNTERS:
+                usage[k] = usage.get(k, 0) + (r[k] or 0)
     log = F.FilterLog()
     counts: dict[str, dict] = {}
     for c in todo:
@@ -209,7 +222,7 @@ def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
         for t in cfg.tasks:
             name = load_task(t).name
             why: Counter = Counter()
-            pair = assemble(cfg, c, name, {k: generated.get((c, name, k)) for k in qcfg.kinds}, why)
+            pair = assemble(cfg, c, name, {k: generated.get(generation_key(c, name, k)) for k in qcfg.kinds}, why)
             # In: what the LLM wrote (queries kept + candidates or generations rejected).
             log.record("llm_queries", sum(r["source"] == "llm" for r in pair) + sum(why.values()), why.elements())
             rows += pair
@@ -226,6 +239,7 @@ def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
                "cultures_skipped": len(cfg.cultures) - len(todo), "generations": len(items),
                "by_source": dict(by_source), "per_culture": counts, "rejected": log.reasons(),
                "llm": qcfg.llm,
+               "usage": {**usage, "cost_usd": round(float(usage["cost_usd"]), 6)},
                "seconds": round(time.time() - t0, 1)}
     summary["headline"] = (f"{total} queries for {len(todo)} cultures ({by_source.get('llm', 0)} LLM, "
                            f"{by_source.get('template', 0)} template; {sum(log.reasons().values())} rejected)"

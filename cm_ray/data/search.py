@@ -24,7 +24,7 @@ from typing import Any
 from cm_ray import artifacts
 from cm_ray.config import Config, SearchConfig
 from cm_ray.data.providers import HTTP_PROVIDERS, make_provider
-from cm_ray.data.search_cache import SearchCache
+from cm_ray.data.search_cache import SearchCache, cache_key
 from cm_ray.data.searcher import QUERY_COLUMNS, Searcher, result_schema
 
 
@@ -69,7 +69,17 @@ def _check_keys(cfg: SearchConfig) -> list[str]:
     return names
 
 
-def _summary(store, cultures: list[str], provider: str, calls: int, skipped: list[str]) -> dict:
+def dedup_misses(misses: list[dict]) -> tuple[list[dict], dict[str, list[dict]]]:
+    """One row per distinct (normalized query, locale) to send, and every row sharing it: the same
+    search (an agnostic query repeated for each task, two cultures sharing a locale) runs once."""
+    twins: dict[str, list[dict]] = {}
+    for r in misses:
+        twins.setdefault(cache_key("", r["query"], r["locale"]), []).append(r)
+    return [rows[0] for rows in twins.values()], twins
+
+
+def _summary(store, cultures: list[str], provider: str, calls: int, skipped: list[str],
+             deduplicated: int = 0) -> dict:
     per: dict[str, Counter] = defaultdict(Counter)
     total = Counter()
     for c in cultures:
@@ -82,13 +92,15 @@ def _summary(store, cultures: list[str], provider: str, calls: int, skipped: lis
             k["cached"] += bool(r["cached"])
             k["retried"] += r["retries"] > 0
             total[r["status"]] += 1
+            total["retries"] += r["retries"] or 0
             total["hits"] += len(r["hits"] or [])
             for page in r["pages"] or []:
                 total["pages_failed" if page["error"] else "pages_fetched"] += 1
     n = total["ok"] + total["failed"]
     return {"queries": n, "ok": total["ok"], "failed": total["failed"], "hits": total["hits"],
             "pages": {"fetched": total["pages_fetched"], "failed": total["pages_failed"]},
-            "provider_calls": calls, "skipped_cultures": skipped,
+            "provider_calls": calls, "skipped_cultures": skipped, "deduplicated": deduplicated,
+            "usage": {"provider_calls": calls, "retries": total["retries"]},
             "per_provider": {p: {k: c[k] for k in ("ok", "failed", "retried", "cached")}
                              for p, c in sorted(per.items())},
             "headline": f"{n} queries via {provider}: {total['ok']} ok, {total['failed']} failed, "
@@ -125,23 +137,33 @@ def run_search(cfg: Config, store, force: bool = False) -> dict:
             hit = cache.lookup(r)
             (results[c].append(hit) if hit else misses.append(r))
 
+    from cm_ray.progress import stage_bar
+
+    bar = stage_bar("search", len(todo))
+    written = [0]
+
     def finish(c: str) -> None:
         cache.flush()  # cache first: a partition on disk means its answers are cached too
         rows = sorted(results.pop(c), key=lambda r: order[r["query_id"]])  # the queries' order
         store.write_table(pa.Table.from_pylist(rows, schema=result_schema()),
                           *artifacts.search_results_file(c))
+        written[0] += len(rows)
+        bar.set_postfix_str(f"{written[0]} queries, last {c}", refresh=False)
+        bar.update(1)
 
     for c in [c for c in todo if len(results[c]) == expected[c]]:
         finish(c)
     calls = 0
-    if misses:
-        calls = _search_on_ray(cfg, misses, key_env, results, expected, cache, finish)
+    unique, twins = dedup_misses(misses)
+    if unique:
+        calls = _search_on_ray(cfg, unique, key_env, results, expected, cache, finish, twins)
+    bar.close()
     return _summary(store, cfg.cultures, scfg.provider, calls,
-                    [c for c in cfg.cultures if c not in todo])
+                    [c for c in cfg.cultures if c not in todo], deduplicated=len(misses) - len(unique))
 
 
 def _search_on_ray(cfg: Config, misses: list[dict], key_env: list[str], results: dict,
-                   expected: dict, cache: SearchCache, finish) -> int:
+                   expected: dict, cache: SearchCache, finish, twins: dict[str, list[dict]]) -> int:
     import pyarrow as pa
     import ray
 
@@ -168,10 +190,12 @@ def _search_on_ray(cfg: Config, misses: list[dict], key_env: list[str], results:
             calls += r["attempts"]
             cache.add(r)
             since_flush += 1
-            results[r["culture"]].append(r)
-            if len(results[r["culture"]]) == expected[r["culture"]]:
-                finish(r["culture"])
-                since_flush = 0
+            for twin in twins[cache_key("", r["query"], r["locale"])]:  # the answer of each row asking it
+                c = twin["culture"]
+                results[c].append({**r, **{k: twin[k] for k in QUERY_COLUMNS}})
+                if len(results[c]) == expected[c]:
+                    finish(c)
+                    since_flush = 0
         if since_flush >= scfg.cache_flush_rows:
             cache.flush()
             since_flush = 0

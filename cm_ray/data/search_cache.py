@@ -43,6 +43,7 @@ class SearchCache:
     def __init__(self, store, providers: list[str]):
         self.store, self.providers = store, [p for p in providers if p in HTTP_PROVIDERS]
         self.entries: dict[str, list] = {}
+        self.pages: dict[str, list] = {}  # fetched page texts of an answer (search.fetch), kept with it
         self.loaded: set[str] = set()
         self.pending: dict[tuple[str, str], list[dict]] = defaultdict(list)
 
@@ -54,13 +55,15 @@ class SearchCache:
             parts = _shard_dir(p, locale)
             for name in self._complete_shards(parts):
                 try:
-                    rows = self.store.read_table(*parts, name).select(["key", "hits"]).to_pylist()
+                    table = self.store.read_table(*parts, name)
+                    rows = table.select([c for c in ("key", "hits", "pages") if c in table.column_names]).to_pylist()
                 except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError
                     log.warning("search cache: skipping unreadable shard %s (%s: %s)",
                                 name, type(e).__name__, e)
                     continue
                 for r in rows:
                     self.entries[r["key"]] = r["hits"]
+                    self.pages[r["key"]] = r.get("pages") or []
 
     def _complete_shards(self, parts: tuple[str, ...]) -> list[str]:
         """Names of the complete shards under ``parts``; stale temporaries are removed."""
@@ -86,26 +89,28 @@ class SearchCache:
         """A cached result row for ``row`` (first provider of the chain that has one), or None."""
         self._load(row["locale"])
         for p in self.providers:
-            hits = self.entries.get(cache_key(p, row["query"], row["locale"]))
+            key = cache_key(p, row["query"], row["locale"])
+            hits = self.entries.get(key)
             if hits is not None:
                 return {**{c: row[c] for c in QUERY_COLUMNS}, "status": "ok", "error": None,
                         "provider": p, "cached": True, "hits": hits, "attempts": 0, "retries": 0,
-                        "latency_ms": 0.0, "pages": []}
+                        "latency_ms": 0.0, "pages": self.pages.get(key) or []}
         return None
 
     def add(self, row: dict) -> None:
         if row["status"] == "ok" and row["provider"] in self.providers:
             key = cache_key(row["provider"], row["query"], row["locale"])
-            self.entries[key] = row["hits"]
+            self.entries[key], self.pages[key] = row["hits"], row.get("pages") or []
             self.pending[(row["provider"], row["locale"])].append(
-                {"key": key, "query": row["query"], "hits": row["hits"]})
+                {"key": key, "query": row["query"], "hits": row["hits"], "pages": self.pages[key]})
 
     def flush(self) -> int:
         """Write what was added since the last flush, one shard per (provider, locale)."""
         import pyarrow as pa
 
-        hit_type = result_schema().field("hits").type
-        schema = pa.schema([("key", pa.string()), ("query", pa.string()), ("hits", hit_type)])
+        res = result_schema()
+        schema = pa.schema([("key", pa.string()), ("query", pa.string()), ("hits", res.field("hits").type),
+                            ("pages", res.field("pages").type)])
         n = 0
         for (p, loc), rows in self.pending.items():
             name = f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"

@@ -108,11 +108,21 @@ def choice_bounds(spec: TaskSpec, schema: dict) -> dict:
     return schema
 
 
+PAGE_CHARS = 600
+"""Characters of a fetched page's main text (``search.fetch``) added to its snippet as grounding."""
+_FENCE = re.compile(r"<<<|>>>")
+
+
 def format_snippets(snippets: list[dict], max_chars: int = 400) -> str:
+    """The sources block's lines ``[Si] title: snippet`` (+ ``| page: ...`` where the page was
+    fetched); fence markers inside the web text are removed, so it cannot close the fence."""
     lines = []
     for i, s in enumerate(snippets, 1):
         body = " ".join(str(s.get("snippet") or "").split())[:max_chars]
-        title = " ".join(str(s.get("title") or "").split())[:120]
+        if s.get("page"):
+            body += " | page: " + str(s["page"])[:PAGE_CHARS]
+        body = _FENCE.sub(" ", body)
+        title = _FENCE.sub(" ", " ".join(str(s.get("title") or "").split())[:120])
         lines.append(f"[S{i}] {title}: {body}" if title else f"[S{i}] {body}")
     return "\n".join(lines)
 
@@ -187,10 +197,13 @@ def prompt_hash(messages: list[dict]) -> str:
 # -- snippet selection ----------------------------------------------------------------------------
 def pool_snippets(results: list[dict]) -> list[dict]:
     """Hits of one (culture, task) as one pool: rank 1 of every query first, then rank 2, ...
-    (so every prompt mixes task-specific and task-agnostic evidence); duplicates removed."""
-    per_query = [sorted(r.get("hits") or [], key=lambda h: h.get("rank") or 0)
-                 for r in results if r.get("status") == "ok"]
-    ids = [r["query_id"] for r in results if r.get("status") == "ok"]
+    (so every prompt mixes task-specific and task-agnostic evidence); duplicates removed. A hit
+    whose page was fetched (``search.fetch``) carries its main text as ``page``."""
+    ok = [r for r in results if r.get("status") == "ok"]
+    per_query = [sorted(r.get("hits") or [], key=lambda h: h.get("rank") or 0) for r in ok]
+    ids = [r["query_id"] for r in ok]
+    pages = {(r["query_id"], p.get("url")): " ".join(str(p.get("text") or "")[:PAGE_CHARS * 4].split())[:PAGE_CHARS]
+             for r in ok for p in r.get("pages") or [] if p.get("text") and not p.get("error")}
     pool, seen = [], set()
     for depth in range(max((len(h) for h in per_query), default=0)):
         for qid, hits in zip(ids, per_query):
@@ -201,7 +214,8 @@ def pool_snippets(results: list[dict]) -> list[dict]:
                     continue
                 seen.add(key)
                 pool.append({"title": h.get("title") or "", "url": h.get("url") or "",
-                             "snippet": h.get("snippet") or "", "query_id": qid})
+                             "snippet": h.get("snippet") or "", "query_id": qid,
+                             "page": pages.get((qid, h.get("url")), "")})
     return pool
 
 
@@ -224,7 +238,7 @@ def build_prompt_rows(pair: dict, scfg: Any, root: str) -> list[dict]:
         root: the artifact root the search results are read from.
 
     Input columns:  culture (str), task (str), pair_idx (int)
-    Output columns: culture, task, pair_idx, prompt_idx, messages, json_schema, snippets_json,
+    Output columns: culture, task, pair_idx, prompt_idx, sample_idx, messages, json_schema, snippets_json,
                     target_label, prompt_hash
     """
     from cm_ray.storage import ArtifactStore
@@ -245,7 +259,7 @@ def build_prompt_rows(pair: dict, scfg: Any, root: str) -> list[dict]:
             msgs = build_messages(culture, spec, snippets, target_label=label,
                                   focus=(s % len(snippets)) + 1 if scfg.samples_per_prompt > 1 else None)
             rows.append({"culture": culture, "task": spec.name, "pair_idx": int(pair["pair_idx"]),
-                         "prompt_idx": p, "messages": msgs,
+                         "prompt_idx": p, "sample_idx": s, "messages": msgs,
                          "json_schema": schema if scfg.guided_json else "",
                          "snippets_json": json.dumps(snippets, ensure_ascii=False),
                          "target_label": label or "", "prompt_hash": prompt_hash(msgs)})
@@ -258,11 +272,13 @@ def parse_generations(batch: dict[str, Any], require_sources: bool = True) -> di
 
     Input columns:  culture, task, pair_idx, snippets_json, prompt_hash, generated_text, engine, model
     Output columns: culture, task, pair_idx, status, sample_json, sample_text, label, query_ids,
-                    snippet_urls, reference_texts, engine, model, prompt_hash
+                    snippet_urls, reference_texts, engine, model, prompt_hash, gen_<counter>
+                    (``usage_columns``)
     """
     cols = ["culture", "task", "pair_idx", "status", "sample_json", "sample_text", "label",
             "query_ids", "snippet_urls", "reference_texts", "engine", "model", "prompt_hash"]
     out: dict[str, list] = {c: [] for c in cols}
+    generation_of: list[int] = []  # the generation each output row came from
 
     def emit(i, status, sample="", text="", label=None, qids=(), urls=(), refs=()):
         for c, v in zip(cols, [str(batch["culture"][i]), str(batch["task"][i]), int(batch["pair_idx"][i]),
@@ -286,4 +302,27 @@ def parse_generations(batch: dict[str, Any], require_sources: bool = True) -> di
             emit(i, "ok", json.dumps(sample, ensure_ascii=False, sort_keys=True), spec.input_text(sample),
                  spec.label_of(sample), dict.fromkeys(s["query_id"] for s in used),
                  dict.fromkeys(s["url"] for s in used), refs)
+        if len(out["status"]) == len(generation_of):  # nothing parsed, nothing rejected: say so
+            emit(i, "empty")
+        generation_of += [i] * (len(out["status"]) - len(generation_of))
+    out.update(usage_columns(batch, generation_of))
     return out
+
+
+USAGE = ("prompt_tokens", "output_tokens", "retries", "cost_usd")
+"""Generation counters carried to the partition stats as ``gen_<counter>`` (and ``gen_count``)."""
+
+
+def usage_columns(batch: dict[str, Any], generation_of: list[int]) -> dict[str, list]:
+    """Each generation's counters on the first row it produced (0 on the others), so summing a
+    partition's rows counts every generation once."""
+    cols: dict[str, list] = {f"gen_{k}": [] for k in (*USAGE, "count")}
+    seen: set[int] = set()
+    for g in generation_of:
+        first = g not in seen
+        seen.add(g)
+        cols["gen_count"].append(int(first))
+        for k in USAGE:
+            v = batch[k][g] if first and k in batch else 0
+            cols[f"gen_{k}"].append(float(v) if k == "cost_usd" else int(v or 0))
+    return cols

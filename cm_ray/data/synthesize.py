@@ -139,15 +139,20 @@ def run_synthesis(cfg: Config, store: Any, force: bool = False) -> dict:
     if todo:
         init_ray(cfg)
         ds = build_synthesis_dataset(cfg, todo)
+        from cm_ray.progress import stage_bar
+
         buffers: dict[int, list[dict]] = {i: [] for i in range(len(todo))}
-        next_idx = 0
+        next_idx, kept = 0, 0
+        bar = stage_bar("synthesize", len(todo), "partition")
 
         def flush(upto: int):
-            nonlocal next_idx
+            nonlocal next_idx, kept
             while next_idx < upto:
                 c, t = todo[next_idx]
-                _write_partition(cfg, store, c, names[t], buffers.pop(next_idx))
+                kept += _write_partition(cfg, store, c, names[t], buffers.pop(next_idx))
                 next_idx += 1
+                bar.set_postfix_str(f"{kept} rows kept, last {c}/{names[t]}", refresh=False)
+                bar.update(1)
 
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for r in batch.to_pylist():
@@ -155,6 +160,7 @@ def run_synthesis(cfg: Config, store: Any, force: bool = False) -> dict:
                 flush(i)  # rows arrive in pair order: every earlier pair is complete
                 buffers[i].append(r)
         flush(len(todo))
+        bar.close()
     return summarize(cfg, store, pairs, names, n_written=len(todo), n_skipped=len(skipped),
                      seconds=time.time() - t0)
 
@@ -165,15 +171,32 @@ def _task_name(task: str) -> str:
     return load_task(task).name
 
 
-def _write_partition(cfg: Config, store: Any, culture: str, task: str, rows: list[dict]) -> None:
+def _write_partition(cfg: Config, store: Any, culture: str, task: str, rows: list[dict]) -> int:
     out, log = finalize_partition(cfg, culture, task, rows)
     # Stats first, data file last: the data file is the partition's completion marker.
     stats = {"culture": culture, "task": task, "filters": log, "rows_out": len(out),
-             "generations": len({r["prompt_hash"] for r in rows})}
+             "generations": len({r["prompt_hash"] for r in rows}), "usage": partition_usage(rows)}
     if not rows:
         stats["note"] = "no search snippets"
     store.write_json(stats, *A.synth_stats_file(culture, task))
     A.write_synth_partition(store, culture, task, out)
+    return len(out)
+
+
+def partition_usage(rows: list[dict]) -> dict:
+    """Generations, tokens, retries and cost of one partition's rows (``synth_prompts.usage_columns``)."""
+    from cm_ray.data.synth_prompts import USAGE
+
+    tot = {k: sum(r.get(f"gen_{k}") or 0 for r in rows) for k in ("count", *USAGE)}
+    tot["cost_usd"] = round(float(tot["cost_usd"]), 6)
+    return {"generations": tot.pop("count"), **tot}
+
+
+def add_usage(total: dict, part: dict | None) -> dict:
+    """``total`` + ``part`` counter by counter (cost rounded)."""
+    for k, v in (part or {}).items():
+        total[k] = round(total.get(k, 0) + v, 6) if k == "cost_usd" else total.get(k, 0) + v
+    return total
 
 
 def summarize(cfg: Config, store: Any, pairs, names, **extra) -> dict:
@@ -182,14 +205,18 @@ def summarize(cfg: Config, store: Any, pairs, names, **extra) -> dict:
     for c, t in pairs:
         parts = A.synth_stats_file(c, names[t])
         stats = store.read_json(*parts) if store.exists(*parts) else None
-        entry = per_culture.setdefault(c, {"rows_out": 0, "tasks": {}, "filters": {}})
+        entry = per_culture.setdefault(c, {"rows_out": 0, "tasks": {}, "filters": {}, "usage": {}})
         if stats:
+            add_usage(entry["usage"], stats.get("usage"))
             entry["rows_out"] += stats["rows_out"]
             entry["tasks"][names[t]] = stats["rows_out"]
             entry["filters"] = F.FilterLog.merge([entry["filters"], stats["filters"]])
     total = sum(e["rows_out"] for e in per_culture.values())
     candidates = sum(e["filters"].get("parse_validate", {}).get("in", 0) for e in per_culture.values())
-    summary = {"rows": total, "candidates": candidates,
+    usage: dict = {}
+    for e in per_culture.values():
+        add_usage(usage, e["usage"])
+    summary = {"rows": total, "candidates": candidates, "usage": usage,
                "kept_fraction": round(total / candidates, 3) if candidates else 0.0,
                "partitions": len(pairs), "per_culture": per_culture,
                **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in extra.items()}}

@@ -62,7 +62,7 @@ def variant_config(cfg: Config, variant: str, root: str) -> Config:
 
 
 def _copy_data(src: Any, dst: Any, stages: list[str]) -> None:
-    """Copy the data stages' outputs and manifests so run_stage skips them in ``dst``."""
+    """Copy the data stages' outputs, manifests and fingerprints so run_stage skips them in ``dst``."""
     with tempfile.TemporaryDirectory(prefix="cm_ray_ablation_") as tmp:
         for prefix in artifacts.DATA_PREFIXES:
             if src.exists(prefix) and not dst.exists(prefix):
@@ -71,6 +71,9 @@ def _copy_data(src: Any, dst: Any, stages: list[str]) -> None:
         m = src.read_manifest(stage)
         if m and not dst.read_manifest(stage):
             dst.write_manifest(stage, m)
+        fp = artifacts.fingerprints_file(stage)
+        if src.exists(*fp) and not dst.exists(*fp):
+            dst.write_json(src.read_json(*fp), *fp)
 
 
 def run_ablation(cfg: Config, store: Any, force: bool = False) -> dict:

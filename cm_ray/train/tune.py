@@ -44,16 +44,20 @@ def adapter_names(cfg: Config) -> list[str]:
 
 def _phase_sources(cfg: Config, store, adapter: str) -> list[list[tuple[str, list[str]]]]:
     """Per training phase, the (culture, tasks) partitions it reads."""
+    from cm_ray.tasks import load_task
+
     tc = cfg.train
-    tasks = list(tc.tasks or cfg.tasks)
+    # Partitions are named by the spec's name: a task given as a YAML path is read by its name.
+    name = {t: load_task(t).name for t in [*(tc.tasks or cfg.tasks), *tc.continual_first]}
+    tasks = [name[t] for t in (tc.tasks or cfg.tasks)]
+    first = [name[t] for t in tc.continual_first]
     if adapter == JOINT:
         return [[(c, tasks) for c in cfg.cultures]]
     if tc.mode == "multitask":
         return [[(adapter, artifacts.synth_tasks(store, adapter))]]
     if tc.mode == "continual":
-        rest = [t for t in tasks if t not in tc.continual_first]
-        return [[(adapter, list(tc.continual_first))], [(adapter, rest)]] if rest else \
-            [[(adapter, list(tc.continual_first))]]
+        rest = [t for t in tasks if t not in first]
+        return [[(adapter, first)], [(adapter, rest)]] if rest else [[(adapter, first)]]
     return [[(adapter, tasks)]]
 
 
@@ -101,7 +105,7 @@ def build_datasets(tc, model_path: str, store, adapter: str,
 
 
 def _trial(params: dict, train, model_ref: str, cache_dir: str | None, root: str, seed: int,
-           sources: dict, run_id: str, fault: dict | None) -> None:
+           sources: dict, run_id: str | dict, fault: dict | None) -> None:
     """Tune trial (``{"CPU": 0.01}``): build the adapter's data, run its TorchTrainer to the end.
 
     Receives only its own inputs: the ``train`` section (preset applied), the base model ref and
@@ -118,13 +122,14 @@ def _trial(params: dict, train, model_ref: str, cache_dir: str | None, root: str
     from cm_ray.train.worker import train_fn_per_worker
 
     tc, adapter = train, params["adapter"]
+    run_name = f"{adapter}-{run_id[adapter] if isinstance(run_id, dict) else run_id}"
     store = ArtifactStore(root)
     datasets, phase_rows = build_datasets(tc, resolve_model(model_ref, cache_dir), store, adapter,
                                           sources[adapter])
     phases, total_steps = steps_plan(phase_rows, tc, tc.num_workers)
     spec = {"train": tc, "seed": seed, "model_ref": model_ref, "cache_dir": cache_dir, "root": root,
             "adapter": adapter, "phases": phases, "total_steps": total_steps, "rows": dict(phase_rows),
-            "has_validation": "validation" in datasets, "run_name": f"{adapter}-{run_id}",
+            "has_validation": "validation" in datasets, "run_name": run_name,
             "fault": (fault or {}).get(adapter)}
     trainer = TorchTrainer(
         train_fn_per_worker, train_loop_config=spec, datasets=datasets,
@@ -132,7 +137,7 @@ def _trial(params: dict, train, model_ref: str, cache_dir: str | None, root: str
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=f"{adapter}-{run_id}",  # unique per run: reusing a name resumes that run
+            name=run_name,  # reusing a name resumes that run from its last checkpoint
             storage_path=store.fs_path(*artifacts.checkpoints_dir()), storage_filesystem=store.fs,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
@@ -162,17 +167,21 @@ def run_culture_trials(cfg: Config, store, names: list[str], fault: dict | None 
     """
     from ray import tune
 
+    from cm_ray.progress import trial_callback
+    from cm_ray.train.pack import attempt_ids
+
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     trial_inputs = {"train": cfg.train, "model_ref": cfg.models.base or cfg.models.generator,
                     "cache_dir": cfg.models.cache_dir, "root": store.root, "seed": cfg.seed,
                     "sources": {n: _phase_sources(cfg, store, n) for n in names}}
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, **trial_inputs, run_id=run_id, fault=fault), {"CPU": 0.01})
+        tune.with_parameters(_trial, **trial_inputs, run_id=attempt_ids(store, names), fault=fault),
+        {"CPU": 0.01})
     tuner = tune.Tuner(
         trainable, param_space={"adapter": tune.grid_search(names)},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials(cfg, len(names))),
         run_config=tune.RunConfig(name=f"tune-{run_id}", storage_path=store.fs_path(*artifacts.checkpoints_dir()),
-                                  storage_filesystem=store.fs, verbose=0,
+                                  storage_filesystem=store.fs, verbose=0, callbacks=[trial_callback(len(names))],
                                   failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
     out: dict[str, dict] = {}

@@ -27,20 +27,46 @@ def test_variants_change_only_their_knob(cfg, tmp_path):
     assert A.variant_config(cfg, "both", "x").queries.kinds == ["specific", "agnostic"]
 
 
+def _finish(store, cfg, stages, marker, tmp_path):
+    """Make ``stages`` done in ``store`` the way run_stage leaves them: fingerprints recorded,
+    every partition's output, the partitions marked complete, the manifest."""
+    from cm_ray import artifacts as AR
+    from cm_ray import fingerprints as FP
+
+    for stage in stages:
+        todo = FP.prepare(stage, cfg, store, log=lambda _: None)
+        for p in todo:
+            if stage in ("queries", "search"):
+                f = AR.queries_file if stage == "queries" else AR.search_results_file
+                store.write_table([{"query_id": "q", "culture": p.key}], *f(p.key))
+            elif stage == "synthesize":
+                c, t = p.key.split("/")
+                store.write_table([{"id": "1", "culture": c, "input": "x"}], *AR.synth_file(c, t))
+            else:
+                src = tmp_path / f"{marker}-{p.key}"
+                src.mkdir()
+                for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "router.json"):
+                    (src / name).write_text("{}")
+                store.publish_dir(src, *(AR.router_dir() if stage == "route" else AR.adapter_dir(p.key)))
+        FP.finish(stage, store, todo, {})
+        store.write_manifest(stage, {"complete": True, "marker": f"{marker}-{stage}"})
+
+
 def test_ablation_reuses_stages_and_copies_data_to_train_only_variants(cfg, tmp_path):
-    """Stages whose manifests say complete are skipped by run_stage; the joint variant gets both's data."""
+    """Stages whose partitions are all done are skipped by run_stage; the joint variant gets both's data."""
     store = ArtifactStore(cfg.root)
     both = ArtifactStore(store.uri("ablation", "both"))
-    both.write_table([{"id": "1", "culture": "GB", "input": "x"}], "synth", "culture=GB", "task=offensive", "part-0.parquet")
-    for stage in ["queries", "search", "synthesize", "train", "route"]:
-        both.write_manifest(stage, {"complete": True, "marker": f"both-{stage}"})
+    data = ["queries", "search", "synthesize"]
+    _finish(both, A.variant_config(cfg, "both", both.root), [*data, "train", "route"], "both", tmp_path)
     joint = ArtifactStore(store.uri("ablation", "all_culture"))
-    for stage in ["train", "route"]:
-        joint.write_manifest(stage, {"complete": True, "marker": f"joint-{stage}"})
+    A._copy_data(both, joint, data)
+    _finish(joint, A.variant_config(cfg, "all_culture", joint.root), ["train", "route"], "joint", tmp_path)
     cfg.evaluate.ablation_variants = ["all_culture", "both"]
     out = A.run_ablation(cfg, store)
     assert out["variants"] == ["both", "all_culture"]  # data-changing variants run first
     assert joint.exists("synth", "culture=GB", "task=offensive", "part-0.parquet")
+    assert both.read_manifest("train")["marker"] == "both-train"  # skipped: nothing recomputed
+    assert both.read_manifest("route")["marker"] == "both-route"
     assert joint.read_manifest("synthesize")["marker"] == "both-synthesize"
     assert joint.read_manifest("train")["marker"] == "joint-train"  # its own, not both's
     assert joint.read_manifest("evaluate")["status"] == "no_data"

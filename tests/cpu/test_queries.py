@@ -112,7 +112,7 @@ def test_stage_writes_one_partition_per_culture_with_counts_and_resumes(ray_loca
                              f"synthesis.openai.base_url={query_llm.url}", "synthesis.openai.model=fake"])
     store = ArtifactStore(cfg.root)
     summary = run_queries(cfg, store)
-    assert len(query_llm.requests) == 3 * 2 * 2
+    assert len(query_llm.requests) == 3 * (2 + 1)  # specific per (culture, task), agnostic per culture
     assert all(r["response_format"]["json_schema"]["schema"]["properties"]["queries"]["maxItems"] == 2
                for r in query_llm.requests)  # the schema travels to the engine for guided decoding
     assert store.files("queries", suffix=".parquet") == [f"culture={c}/part-0.parquet" for c in ["CN", "GB", "MX"]]
@@ -127,7 +127,7 @@ def test_stage_writes_one_partition_per_culture_with_counts_and_resumes(ray_loca
     llm_first = [r["source"] for r in rows if r["culture"] == "MX" and r["task"] == "survey"]
     assert llm_first == ["llm", "llm", "template", "template"]
     again = run_queries(cfg, store)
-    assert again["cultures_skipped"] == 3 and len(query_llm.requests) == 12
+    assert again["cultures_skipped"] == 3 and len(query_llm.requests) == 9
 
 
 def test_tiny_model_output_still_yields_template_queries_for_every_pair(ray_local, tiny_model_dir, tmp_path):
@@ -140,7 +140,7 @@ def test_tiny_model_output_still_yields_template_queries_for_every_pair(ray_loca
     for task in ("offensive", "cultural_qa"):
         for kind in ("specific", "agnostic"):
             assert sum(r["task"] == task and r["kind"] == kind for r in rows) == 3
-    assert summary["generations"] == 4 and summary["queries"] == 12
+    assert summary["generations"] == 3 and summary["queries"] == 12  # agnostic: one generation for both tasks
     assert summary["by_source"].get("template", 0) + summary["by_source"].get("llm", 0) == 12
 
 
