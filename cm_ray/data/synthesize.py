@@ -92,7 +92,8 @@ def build_synthesis_dataset(cfg: Config, pairs: list[tuple[str, str]]):
     import ray.data
 
     from cm_ray.generation.generate import generate
-    from cm_ray.data.synth_prompts import build_prompt_rows, parse_generations
+    from cm_ray.data.synth_parse import parse_generations
+    from cm_ray.data.synth_prompts import build_prompt_rows
 
     scfg = cfg.synthesis
     items = [{"culture": c, "task": t, "pair_idx": i} for i, (c, t) in enumerate(pairs)]
@@ -184,8 +185,8 @@ def _write_partition(cfg: Config, store: Any, culture: str, task: str, rows: lis
 
 
 def partition_usage(rows: list[dict]) -> dict:
-    """Generations, tokens, retries and cost of one partition's rows (``synth_prompts.usage_columns``)."""
-    from cm_ray.data.synth_prompts import USAGE
+    """Generations, tokens, retries and cost of one partition's rows (``synth_parse.usage_columns``)."""
+    from cm_ray.data.synth_parse import USAGE
 
     tot = {k: sum(r.get(f"gen_{k}") or 0 for r in rows) for k in ("count", *USAGE)}
     tot["cost_usd"] = round(float(tot["cost_usd"]), 6)

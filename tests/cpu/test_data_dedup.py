@@ -39,7 +39,7 @@ def test_token_cost_and_retry_counts_reach_the_partition_stats_once_per_generati
     import numpy as np
 
     from cm_ray.cli import usage_text
-    from cm_ray.data.synth_prompts import parse_generations
+    from cm_ray.data.synth_parse import parse_generations
     from cm_ray.data.synthesize import add_usage, partition_usage
     from cm_ray.tasks import load_task
 

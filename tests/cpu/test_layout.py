@@ -22,7 +22,7 @@ RANKS = [
     ("cm_ray.data.search", 2), ("cm_ray.data.searcher", 2), ("cm_ray.data.search_cache", 2),
     ("cm_ray.data.providers", 2),
     ("cm_ray.data.fetch", 2),
-    ("cm_ray.data.synthesize", 3), ("cm_ray.data.synth_prompts", 3), ("cm_ray.recipes", 3),
+    ("cm_ray.data.synthesize", 3), ("cm_ray.data.synth_prompts", 3), ("cm_ray.data.synth_parse", 3), ("cm_ray.recipes", 3),
     ("cm_ray.train", 4),
     ("cm_ray.router", 5),
     ("cm_ray.serve", 6),
