@@ -43,6 +43,7 @@ FIELDS = {
     "clca": ["clca", *GENERATION, "synthesis.temperature", "synthesis.validation_fraction"],
     "train": ["train", "models.base", "models.generator", "seed"],
     "route": ["router", "models.encoder", "seed"],
+    "evaluate": ["evaluate", "models.base", "recipe", "seed"],
 }
 PERF = {
     "search": {"qps", "max_in_flight", "concurrency", "batch_size", "max_retries", "backoff_base_s",
@@ -54,6 +55,7 @@ PERF = {
                   "openai.max_retries", "openai.backoff_base_s", "openai.backoff_max_s", "openai.timeout_s"},
     "train": {"max_parallel_trials", "max_failures", "checkpoint_every_steps", "cpus_per_worker", "trials",
               "packs", "max_adapters_per_pack", "joint_baseline", "use_gpu", "backend"},
+    "evaluate": {"workers", "num_gpus", "num_cpus"},
 }
 """Fields of a section that change how fast, not what, a partition is computed."""
 
@@ -157,6 +159,12 @@ def stage_parts(name: str, cfg) -> list[Part]:
     elif name == "route":
         parts.append(Part(name, "router", fields, [(st, k) for st, k, _ in _data_parts(cfg)],
                           A.router_dir(), lambda s: A.published_router(s) is not None))
+    elif name == "evaluate":  # one cell per culture: the adapters and router its systems read
+        routed = {"culturemanager", "culturemanager_locale"} & set(cfg.evaluate.systems)
+        for c in cfg.cultures:
+            ups = [("train", n) for n in adapter_names(cfg) if n == c or routed or (n == JOINT and "joint"
+                   in cfg.evaluate.systems)] + ([("route", "router")] if routed else [])
+            parts.append(Part(name, c, fields, ups, None, lambda s: s.exists(*A.eval_dir("results.json"))))
     return parts
 
 

@@ -50,8 +50,10 @@ DESCRIPTIONS = {
     "evaluate": "evaluation on real data",
 }
 
-ALWAYS_RUN = frozenset({"serve", "evaluate"})
-"""Stages that produce no reusable artifact to skip on (serving, evaluation)."""
+ALWAYS_RUN = frozenset({"serve"})
+"""Stages that produce no reusable artifact to skip on (serving)."""
+WARN_STALE = frozenset({"serve", "evaluate"})
+"""Stages that warn about every stale adapter or router they would use."""
 
 DATA_STAGES = {
     "culturemanager": ["queries", "search", "synthesize"],
@@ -76,16 +78,16 @@ def pipeline(cfg: Config, command: str) -> list[str]:
 
 def run_stage(name: str, cfg: Config, store: Any, force: bool = False, **kwargs) -> dict:
     """Run one stage on the partitions that are missing, failed or stale (``cm_ray.fingerprints``),
-    or skip it when every partition is done; return its summary. Serving and evaluation always run,
-    with a warning naming every stale adapter or router they would use."""
+    or skip it when every partition is done; return its summary. Serving always runs; serving and
+    evaluation warn, naming every stale adapter or router they would use."""
     from cm_ray import fingerprints
 
     stale: list[str] = []
-    if name in ALWAYS_RUN:
+    if name in WARN_STALE:
         stale = fingerprints.stale_warnings(cfg, store)
         for line in stale:
             print(f"warning: {name} uses a {line}", file=sys.stderr, flush=True)
-    else:
+    if name not in ALWAYS_RUN:
         todo = fingerprints.prepare(name, cfg, store, force=force)
         manifest = store.read_manifest(name)
         if not todo and manifest and manifest.get("complete"):
@@ -95,9 +97,9 @@ def run_stage(name: str, cfg: Config, store: Any, force: bool = False, **kwargs)
     summary.setdefault("complete", True)
     summary["stage"] = name
     summary["seconds"] = round(time.time() - t0, 1)
-    if name in ALWAYS_RUN:
+    if name in WARN_STALE:
         summary["stale"] = stale
-    else:
+    if name not in ALWAYS_RUN:
         summary["recomputed"] = [p.key for p in todo]
         fingerprints.finish(name, store, todo, summary)
     store.write_manifest(name, summary)

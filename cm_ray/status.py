@@ -23,7 +23,7 @@ def status_rows(cfg, store) -> dict:
     from cm_ray import fingerprints as FP
     from cm_ray.stages import DATA_STAGES
 
-    stages = [*DATA_STAGES[cfg.recipe], "train", "route"]
+    stages = [*DATA_STAGES[cfg.recipe], "train", "route", "evaluate"]
     records = FP.Records(store)
     rows: dict[str, dict] = {c: {} for c in cfg.cultures}
     totals: dict[str, Counter] = {}

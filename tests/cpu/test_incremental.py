@@ -228,3 +228,41 @@ def test_a_root_from_before_fingerprints_is_adopted_not_redone(tmp_path):
     assert _states("queries", cfg, store)["GB"] == ("done", "")
     changed = load_config(None, [f"root={tmp_path}", "cultures=[GB, MX]", "queries.n_specific=1"])
     assert _states("queries", changed, store)["GB"] == ("stale", "queries.n_specific 3 -> 1")
+
+
+def test_evaluation_cells_follow_their_adapters_and_router(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    args = [f"root={tmp_path}", "cultures=[GB, MX]", "tasks=[offensive]", "train.joint_baseline=false"]
+    cfg = load_config(None, args)
+
+    def published(stage, cfg, **kw):  # the records run_stage leaves once the outputs are published
+        FP.prepare(stage, cfg, store, log=lambda _: None, **kw)
+        records = FP.Records(store)
+        for rec in records.get(stage).values():
+            rec["complete"] = True
+        records.save(stage)
+
+    for stage in ("train", "route"):
+        published(stage, cfg)
+    FP.finish("evaluate", store, FP.prepare("evaluate", cfg, store, log=lambda _: None), {})
+    assert set(_states("evaluate", cfg, store).values()) == {("missing", "missing")}  # no results yet
+    todo = FP.prepare("evaluate", cfg, store, log=lambda _: None)
+    store.write_json({"rows": []}, *A.eval_dir("results.json"))
+    FP.finish("evaluate", store, todo, {})
+    assert {s for s, _ in _states("evaluate", cfg, store).values()} == {"done"}
+    # Speed-only settings change nothing; what is measured does, with the field named.
+    assert {s for s, _ in _states("evaluate", load_config(None, [*args, "evaluate.workers=2"]), store).values()} == {"done"}
+    assert _states("evaluate", load_config(None, [*args, "evaluate.max_questions=7"]), store)["GB"][1].startswith(
+        "evaluate.max_questions ")
+    # Adapters retrained: every cell whose systems read one (the router's systems read all).
+    published("train", cfg, force=True)  # both adapters retrained
+    states = _states("evaluate", cfg, store)
+    assert states["GB"] == ("stale", "inputs train/GB, train/MX recomputed") and states["MX"][0] == "stale"
+    only_oracle = load_config(None, [*args, "evaluate.systems=[base, oracle]"])
+    FP.finish("evaluate", store, FP.prepare("evaluate", only_oracle, store, log=lambda _: None), {})
+    store.write_json({"rows": []}, *A.eval_dir("results.json"))
+    records = FP.Records(store)  # GB's adapter alone retrained (a new version, published)
+    records.get("train")["GB"].update(version="v-new", complete=True)
+    records.save("train")
+    states = _states("evaluate", only_oracle, store)
+    assert states["GB"] == ("stale", "input train/GB recomputed") and states["MX"][0] == "done"  # oracle: own adapter
