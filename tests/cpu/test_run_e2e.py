@@ -1,8 +1,10 @@
 """``cm-ray run`` end to end on a tiny config, as a user runs it: one command, every stage in order.
 
-queries -> search (BM25) -> synthesize (SmolLM2 on transformers) -> train (the tiny Llama, Ray
-Train + DeepSpeed) -> route -> serve (one routed request over HTTP), in a fresh process that
-starts its own local Ray cluster; then the same command again skips every finished stage.
+queries -> search (BM25) -> synthesize (SmolLM2 on the demo's engine) -> train (the tiny Llama, Ray
+Train + DeepSpeed, packed as in the demo) -> route -> serve (one routed request over HTTP), in a
+fresh process that starts its own local Ray cluster; then the same command again skips every
+finished stage, and with one more culture computes that culture's partitions, its adapter and the
+router, and nothing else (every other adapter keeps its published version).
 
 python -m pytest tests/cpu/test_run_e2e.py -v
 """
@@ -57,3 +59,12 @@ def test_cm_ray_run_goes_from_nothing_to_a_served_answer(tmp_path, smollm2_dir, 
 
     again = _run(overrides)["summaries"]
     assert all(again[k].get("skipped") for k in ("queries", "search", "synthesize", "route"))
+
+    # One more culture: its data, its adapter and the router; the others' adapters untouched.
+    before = {c: artifacts.published_adapter(store, c) for c in with_rows}
+    grown = _run([o if not o.startswith("cultures=") else "cultures=[GB,MX,CN]" for o in overrides])["summaries"]
+    assert grown["queries"]["recomputed"] == ["CN"] and grown["search"]["recomputed"] == ["CN"]
+    assert grown["synthesize"]["recomputed"] == ["CN/offensive"]
+    assert grown["train"]["recomputed"] == ["CN"] and set(grown["train"]["trained"]) <= {"CN"}
+    assert grown["route"]["recomputed"] == ["router"] and not grown["route"].get("skipped")
+    assert {c: artifacts.published_adapter(store, c) for c in with_rows} == before
