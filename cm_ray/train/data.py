@@ -79,13 +79,19 @@ def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, max_seq_len: i
         if system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": system_prompt}] + messages
         row = tokenize_chat(tok, messages, max_seq_len)
-        if row is None:
-            continue
-        out["input_ids"].append(np.asarray(row["input_ids"], dtype=np.int32))
-        out["labels"].append(np.asarray(row["labels"], dtype=np.int32))
-        out["n_tokens"].append(len(row["input_ids"]))
-        out["split"].append(str(split))
+        if row is not None:
+            append_token_row(out, row, split)
     return _as_columns(out)
+
+
+def append_token_row(out: dict[str, list], row: dict, split, **tags) -> None:
+    """One tokenized row into the column lists (int32 ids and labels, its length, split, tags)."""
+    out["input_ids"].append(np.asarray(row["input_ids"], dtype=np.int32))
+    out["labels"].append(np.asarray(row["labels"], dtype=np.int32))
+    out["n_tokens"].append(len(row["input_ids"]))
+    out["split"].append(str(split))
+    for k, v in tags.items():
+        out[k].append(v)
 
 
 def _as_columns(out: dict[str, list]) -> dict[str, np.ndarray]:

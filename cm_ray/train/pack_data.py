@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from cm_ray import artifacts
-from cm_ray.train.data import _as_columns, get_tokenizer, tokenize_chat
+from cm_ray.train.data import _as_columns, append_token_row, get_tokenizer, tokenize_chat
 
 
 def tokenize_pack_batch(batch: dict[str, np.ndarray], model_path: str, max_seq_len: int,
@@ -34,15 +34,8 @@ def tokenize_pack_batch(batch: dict[str, np.ndarray], model_path: str, max_seq_l
             error = ""
         except Exception as e:  # this culture's problem; the pack goes on without it
             row, error = {"input_ids": [], "labels": []}, f"{type(e).__name__}: {e}"
-        if row is None:
-            continue
-        out["input_ids"].append(np.asarray(row["input_ids"], dtype=np.int32))
-        out["labels"].append(np.asarray(row["labels"], dtype=np.int32))
-        out["n_tokens"].append(len(row["input_ids"]))
-        out["split"].append(str(split))
-        out["adapter"].append(adapter)
-        out["phase"].append(phase)
-        out["error"].append(error)
+        if row is not None:
+            append_token_row(out, row, split, adapter=adapter, phase=phase, error=error)
     cols = _as_columns(out)
     if not out["input_ids"]:  # keep the schema of an empty batch
         cols.update(input_ids=np.empty(0, dtype=object), labels=np.empty(0, dtype=object))
