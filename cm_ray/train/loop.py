@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from cm_ray.train.setup import WorkerSetup, save_checkpoint
+from cm_ray.train.setup import WorkerSetup, optimizer_step, save_checkpoint
 
 
 def steps_plan(phase_rows: list[tuple[str, int]], train_cfg, world: int) -> tuple[list[dict], int]:
@@ -62,7 +62,6 @@ def run_loop(ws: WorkerSetup, spec: dict, state: dict) -> tuple[float, int]:
     optimizer step, so warm-up is excluded.
     """
     import ray.train
-    import torch
 
     from cm_ray.train.data import collate
 
@@ -103,10 +102,7 @@ def run_loop(ws: WorkerSetup, spec: dict, state: dict) -> tuple[float, int]:
                 if state["micro"] % accum:
                     continue
                 if ws.zero_stage is None:
-                    torch.nn.utils.clip_grad_norm_(ws.params, tc.max_grad_norm)
-                    ws.optimizer.step()
-                    ws.scheduler.step()
-                    ws.optimizer.zero_grad()
+                    optimizer_step(ws, tc.max_grad_norm)
                 state["step"] += 1
                 state["tokens"] += micro_tokens
                 if t_first is None:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from cm_ray.train.data import pack_rows
-from cm_ray.train.setup import WorkerSetup
+from cm_ray.train.setup import WorkerSetup, optimizer_step
 
 
 @dataclass
@@ -81,8 +81,6 @@ def _epoch_order(n: int, seed: int, phase: int, epoch: int, shuffle: bool) -> np
 
 def adapter_step(slot: Slot, tc, seed: int, tok: Any) -> None:
     """One optimizer step of ``slot`` (``grad_accum`` micro-batches), its adapter already active."""
-    import torch
-
     from cm_ray.train.data import collate
 
     ws, st, accum = slot.ws, slot.state, tc.grad_accum
@@ -120,10 +118,7 @@ def adapter_step(slot: Slot, tc, seed: int, tok: Any) -> None:
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad.div_(ws.world)
-        torch.nn.utils.clip_grad_norm_(ws.params, tc.max_grad_norm)
-        ws.optimizer.step()
-        ws.scheduler.step()
-        ws.optimizer.zero_grad()
+        optimizer_step(ws, tc.max_grad_norm)
     st["step"] += 1
     st["tokens"] += step_tokens
     if st["step"] > 1:  # steady state: the adapter's first step is excluded, as in the one-adapter loop

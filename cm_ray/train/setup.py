@@ -147,3 +147,13 @@ def save_checkpoint(ws: WorkerSetup, state: dict, metrics: dict) -> None:
 def torch_backend(tc) -> str | None:
     """``train.backend`` for Ray Train's TorchConfig (None = Ray's choice: nccl with GPUs, else gloo)."""
     return None if tc.backend == "auto" else tc.backend
+
+
+def optimizer_step(ws: "WorkerSetup", max_grad_norm: float) -> None:
+    """One optimizer step outside DeepSpeed (its engine steps itself): clip, step, schedule, zero."""
+    import torch
+
+    torch.nn.utils.clip_grad_norm_(ws.params, max_grad_norm)
+    ws.optimizer.step()
+    ws.scheduler.step()
+    ws.optimizer.zero_grad()
