@@ -225,7 +225,7 @@ def main() -> None:
     from cm_ray.ray_utils import init_ray
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.update(vllm_cpu_env())
+    os.environ.update(vllm_cpu_env(worker_in_core=False))  # the pipeline sets its own per stage
     res: dict[str, dict] = {}
     load_start = os.getloadavg()
 

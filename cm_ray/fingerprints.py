@@ -54,7 +54,8 @@ PERF = {
                   "openai.base_url", "openai.api_key_env", "openai.qps", "openai.max_in_flight",
                   "openai.max_retries", "openai.backoff_base_s", "openai.backoff_max_s", "openai.timeout_s"},
     "train": {"max_parallel_trials", "max_failures", "checkpoint_every_steps", "cpus_per_worker", "trials",
-              "packs", "max_adapters_per_pack", "joint_baseline", "use_gpu", "backend"},
+              "packs", "max_adapters_per_pack", "joint_baseline", "use_gpu", "backend",
+              "local_tokenize_rows"},
     "evaluate": {"workers", "num_gpus", "num_cpus"},
 }
 """Fields of a section that change how fast, not what, a partition is computed."""

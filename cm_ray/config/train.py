@@ -77,6 +77,10 @@ class TrainConfig(Section):
     (`max_parallel_trials`, or what the cluster holds)."""
     max_adapters_per_pack: int | None = Field(None, gt=0)
     """packed: at most this many adapters in one pack (more packs when needed); None = no cap."""
+    local_tokenize_rows: int = Field(5000, ge=0)
+    """A trial whose synth rows number at most this many tokenizes them in its own process instead
+    of through Ray Data tasks (whose worker start-up costs more than a small culture's tokenizing);
+    0 = always Ray Data. The token rows are the same either way."""
 
     @model_validator(mode="before")
     @classmethod

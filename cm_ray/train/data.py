@@ -4,7 +4,9 @@
 tokens of assistant turns (``-100`` elsewhere), for single- and multi-turn (CLCA) conversations.
 ``pack_rows`` optionally packs several conversations into one row of at most ``max_seq_len`` tokens,
 with position ids restarting per conversation. ``synth_dataset`` streams a culture's synth
-partitions (``artifacts.synth_files``) through Ray Data.
+partitions (``artifacts.synth_files``) through Ray Data; a trial with few rows
+(``train.local_tokenize_rows``) reads them with ``read_synth_batch``, runs the same UDFs in its own
+process and hands Ray Train ``dataset_from_columns``.
 """
 
 from __future__ import annotations
@@ -178,3 +180,45 @@ def synth_dataset(store, culture: str, tasks: list[str]):
     # Partition columns (culture, task) come from the path; only the chat and split are needed.
     return ray.data.read_parquet(paths, filesystem=store.fs, columns=["messages", "split"],
                                  partitioning=None, override_num_blocks=min(len(paths), 8))
+
+
+def synth_row_count(store, paths: list[str]) -> int:
+    """Rows in these synth partition files, from their Parquet footers (no data read)."""
+    import pyarrow.dataset as pads
+
+    return pads.dataset(paths, filesystem=store.fs, format="parquet").count_rows() if paths else 0
+
+
+def read_synth_batch(store, paths: list[str], with_path: bool = False) -> dict[str, np.ndarray]:
+    """The synth rows of ``paths`` in file order as one numpy batch (what a Ray Data UDF is
+    given): columns messages, split, and the file's path when ``with_path``."""
+    import pyarrow.parquet as pq
+
+    out: dict[str, list] = {"messages": [], "split": []} | ({"path": []} if with_path else {})
+    for path in paths:
+        table = pq.read_table(path, filesystem=store.fs, columns=["messages", "split"])
+        out["messages"] += table.column("messages").to_pylist()
+        out["split"] += table.column("split").to_pylist()
+        if with_path:
+            out["path"] += [path] * table.num_rows
+    cols = {k: np.asarray(v) for k, v in out.items() if k != "messages"}
+    cols["messages"] = np.empty(len(out["messages"]), dtype=object)
+    cols["messages"][:] = out["messages"]
+    return cols
+
+
+def dataset_from_columns(cols: dict[str, np.ndarray], keep: np.ndarray | None = None):
+    """A materialized Ray Dataset of token rows built in this process (``keep``: a row mask);
+    id/label/position columns become Arrow int32 lists, as the Ray Data tokenizers write them."""
+    import pyarrow as pa
+    import ray.data
+
+    keep = np.ones(len(next(iter(cols.values()))), dtype=bool) if keep is None else keep
+    arrays = {}
+    for k, v in cols.items():
+        v = v[keep]
+        if v.dtype == object and k in ("input_ids", "labels", "position_ids"):
+            arrays[k] = pa.array([np.asarray(x, dtype=np.int32) for x in v], type=pa.list_(pa.int32()))
+        else:
+            arrays[k] = pa.array(v.tolist())
+    return ray.data.from_arrow(pa.table(arrays))

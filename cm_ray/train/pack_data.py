@@ -1,7 +1,8 @@
 """A pack's training data: every member culture's synth partitions in one Ray Data pipeline.
 
 One read + tokenize + materialize for the whole pack (a pipeline per culture would cost more
-than the training of a small culture). Rows carry their ``adapter`` and ``phase``; a row that fails
+than the training of a small culture); a pack of at most ``train.local_tokenize_rows`` rows runs the
+same UDF in the trial's process. Rows carry their ``adapter`` and ``phase``; a row that fails
 to tokenize becomes an error row, and a culture with any error row, or a phase without training
 rows, is dropped from the pack with that error while the others train.
 """
@@ -11,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from cm_ray import artifacts
-from cm_ray.train.data import _as_columns, append_token_row, get_tokenizer, tokenize_chat
+from cm_ray.train.data import (_as_columns, append_token_row, dataset_from_columns, get_tokenizer,
+                              read_synth_batch, synth_row_count, tokenize_chat)
 
 
 def tokenize_pack_batch(batch: dict[str, np.ndarray], model_path: str, max_seq_len: int,
@@ -59,6 +61,7 @@ def build_pack_dataset(tc, model_path: str, store, members: dict[str, list]) -> 
         (Ray Dataset with columns input_ids, labels, n_tokens, split, adapter, phase, error;
         {adapter: error} for the members dropped).
     """
+    import pandas as pd
     import ray.data
 
     units, errors = {}, {}
@@ -71,13 +74,18 @@ def build_pack_dataset(tc, model_path: str, store, members: dict[str, list]) -> 
     paths = [p for p, (name, _) in units.items() if name not in errors]
     if not paths:
         return None, errors
-    ds = ray.data.read_parquet(paths, filesystem=store.fs, columns=["messages", "split"],
-                               include_paths=True, partitioning=None,
-                               override_num_blocks=min(len(paths), 8))
-    ds = ds.map_batches(tokenize_pack_batch, batch_format="numpy", batch_size=64, num_cpus=0.25,
-                        fn_kwargs={"model_path": model_path, "max_seq_len": tc.max_seq_len,
-                                   "units": units}).materialize()
-    stats = ds.select_columns(["adapter", "phase", "split", "error"]).to_pandas()
+    kwargs = {"model_path": model_path, "max_seq_len": tc.max_seq_len, "units": units}
+    local = synth_row_count(store, paths) <= tc.local_tokenize_rows
+    if local:  # few rows: the same UDF in this process, no Ray Data tasks to start
+        cols = tokenize_pack_batch(read_synth_batch(store, paths, with_path=True), **kwargs)
+        stats = pd.DataFrame({k: cols[k] for k in ("adapter", "phase", "split", "error")})
+    else:
+        ds = ray.data.read_parquet(paths, filesystem=store.fs, columns=["messages", "split"],
+                                   include_paths=True, partitioning=None,
+                                   override_num_blocks=min(len(paths), 8))
+        ds = ds.map_batches(tokenize_pack_batch, batch_format="numpy", batch_size=64, num_cpus=0.25,
+                            fn_kwargs=kwargs).materialize()
+        stats = ds.select_columns(["adapter", "phase", "split", "error"]).to_pandas()
     for name, phases in members.items():
         if name in errors:
             continue
@@ -90,7 +98,9 @@ def build_pack_dataset(tc, model_path: str, store, members: dict[str, list]) -> 
             if not ((rows["phase"] == i) & (rows["split"] != "validation")).any():
                 errors[name] = f"ValueError: adapter {name}: no usable training rows in phase {i} ({phase})"
                 break
+    keep = set(members) - set(errors)
+    if local:
+        return dataset_from_columns(cols, (stats["adapter"].isin(keep) & (stats["error"] == "")).to_numpy()), errors
     if not errors:
         return ds, errors
-    keep = set(members) - set(errors)
     return ds.filter(lambda r: r["adapter"] in keep and r["error"] == "").materialize(), errors

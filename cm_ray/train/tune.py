@@ -75,8 +75,13 @@ def build_datasets(tc, model_path: str, store, adapter: str,
     get the culture system prompt (``artifacts.culture_system_prompt``) of each sample's culture.
     Returns (datasets, [(train dataset name, rows)]). Raises when a phase has no usable rows.
     """
-    from cm_ray.train.data import pack_rows, synth_dataset, tokenize_batch
+    from cm_ray.train.data import pack_rows, synth_dataset, synth_row_count, tokenize_batch
 
+    kwargs = {"model_path": model_path, "max_seq_len": tc.max_seq_len}
+    all_paths = [p for phase in sources for culture, tasks in phase
+                 for p in artifacts.synth_files(store, culture, tasks)]
+    if synth_row_count(store, all_paths) <= tc.local_tokenize_rows:
+        return _local_datasets(tc, store, adapter, sources, kwargs)
     datasets, phase_rows, val = {}, [], []
     for i, phase in enumerate(sources):
         parts = []
@@ -84,8 +89,7 @@ def build_datasets(tc, model_path: str, store, adapter: str,
             system = artifacts.culture_system_prompt(culture) if adapter == JOINT else None
             parts.append(synth_dataset(store, culture, tasks).map_batches(
                 tokenize_batch, batch_format="numpy", batch_size=64, num_cpus=0.25,
-                fn_kwargs={"model_path": model_path, "max_seq_len": tc.max_seq_len,
-                           "system_prompt": system}))
+                fn_kwargs={**kwargs, "system_prompt": system}))
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         if tc.packing:
             ds = ds.map_batches(pack_rows, batch_format="numpy", batch_size=256, num_cpus=0.25,
@@ -101,6 +105,35 @@ def build_datasets(tc, model_path: str, store, adapter: str,
     validation = (val[0].union(*val[1:]) if len(val) > 1 else val[0]).materialize()
     if validation.count() >= tc.num_workers:
         datasets["validation"] = validation
+    return datasets, phase_rows
+
+
+def _local_datasets(tc, store, adapter: str, sources, kwargs: dict) -> tuple[dict, list[tuple[str, int]]]:
+    """``build_datasets`` for few rows: the same UDFs, in file order, in this process."""
+    import numpy as np
+
+    from cm_ray.train.data import dataset_from_columns, pack_rows, read_synth_batch, tokenize_batch
+
+    datasets, phase_rows, val = {}, [], []
+    for i, phase in enumerate(sources):
+        parts = []
+        for culture, tasks in phase:
+            system = artifacts.culture_system_prompt(culture) if adapter == JOINT else None
+            parts.append(tokenize_batch(read_synth_batch(store, artifacts.synth_files(store, culture, tasks)),
+                                        system_prompt=system, **kwargs))
+        cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        if tc.packing:
+            cols = pack_rows(cols, tc.max_seq_len)
+        is_val = cols["split"] == "validation"
+        if not (~is_val).any():
+            raise ValueError(f"adapter {adapter}: no usable training rows in phase {i} ({phase})")
+        datasets[f"train_{i}"] = dataset_from_columns(cols, ~is_val)
+        phase_rows.append((f"train_{i}", int((~is_val).sum())))
+        val.append((cols, is_val))
+    n_val = sum(int(m.sum()) for _, m in val)
+    if n_val >= tc.num_workers:
+        merged = {k: np.concatenate([c[k][m] for c, m in val]) for k in val[0][0]}
+        datasets["validation"] = dataset_from_columns(merged)
     return datasets, phase_rows
 
 

@@ -179,3 +179,35 @@ def _published(store, name):
     from cm_ray.artifacts import published_adapter
 
     return published_adapter(store, name)[0]
+
+
+def _token_rows(ds, *tags):
+    return sorted((*(str(r[t]) for t in tags), tuple(int(x) for x in r["input_ids"]),
+                   tuple(int(x) for x in r["labels"])) for r in ds.take_all())
+
+
+def test_trial_tokenizes_few_rows_in_its_process_to_the_rows_ray_data_gives(ray_local, tiny_model_dir, tmp_path):
+    """``train.local_tokenize_rows``: below it a trial runs the tokenizing UDFs in its own process
+    (no Ray Data tasks); the token rows (pack and joint, train and validation) are the same."""
+    from cm_ray.storage import ArtifactStore
+    from cm_ray.train.pack_data import build_pack_dataset
+    from cm_ray.train.tune import build_datasets
+
+    store = ArtifactStore(str(tmp_path))
+    write_rows(store, "GB", 12)
+    write_rows(store, "CN", 8)
+    write_rows(store, "AR", 4, no_answer=True)
+    members = {"GB": [[("GB", ["offensive"])]], "CN": [[("CN", ["offensive"])]], "AR": [[("AR", ["offensive"])]]}
+    joint = [[("GB", ["offensive"]), ("CN", ["offensive"])]]
+    got = {}
+    for rows in (0, 5000):  # 0: always Ray Data
+        tc = _cfg(store.root, tiny_model_dir, f"train.local_tokenize_rows={rows}").train
+        ds, errors = build_pack_dataset(tc, tiny_model_dir, store, members)
+        assert list(errors) == ["AR"] and "no assistant message" in errors["AR"]
+        sets, counts = build_datasets(tc, tiny_model_dir, store, "_joint", joint)
+        got[rows] = (_token_rows(ds, "adapter", "phase", "split"), counts,
+                     {k: _token_rows(v, "split") for k, v in sets.items()})
+    assert got[0] == got[5000]
+    pack_rows, counts, joint_sets = got[5000]
+    assert {r[0] for r in pack_rows} == {"GB", "CN"} and len(pack_rows) == 20
+    assert counts == [("train_0", 15)] and len(joint_sets["validation"]) == 5
