@@ -120,3 +120,12 @@ def init_ray(cfg=None, **overrides) -> None:
     ray.init(**kwargs)
     global _STARTED_LOCAL
     _STARTED_LOCAL = "address" not in kwargs
+
+
+def quiet_data_progress() -> None:
+    """No Ray Data progress bars from this process's datasets (a train trial's token rows): Ray
+    forwards them to the driver, where a finished trial's bar was redrawn under every later log
+    line; the stage prints its own progress line per trial."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False

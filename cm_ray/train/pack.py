@@ -112,12 +112,14 @@ def _pack_trial(params: dict, train, model_ref: str, cache_dir: str | None, root
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from cm_ray.models import resolve_model
+    from cm_ray.ray_utils import quiet_data_progress
     from cm_ray.storage import ArtifactStore
     from cm_ray.train.pack_data import build_pack_dataset
     from cm_ray.train.pack_worker import packed_train_fn_per_worker
     from cm_ray.train.setup import torch_backend
 
     tc, store = train, ArtifactStore(root)
+    quiet_data_progress()
     members = unit["adapters"]
     ds, errors = build_pack_dataset(tc, resolve_model(model_ref, cache_dir), store,
                                     {n: sources[n] for n in members})

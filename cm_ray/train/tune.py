@@ -13,7 +13,8 @@ Modes (``train.mode``):
 
 Each trial reads its partitions through Ray Data, tokenizes them (loss on assistant tokens only),
 materializes the token rows (on 2 cores a Data stage feeding running Train workers can starve) and
-hands them to the trainer, whose workers stream them with ``ray.train.get_dataset_shard``.
+hands them to the trainer (at most ``train.local_tokenize_rows`` rows: the same UDFs in the trial's
+process, then ``ray.data.from_arrow``), whose workers stream them with ``ray.train.get_dataset_shard``.
 Checkpoints live under ``<root>/checkpoints/``; a failed worker group restarts from the last one.
 A failing culture fails only its own trial; a rerun skips adapters that are complete unless forced.
 """
@@ -149,6 +150,7 @@ def _trial(params: dict, train, model_ref: str, cache_dir: str | None, root: str
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from cm_ray.models import resolve_model
+    from cm_ray.ray_utils import quiet_data_progress
     from cm_ray.storage import ArtifactStore
     from cm_ray.train.loop import steps_plan
     from cm_ray.train.setup import torch_backend
@@ -157,6 +159,7 @@ def _trial(params: dict, train, model_ref: str, cache_dir: str | None, root: str
     tc, adapter = train, params["adapter"]
     run_name = f"{adapter}-{run_id[adapter] if isinstance(run_id, dict) else run_id}"
     store = ArtifactStore(root)
+    quiet_data_progress()
     datasets, phase_rows = build_datasets(tc, resolve_model(model_ref, cache_dir), store, adapter,
                                           sources[adapter])
     phases, total_steps = steps_plan(phase_rows, tc, tc.num_workers)
