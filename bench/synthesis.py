@@ -113,7 +113,12 @@ def direct_vllm(args) -> dict:
     out = queue.get(timeout=1200)
     proc.join(60)
     if proc.is_alive():  # seen: the engine core's shutdown can hang the child after its result is in
-        proc.kill()
+        import psutil
+
+        # its engine-core (and worker) processes too: killed alone, the child left them running,
+        # holding 4 GB and CPU under the pipeline measured next
+        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            p.kill()
         proc.join(10)
     return out
 
