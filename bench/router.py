@@ -9,9 +9,12 @@ Systems, side by side on the same texts:
 
 - ``language_only``: py3langid + CLDR language shares (the baseline);
 - ``language_mention``: + country mentions;
-- ``router``: + the MiniLM content head (the shipped default, encoder skipped where language
-  evidence decides);
-- ``router_always_encode``: the same with the encoder on every text (latency baseline).
+- ``language_mention_variety``: + regional-variety words (``cm_ray/router/varieties.yaml``);
+- ``router``: + the MiniLM content head: the shipped default (int8 encoder, skipped where the
+  other evidence decides);
+- ``router_always_encode``: the same with the int8 encoder on every text;
+- ``router_fp32_always_encode``: fp32 encoder on every text (the latency baseline: the router
+  before the int8 encoder and the skip).
 
 Latency: one text per call, 2 torch threads, p50/p99 over the first (uncached) pass.
 
@@ -92,16 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     items = [items[i] for i in rng.permutation(len(items))]  # latency sample spans cultures
     print(f"{len(items)} real texts: {dict(sorted(Counter(it['culture'] for it in items).items()))}")
-    enc = Encoder("embedded:all-minilm-l6-v2")
-    enc(["warm-up"])
+    encoders = {False: Encoder("embedded:all-minilm-l6-v2"), True: Encoder("embedded:all-minilm-l6-v2", int8=True)}
+    for enc in encoders.values():
+        enc(["warm-up"])
     pairs = corpus_pairs()
+    full = ("language", "mention", "variety", "content")
     systems = {"language_only": ("language",), "language_mention": ("language", "mention"),
-               "router": ("language", "mention", "content"),
-               "router_always_encode": ("language", "mention", "content")}
+               "language_mention_variety": ("language", "mention", "variety"),
+               "router": full, "router_always_encode": full, "router_fp32_always_encode": full}
     res = {}
     for name, ev in systems.items():
+        enc = encoders["fp32" not in name]
         router, fit = train_router(pairs, [], enc, cultures=CULTURES, evidence=ev,
-                                   skip_content_at=1.0 if name == "router_always_encode" else 0.99)
+                                   skip_content_at=1.0 if "always_encode" in name else 0.99)
+        router.warm()
         router._emb_cache.clear()
         from cm_ray.router import evidence as E
 
@@ -120,13 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     for t in CULTURES:
         print(f"  {t:>3} " + " ".join(f"{res['router']['confusion'][t][c]:>5}" for c in [*CULTURES, "none"]))
     figures = {"top1": res["router"]["top1"], "top1_language_only": res["language_only"]["top1"],
+               "top1_without_variety": res["language_mention"]["top1"],
+               "top1_fp32_encoder": res["router_fp32_always_encode"]["top1"],
                "top1_vs_language_only": round(res["router"]["top1"] / res["language_only"]["top1"], 4),
                "top1_blend": res["router"]["by_source"]["blend"],
                "top1_culture_tasks": res["router"]["by_source"]["culture_tasks"],
                "ece": res["router"]["ece"], "ece_language_only": res["language_only"]["ece"],
                "p50_ms": res["router"]["p50_ms"], "p99_ms": res["router"]["p99_ms"],
                "p99_always_encode_ms": res["router_always_encode"]["p99_ms"],
-               "p99_vs_always_encode": round(res["router"]["p99_ms"] / res["router_always_encode"]["p99_ms"], 4),
+               "p99_fp32_always_encode_ms": res["router_fp32_always_encode"]["p99_ms"],
+               "p99_vs_fp32_always_encode": round(res["router"]["p99_ms"] / res["router_fp32_always_encode"]["p99_ms"], 4),
                "n_texts": len(items), "cultures": len(CULTURES),
                "zero_row_cultures": len(CULTURES) - 3}
     out = {"name": "router", "date": time.strftime("%Y-%m-%d"),

@@ -5,6 +5,9 @@
   population shares (Babel's ``territory_languages``): L(c) = sum_l P(l | text) * share(l | c).
 - ``mention``: the text names the country (its CLDR name in English and in the languages of the
   router's cultures, or a common alias such as "UK").
+- ``variety``: the text uses words of one country's variety of its language (``varieties.yaml``:
+  vosotros forms and "gilipollas" for Spain, "wey" and "pinche" for Mexico): what separates
+  cultures that share a language, where language ID and the CLDR shares cannot.
 
 Both are log-scores per culture, added to the content classifier's (``router.model``) before the
 calibration temperature. Every lookup is cached per text.
@@ -21,6 +24,9 @@ FLOOR = 1e-4
 """Probability floor of a language a culture's CLDR entry does not list (speakers exist anywhere)."""
 MENTION_LOG_WEIGHT = 3.0
 """Log-score added to a culture whose country the text names (a factor of e^3 ~ 20)."""
+VARIETY_LOG_WEIGHT = 2.0
+"""Log-score added, times P(language | text), to a culture whose variety of that language the
+text's words mark (a factor of e^2 ~ 7: more than the CLDR shares separate, less than a mention)."""
 CONTENT_FLOOR = 0.05
 """The content head's probabilities are floored here: content evidence moves a culture by at most
 log(K) up and log(1 / (0.05 K)) down, so the encoder is skipped when that cannot change the pick."""
@@ -119,6 +125,37 @@ def mention_scores(texts: list[str], cultures: list[str]) -> np.ndarray:
     return out
 
 
+@lru_cache(maxsize=1)
+def _variety_lexicon() -> dict[str, dict[str, re.Pattern]]:
+    """language -> culture -> one case-insensitive whole-word pattern of its markers."""
+    from importlib.resources import files
+
+    import yaml
+
+    raw = yaml.safe_load(files("cm_ray.router").joinpath("varieties.yaml").read_text(encoding="utf-8"))
+    out: dict[str, dict[str, re.Pattern]] = {}
+    for lang, by_culture in raw.items():
+        out[lang] = {}
+        for culture, words in by_culture.items():
+            alts = [w[3:] if w.startswith("re:") else re.escape(w) for w in words]
+            out[lang][culture] = re.compile(rf"(?<!\w)(?:{'|'.join(alts)})(?!\w)", re.IGNORECASE)
+    return out
+
+
+def variety_scores(texts: list[str], cultures: list[str]) -> np.ndarray:
+    """VARIETY_LOG_WEIGHT x P(language | text) for each culture whose variety markers of that
+    language the text uses, else 0."""
+    lexicon = _variety_lexicon()
+    out = np.zeros((len(texts), len(cultures)), np.float64)
+    for i, t in enumerate(texts):
+        for lang, p in language_probs(t):
+            for j, c in enumerate(cultures):
+                pat = lexicon.get(lang, {}).get(c)
+                if pat is not None and pat.search(t):
+                    out[i, j] += VARIETY_LOG_WEIGHT * p
+    return out
+
+
 def declared_language_scores(language: str | None, cultures: list[str]) -> np.ndarray:
     """log share(language | culture) for a declared language (``es``, ``es-MX``); 0 without one."""
     lang = str(language or "").split("-")[0].split("_")[0].lower()
@@ -127,15 +164,22 @@ def declared_language_scores(language: str | None, cultures: list[str]) -> np.nd
     return np.log(np.array([max(language_shares(c).get(lang, 0.0), FLOOR) for c in cultures]))
 
 
-def content_cannot_change(pre: np.ndarray, cols: list[int]) -> np.ndarray:
-    """Per row of scores ``pre``: True when no content term (``cols`` get one, within its bounds)
-    can change the top culture, so the encoder need not run."""
+def content_applies(pre: np.ndarray, cols: list[int]) -> np.ndarray:
+    """Per row of scores ``pre``: True when the content term (``cols`` get one, within its
+    bounds) can change the top culture AND every culture it could put on top has rows.
+
+    The head was trained only on the cultures with rows, so between one of them and a culture
+    without rows (Spain vs Mexico for a Spanish text, with rows for Mexico alone) it can only
+    favour the one it knows: there the other evidence decides, and the encoder need not run.
+    """
     import math
 
     lo, hi = np.zeros(pre.shape[1]), np.zeros(pre.shape[1])
     lo[cols], hi[cols] = math.log(CONTENT_FLOOR * len(cols)), math.log(len(cols))
     rows = np.arange(len(pre))
     top = pre.argmax(axis=1)
-    rival = pre + hi
-    rival[rows, top] = -np.inf
-    return pre[rows, top] + lo[top] > rival.max(axis=1)
+    reach = pre + hi[None, :] > (pre[rows, top] + lo[top])[:, None]  # could overtake the top
+    reach[rows, top] = True
+    known = np.zeros(pre.shape[1], bool)
+    known[cols] = True
+    return (reach.sum(axis=1) > 1) & ~(reach & ~known[None, :]).any(axis=1)

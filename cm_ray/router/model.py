@@ -7,7 +7,9 @@ text names the country) — both need no training rows, so every configured cult
 and ``content``: a multinomial logistic regression over sentence embeddings (all-MiniLM-L6-v2 by
 default) of the synthetic inputs, for the cultures that have rows (log(K * p), 0 for the others).
 The head's temperature is fitted on the validation split. The encoder is skipped for a
-text whose language + mention evidence alone already gives >= ``skip_content_at`` (cached per text).
+text whose other evidence alone already gives >= ``skip_content_at``, or where the head could only
+put a culture it knows above one it never saw rows of (``evidence.content_applies``); embeddings
+are cached per text.
 ``route`` says which evidence decided each pick (the term with the largest share of the winner's
 margin over the runner-up). The artifact under ``router/`` is plain data, no pickle: ``head.npz``
 (weights, bias) + ``router.json`` + ``metrics.json``, published together as one version.
@@ -28,34 +30,16 @@ from typing import Any
 import numpy as np
 
 from cm_ray.artifacts import NONE, published, router_dir
+from cm_ray.router.encoder import Encoder
 from cm_ray.router.metrics import routing_metrics
 
-EVIDENCE = ("language", "mention", "content")
+EVIDENCE = ("language", "mention", "variety", "content")
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-class Encoder:
-    """Sentence encoder (sentence-transformers), loaded once, L2-normalised float32 embeddings."""
-
-    def __init__(self, ref: str, cache_dir: str | None = None, max_seq_length: int = 128):
-        """``max_seq_length``: tokens read per text (128: what all-MiniLM-L6-v2 was trained on;
-        its config allows 256, which only costs time on long posts)."""
-        from sentence_transformers import SentenceTransformer
-
-        from cm_ray.models import resolve_model
-
-        self.ref = ref
-        self.model = SentenceTransformer(resolve_model(ref, cache_dir), device="cpu")
-        self.model.max_seq_length = min(max_seq_length, self.model.max_seq_length or max_seq_length)
-
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        return self.model.encode(list(texts), batch_size=64, normalize_embeddings=True,
-                                 convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
 
 
 class CultureRouter:
@@ -71,7 +55,8 @@ class CultureRouter:
                  temperature: float = 1.0, threshold: float = 0.4, encoder: Any = None,
                  encoder_ref: str = "embedded:all-minilm-l6-v2", use_metadata: bool = True,
                  content_cultures: list[str] | None = None, evidence: tuple[str, ...] = ("content",),
-                 skip_content_at: float = 0.99, content_temperature: float | None = None):
+                 skip_content_at: float = 0.99, content_temperature: float | None = None,
+                 encoder_int8: bool = False):
         self.cultures = list(cultures)
         self.content_cultures = list(self.cultures if content_cultures is None else content_cultures)
         self.weight, self.bias = np.asarray(weight, np.float32), np.asarray(bias, np.float32)
@@ -80,14 +65,25 @@ class CultureRouter:
         self.evidence, self.skip_content_at = tuple(evidence), float(skip_content_at)
         # The head's own calibration (format-1 routers had only the content term: one temperature).
         self.content_temperature = float(temperature if content_temperature is None else content_temperature)
+        self.encoder_int8 = bool(getattr(encoder, "int8", encoder_int8))
         self._encoder = encoder
         self._emb_cache: dict[str, np.ndarray] = {}
 
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
-            self._encoder = Encoder(self.encoder_ref)
+            self._encoder = Encoder(self.encoder_ref, int8=self.encoder_int8)
         return self._encoder
+
+    def warm(self) -> None:
+        """Load everything a first request would otherwise load (the language-ID model, the
+        mention patterns, the encoder and its first call), so no request pays for it."""
+        from cm_ray.router import evidence as E
+
+        self.scores(["warm-up"])
+        E.language_probs("warm-up text")
+        if "content" in self.evidence and len(self.content_cultures) > 1:
+            self.encoder(["warm-up"])
 
     def logits(self, emb: np.ndarray) -> np.ndarray:
         return emb @ self.weight.T + self.bias
@@ -110,6 +106,8 @@ class CultureRouter:
             out["language"] = E.language_scores(texts, self.cultures)
         if "mention" in self.evidence:
             out["mention"] = E.mention_scores(texts, self.cultures)
+        if "variety" in self.evidence:
+            out["variety"] = E.variety_scores(texts, self.cultures)
         if self.use_metadata and metadata and any((m or {}).get("language") for m in metadata):
             out["metadata"] = np.stack([E.declared_language_scores((m or {}).get("language"), self.cultures)
                                         for m in metadata])
@@ -117,9 +115,9 @@ class CultureRouter:
             content = np.zeros((n, k))
             cols = [self.cultures.index(c) for c in self.content_cultures]
             pre = sum(out.values()) if out else np.zeros((n, k))
-            need = np.ones(n, bool) if not out else \
+            need = np.ones(n, bool) if not out or self.skip_content_at >= 1.0 else \
                 (_softmax(pre / self.temperature).max(axis=1) < self.skip_content_at) & \
-                ~E.content_cannot_change(pre, cols)
+                E.content_applies(pre, cols)
             if need.any():
                 idx = np.flatnonzero(need)
                 p = _softmax(self.logits(self._embed([texts[i] for i in idx])) / self.content_temperature)
@@ -191,7 +189,8 @@ class CultureRouter:
                     "use_metadata": self.use_metadata, "dim": int(self.weight.shape[1]), "format": 2,
                     "content_cultures": self.content_cultures, "evidence": list(self.evidence),
                     "skip_content_at": self.skip_content_at,
-                    "content_temperature": self.content_temperature}
+                    "content_temperature": self.content_temperature,
+                    "encoder_int8": self.encoder_int8}
             Path(d, "router.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
             if metrics is not None:
                 Path(d, "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True,
@@ -225,7 +224,7 @@ def load_router(store_or_dir, encoder: Any = None, threshold: float | None = Non
                          meta["threshold"] if threshold is None else threshold, encoder,
                          meta["encoder"], meta.get("use_metadata", True), meta.get("content_cultures"),
                          tuple(meta.get("evidence", ["content"])), meta.get("skip_content_at", 0.99),
-                         meta.get("content_temperature"))
+                         meta.get("content_temperature"), meta.get("encoder_int8", False))
 
 
 # -- training ---------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def _fit_and_save(router_cfg, models, seed: int, store, cultures: list[str] | No
     train, val = synth_pairs(store)
     if not train:
         raise ValueError(f"{store.uri(*artifacts.synth_dir())} holds no training rows")
-    encoder = Encoder(models.encoder, models.cache_dir)
+    encoder = Encoder(models.encoder, models.cache_dir, int8=router_cfg.encoder_int8)
     router, metrics = train_router(train, val, encoder, router_cfg.threshold,
                                    router_cfg.use_metadata, router_cfg.c, seed, cultures,
                                    tuple(router_cfg.evidence), router_cfg.skip_content_at)

@@ -118,7 +118,7 @@ class CultureIngress:
         if router_cfg.kind == "embedding" and has_router:
             self.router = load_router(self.store, threshold=router_cfg.threshold)
             self.router.use_metadata = router_cfg.use_metadata
-            self.router.predict(["warm-up"])  # load the encoder now, not on the first request
+            self.router.warm()  # load the language ID and the encoder now, not on a request
         self.catalog = AdapterCatalog(self.store, serve_cfg.adapter_cache_ttl_s)
         self.catalog.ids()
 

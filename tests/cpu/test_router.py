@@ -205,7 +205,9 @@ def test_a_culture_with_zero_rows_is_routed_on_language_and_mention(encoder):
     router._encoder = lambda texts: calls.append(list(texts)) or encoder(texts)
     router._emb_cache.clear()
     router.route(["한국에서 설날에는 무엇을 먹나요?", "春节的时候我们全家一起包饺子。", "Fancy a cuppa?"])
-    assert calls == [["Fancy a cuppa?"]]  # language alone decides ko and zh: no encoder call
+    # language alone decides ko and zh; for English, DE (no rows; CLDR: 26% speak English) is a
+    # contender the head never saw, so the head cannot arbitrate: no encoder call at all
+    assert calls == []
     again = load_router(_saved(router, encoder), encoder=encoder)  # the evidence survives a reload
     assert again.route(["한국에서 설날에는 무엇을 먹나요?"]) == got[:1]
 
@@ -256,3 +258,59 @@ def test_calibration_is_sane_on_held_out_rows(encoder):
     p = lang_only.probabilities(["Heute gehen wir mit der ganzen Familie in den Wald spazieren.", "!!! ???"])
     assert p[0].argmax() == lang_only.cultures.index("DE") and p[0].max() > 0.8
     np.testing.assert_allclose(p[1], 0.25, atol=1e-6)  # no letters, no evidence: uniform
+
+
+def test_the_content_head_arbitrates_only_between_cultures_it_has_rows_for(encoder):
+    """A head trained on CN/GB/MX rows knows nothing of ES: between MX and ES it could only favour
+    MX, so it is not consulted there (no encoder call); among cultures with rows it is."""
+    from cm_ray.router import evidence as E
+
+    train, val = split_pairs()
+    with_es, _ = train_router(train, val, encoder, cultures=["CN", "ES", "GB", "MX"])
+    known, _ = train_router(train, val, encoder, cultures=["CN", "GB", "MX"])
+    text = "¿Vamos por unos tacos al pastor?"
+    for router, expect in ((with_es, []), (known, [[text]])):
+        calls = []
+        router._encoder = lambda texts, calls=calls: calls.append(list(texts)) or encoder(texts)
+        router._emb_cache.clear()
+        router.route([text])
+        assert calls == expect
+    # the rule on known scores: culture 2 has no rows and is within the head's reach of the top
+    pre = np.log(np.array([[0.6, 0.3, 0.1], [0.6, 0.3, 1e-6], [0.98, 0.01, 0.01]]))
+    assert E.content_applies(pre, [0, 1]).tolist() == [False, True, False]
+
+
+def test_variety_words_separate_cultures_that_share_a_language(encoder):
+    """Spanish from Spain vs Mexico: language ID and CLDR shares favour MX for any Spanish text;
+    vosotros forms and Peninsular slang move it to ES, Mexican slang keeps it at MX."""
+    train, val = split_pairs()
+    router, _ = train_router(train, val, encoder, cultures=["CN", "ES", "GB", "MX"])
+    got = router.route(["¿Vosotros sabéis a qué hora abren? Joder, qué frío hace.",
+                        "No mames wey, qué pinche frío hace hoy.",
+                        "¿A qué hora abre la tienda mañana?"])
+    assert [g["culture"] for g in got[:2]] == ["ES", "MX"]
+    assert got[0]["evidence"] == "variety"
+    assert got[2]["culture"] in {"MX", "none"}  # no marker: the CLDR shares, nothing else
+    from cm_ray.router import evidence as E
+
+    v = E.variety_scores(["Os lo dije: sois unos gilipollas", "Color and favorite", "vos sos"],
+                         ["ES", "GB", "MX", "US"])
+    assert v[0].tolist()[0] > 0 and v[0].tolist()[2] == 0
+    assert v[1].tolist()[3] > 0 and v[1].tolist()[1] == 0
+    assert not v[2].any()  # Argentine voseo: no culture of these four
+
+
+def test_int8_encoder_is_recorded_and_reloaded_with_the_router(encoder, tmp_path):
+    """router.encoder_int8: the head is fitted on int8 embeddings and a reloaded router builds the
+    same int8 encoder itself (router.json records it), so its probabilities are the same."""
+    q = Encoder("embedded:all-minilm-l6-v2", int8=True)
+    train, val = split_pairs()
+    router, metrics = train_router(train, val, q)
+    assert router.encoder_int8 and metrics["accuracy"] >= 0.75
+    emb, emb_q = encoder(["Fancy a cuppa?"]), q(["Fancy a cuppa?"])
+    assert 0.5 < float(emb @ emb_q.T) < 0.9999  # a different, still close embedding
+    router.save(ArtifactStore(str(tmp_path)), "router")
+    again = load_router(ArtifactStore(str(tmp_path)))  # builds its own encoder from router.json
+    assert again.encoder_int8 and again.encoder.int8
+    texts = [t for t, _ in val]
+    np.testing.assert_allclose(again.probabilities(texts), router.probabilities(texts), atol=1e-5)
