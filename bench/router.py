@@ -3,7 +3,8 @@ baseline in the same run.
 
 Items: every culture with real culture-marked text under ../shared/data (BLEnD local-language
 questions; culture_tasks sets from one country: MX, ES, DE, CN), ``--per-source`` texts per
-culture and source. The content head is trained on the shipped corpus (GB, CN, MX: English
+culture and source. ``top1`` pools the texts (ES has three sources, GB one); ``top1_balanced`` is
+the mean of the per-culture recalls (sklearn's balanced accuracy). The content head is trained on the shipped corpus (GB, CN, MX: English
 texts), so the other cultures have zero training rows and are routed on language + mention alone.
 Systems, side by side on the same texts:
 
@@ -70,7 +71,10 @@ def measure(router, items: list[dict], latency_n: int) -> dict:
     for c in router.cultures:
         idx = [i for i, it in enumerate(items) if it["culture"] == c]
         per_culture[c] = round(float((pred[idx] == y[idx]).mean()), 4) if idx else None
+    from sklearn.metrics import balanced_accuracy_score
+
     return {"top1": m["accuracy"], "accuracy_at_threshold": m["accuracy_at_threshold"],
+            "top1_balanced": round(float(balanced_accuracy_score(y, pred)), 4),
             "coverage": m["coverage"], "ece": m["ece"], "by_source": by_source,
             "per_culture": per_culture, "decided_by": m["decided_by"], "confusion": m["confusion"],
             "p50_ms": round(float(np.percentile(times, 50)), 3),
@@ -127,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     for t in CULTURES:
         print(f"  {t:>3} " + " ".join(f"{res['router']['confusion'][t][c]:>5}" for c in [*CULTURES, "none"]))
     figures = {"top1": res["router"]["top1"], "top1_language_only": res["language_only"]["top1"],
+               "top1_balanced": res["router"]["top1_balanced"],
+               "top1_balanced_language_only": res["language_only"]["top1_balanced"],
                "top1_without_variety": res["language_mention"]["top1"],
                "top1_fp32_encoder": res["router_fp32_always_encode"]["top1"],
                "top1_vs_language_only": round(res["router"]["top1"] / res["language_only"]["top1"], 4),

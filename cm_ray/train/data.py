@@ -163,20 +163,11 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, device: Any = "cpu") -> d
     return {k: v.to(device) for k, v in out.items()}
 
 
-def synth_dataset(store, culture: str, tasks: list[str]):
-    """Ray Dataset of a culture's synth rows for ``tasks`` (columns: messages, split), read from
-    the contract's partition files (``artifacts.synth_files``).
-
-    Raises FileNotFoundError when none of the tasks has a partition.
-    """
+def synth_dataset(store, paths: list[str]):
+    """Ray Dataset of synth rows (columns: messages, split) from the contract's partition files
+    (``artifacts.synth_files``: one culture's files for its tasks)."""
     import ray.data
 
-    from cm_ray import artifacts
-
-    paths = artifacts.synth_files(store, culture, tasks)
-    if not paths:
-        raise FileNotFoundError(f"no synth data for culture {culture} and tasks {tasks} under "
-                                f"{store.uri(*artifacts.synth_dir())}")
     # Partition columns (culture, task) come from the path; only the chat and split are needed.
     return ray.data.read_parquet(paths, filesystem=store.fs, columns=["messages", "split"],
                                  partitioning=None, override_num_blocks=min(len(paths), 8))

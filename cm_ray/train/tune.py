@@ -74,68 +74,75 @@ def build_datasets(tc, model_path: str, store, adapter: str,
 
     ``sources`` are the adapter's phases (``_phase_sources``); the joint adapter's conversations
     get the culture system prompt (``artifacts.culture_system_prompt``) of each sample's culture.
+    The synth files are listed once. With at most ``train.local_tokenize_rows`` rows in all, the
+    same UDFs run in this process (``_tokenize_here``: no Ray Data workers to start for a few
+    dozen rows); otherwise through Ray Data (``_tokenize_ray``).
     Returns (datasets, [(train dataset name, rows)]). Raises when a phase has no usable rows.
     """
-    from cm_ray.train.data import pack_rows, synth_dataset, synth_row_count, tokenize_batch
+    from cm_ray.train.data import synth_row_count
 
     kwargs = {"model_path": model_path, "max_seq_len": tc.max_seq_len}
-    all_paths = [p for phase in sources for culture, tasks in phase
-                 for p in artifacts.synth_files(store, culture, tasks)]
-    if synth_row_count(store, all_paths) <= tc.local_tokenize_rows:
-        return _local_datasets(tc, store, adapter, sources, kwargs)
+    listed = [[(culture, artifacts.synth_files(store, culture, tasks)) for culture, tasks in phase]
+              for phase in sources]
+    for phase, named in zip(sources, listed):
+        for (culture, tasks), (_, paths) in zip(phase, named):
+            if not paths:
+                raise FileNotFoundError(f"no synth data for culture {culture} and tasks {tasks} under "
+                                        f"{store.uri(*artifacts.synth_dir())}")
+    n_rows = synth_row_count(store, [p for phase in listed for _, paths in phase for p in paths])
+    tokenize = _tokenize_here if n_rows <= tc.local_tokenize_rows else _tokenize_ray
     datasets, phase_rows, val = {}, [], []
-    for i, phase in enumerate(sources):
-        parts = []
-        for culture, tasks in phase:
-            system = artifacts.culture_system_prompt(culture) if adapter == JOINT else None
-            parts.append(synth_dataset(store, culture, tasks).map_batches(
-                tokenize_batch, batch_format="numpy", batch_size=64, num_cpus=0.25,
-                fn_kwargs={**kwargs, "system_prompt": system}))
-        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        if tc.packing:
-            ds = ds.map_batches(pack_rows, batch_format="numpy", batch_size=256, num_cpus=0.25,
-                                fn_kwargs={"max_seq_len": tc.max_seq_len})
-        ds = ds.materialize()
-        train = ds.filter(lambda r: r["split"] != "validation").materialize()
-        rows = train.count()
+    for i, phase in enumerate(listed):
+        systems = [artifacts.culture_system_prompt(c) if adapter == JOINT else None for c, _ in phase]
+        train, rows, validation = tokenize(tc, store, [paths for _, paths in phase], systems, kwargs)
         if rows == 0:
-            raise ValueError(f"adapter {adapter}: no usable training rows in phase {i} ({phase})")
+            raise ValueError(f"adapter {adapter}: no usable training rows in phase {i} ({sources[i]})")
         datasets[f"train_{i}"] = train
         phase_rows.append((f"train_{i}", rows))
-        val.append(ds.filter(lambda r: r["split"] == "validation"))
-    validation = (val[0].union(*val[1:]) if len(val) > 1 else val[0]).materialize()
-    if validation.count() >= tc.num_workers:
+        val.append(validation)
+    validation = _union(val)
+    if validation is not None and validation.count() >= tc.num_workers:
         datasets["validation"] = validation
     return datasets, phase_rows
 
 
-def _local_datasets(tc, store, adapter: str, sources, kwargs: dict) -> tuple[dict, list[tuple[str, int]]]:
-    """``build_datasets`` for few rows: the same UDFs, in file order, in this process."""
+def _union(datasets: list):
+    """One materialized Ray Dataset of the non-empty ones, or None."""
+    got = [d for d in datasets if d is not None]
+    return (got[0].union(*got[1:]) if len(got) > 1 else got[0]).materialize() if got else None
+
+
+def _tokenize_ray(tc, store, paths: list[list[str]], systems: list[str | None], kwargs: dict):
+    """One phase through Ray Data tasks: (train dataset, train rows, validation dataset)."""
+    from cm_ray.train.data import pack_rows, synth_dataset, tokenize_batch
+
+    parts = [synth_dataset(store, p).map_batches(
+        tokenize_batch, batch_format="numpy", batch_size=64, num_cpus=0.25,
+        fn_kwargs={**kwargs, "system_prompt": system}) for p, system in zip(paths, systems)]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    if tc.packing:
+        ds = ds.map_batches(pack_rows, batch_format="numpy", batch_size=256, num_cpus=0.25,
+                            fn_kwargs={"max_seq_len": tc.max_seq_len})
+    ds = ds.materialize()
+    train = ds.filter(lambda r: r["split"] != "validation").materialize()
+    return train, train.count(), ds.filter(lambda r: r["split"] == "validation")
+
+
+def _tokenize_here(tc, store, paths: list[list[str]], systems: list[str | None], kwargs: dict):
+    """``_tokenize_ray`` for few rows: the same UDFs, in file order, in this process."""
     import numpy as np
 
     from cm_ray.train.data import dataset_from_columns, pack_rows, read_synth_batch, tokenize_batch
 
-    datasets, phase_rows, val = {}, [], []
-    for i, phase in enumerate(sources):
-        parts = []
-        for culture, tasks in phase:
-            system = artifacts.culture_system_prompt(culture) if adapter == JOINT else None
-            parts.append(tokenize_batch(read_synth_batch(store, artifacts.synth_files(store, culture, tasks)),
-                                        system_prompt=system, **kwargs))
-        cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        if tc.packing:
-            cols = pack_rows(cols, tc.max_seq_len)
-        is_val = cols["split"] == "validation"
-        if not (~is_val).any():
-            raise ValueError(f"adapter {adapter}: no usable training rows in phase {i} ({phase})")
-        datasets[f"train_{i}"] = dataset_from_columns(cols, ~is_val)
-        phase_rows.append((f"train_{i}", int((~is_val).sum())))
-        val.append((cols, is_val))
-    n_val = sum(int(m.sum()) for _, m in val)
-    if n_val >= tc.num_workers:
-        merged = {k: np.concatenate([c[k][m] for c, m in val]) for k in val[0][0]}
-        datasets["validation"] = dataset_from_columns(merged)
-    return datasets, phase_rows
+    parts = [tokenize_batch(read_synth_batch(store, p), system_prompt=system, **kwargs)
+             for p, system in zip(paths, systems)]
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if tc.packing:
+        cols = pack_rows(cols, tc.max_seq_len)
+    is_val = cols["split"] == "validation"
+    n_train = int((~is_val).sum())
+    train = dataset_from_columns(cols, ~is_val) if n_train else None
+    return train, n_train, dataset_from_columns(cols, is_val) if is_val.any() else None
 
 
 def _trial(params: dict, train, model_ref: str, cache_dir: str | None, root: str, seed: int,
