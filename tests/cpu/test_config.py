@@ -196,11 +196,11 @@ def test_provider_names_match_the_providers_and_config_imports_no_stage():
     assert not [m for m in mods if m.startswith("cm_ray.data")], mods
 
 
-def test_quality_config_is_sized_for_200_kept_rows_per_pair_and_evaluates_every_system():
+def test_quality_config_generates_320_per_pair_and_evaluates_every_system():
+    """What the quality run kept of these generations is measured, not predicted (README: Results;
+    dedup bounds it: the shipped corpus gives ~20 snippets per culture)."""
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "quality.yaml")
-    demo_kept_fraction = 16 / 36  # the demo's kept rows / generations
-    generations = cfg.synthesis.prompts_per_pair * cfg.synthesis.samples_per_prompt
-    assert generations * demo_kept_fraction >= 200
+    assert cfg.synthesis.prompts_per_pair * cfg.synthesis.samples_per_prompt >= 320
     assert cfg.synthesis.engine == "vllm" and cfg.train.joint_baseline and cfg.train.mode == "per_culture"
     assert {"culturemanager", "culturemanager_locale", "oracle", "prompted", "base", "joint"} <= set(cfg.evaluate.systems)
     assert cfg.evaluate.bootstrap >= 1000 and cfg.evaluate.max_questions >= 200
