@@ -82,13 +82,14 @@ def build_datasets(tc, model_path: str, store, adapter: str,
     from cm_ray.train.data import synth_row_count
 
     kwargs = {"model_path": model_path, "max_seq_len": tc.max_seq_len}
-    listed = [[(culture, artifacts.synth_files(store, culture, tasks)) for culture, tasks in phase]
+    # A culture without synth files (its synthesis kept nothing) adds no rows: the joint adapter
+    # trains on the others; a phase with no file at all is an error.
+    listed = [[(c, paths) for c, tasks in phase if (paths := artifacts.synth_files(store, c, tasks))]
               for phase in sources]
     for phase, named in zip(sources, listed):
-        for (culture, tasks), (_, paths) in zip(phase, named):
-            if not paths:
-                raise FileNotFoundError(f"no synth data for culture {culture} and tasks {tasks} under "
-                                        f"{store.uri(*artifacts.synth_dir())}")
+        if not named:
+            raise FileNotFoundError(f"adapter {adapter}: no synth data for {phase} under "
+                                    f"{store.uri(*artifacts.synth_dir())}")
     n_rows = synth_row_count(store, [p for phase in listed for _, paths in phase for p in paths])
     tokenize = _tokenize_here if n_rows <= tc.local_tokenize_rows else _tokenize_ray
     datasets, phase_rows, val = {}, [], []
