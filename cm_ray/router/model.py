@@ -220,11 +220,15 @@ def load_router(store_or_dir, encoder: Any = None, threshold: float | None = Non
     meta = store.read_json(*parts, "router.json")
     with np.load(io.BytesIO(store.read_bytes(*parts, "head.npz")), allow_pickle=False) as npz:
         weight, bias = npz["weight"], npz["bias"]
+    int8 = meta.get("encoder_int8", False)
+    if getattr(encoder, "int8", int8) != int8:  # the head only fits the embeddings it was fitted on
+        raise ValueError(f"router at {store.uri(*parts)} was fitted with encoder_int8={int8}; "
+                         f"the encoder given has int8={encoder.int8}")
     return CultureRouter(meta["cultures"], weight, bias, meta["temperature"],
                          meta["threshold"] if threshold is None else threshold, encoder,
                          meta["encoder"], meta.get("use_metadata", True), meta.get("content_cultures"),
                          tuple(meta.get("evidence", ["content"])), meta.get("skip_content_at", 0.99),
-                         meta.get("content_temperature"), meta.get("encoder_int8", False))
+                         meta.get("content_temperature"), int8)
 
 
 # -- training ---------------------------------------------------------------------------------

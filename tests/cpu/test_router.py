@@ -314,3 +314,5 @@ def test_int8_encoder_is_recorded_and_reloaded_with_the_router(encoder, tmp_path
     assert again.encoder_int8 and again.encoder.int8
     texts = [t for t, _ in val]
     np.testing.assert_allclose(again.probabilities(texts), router.probabilities(texts), atol=1e-5)
+    with pytest.raises(ValueError, match="encoder_int8=True"):  # an fp32 encoder does not fit it
+        load_router(ArtifactStore(str(tmp_path)), encoder=encoder)
