@@ -9,7 +9,7 @@
   vosotros forms and "gilipollas" for Spain, "wey" and "pinche" for Mexico): what separates
   cultures that share a language, where language ID and the CLDR shares cannot.
 
-Both are log-scores per culture, added to the content classifier's (``router.model``) before the
+All three are log-scores per culture, added to the content classifier's (``router.model``) before the
 calibration temperature. Every lookup is cached per text.
 """
 
@@ -145,14 +145,13 @@ def _variety_lexicon() -> dict[str, dict[str, re.Pattern]]:
 def variety_scores(texts: list[str], cultures: list[str]) -> np.ndarray:
     """VARIETY_LOG_WEIGHT x P(language | text) for each culture whose variety markers of that
     language the text uses, else 0."""
-    lexicon = _variety_lexicon()
+    lexicon, col = _variety_lexicon(), {c: j for j, c in enumerate(cultures)}
     out = np.zeros((len(texts), len(cultures)), np.float64)
     for i, t in enumerate(texts):
         for lang, p in language_probs(t):
-            for j, c in enumerate(cultures):
-                pat = lexicon.get(lang, {}).get(c)
-                if pat is not None and pat.search(t):
-                    out[i, j] += VARIETY_LOG_WEIGHT * p
+            for c, pat in lexicon.get(lang, {}).items():  # the few listed countries, not every culture
+                if c in col and pat.search(t):
+                    out[i, col[c]] += VARIETY_LOG_WEIGHT * p
     return out
 
 

@@ -77,11 +77,9 @@ class CultureRouter:
 
     def warm(self) -> None:
         """Load everything a first request would otherwise load (the language-ID model, the
-        mention patterns, the encoder and its first call), so no request pays for it."""
-        from cm_ray.router import evidence as E
-
+        mention and variety patterns through one scoring; the encoder and its first call, which
+        that scoring may skip), so no request pays for it."""
         self.scores(["warm-up"])
-        E.language_probs("warm-up text")
         if "content" in self.evidence and len(self.content_cultures) > 1:
             self.encoder(["warm-up"])
 
