@@ -298,6 +298,13 @@ def test_variety_words_separate_cultures_that_share_a_language(encoder):
     assert v[0].tolist()[0] > 0 and v[0].tolist()[2] == 0
     assert v[1].tolist()[3] > 0 and v[1].tolist()[1] == 0
     assert not v[2].any()  # Argentine voseo: no culture of these four
+    # The Peninsular present perfect for the recent past vs the Mexican preterite; a Mexican
+    # marker beside it cancels it out.
+    v = E.variety_scores(["Hoy he comido con mi familia en casa", "Hoy comí con mi familia en casa",
+                          "No mames, hoy he comido bien"], ["ES", "MX"])
+    assert v[0, 0] > 0 and v[0, 1] == 0
+    assert not v[1].any()
+    assert v[2, 0] > 0 and v[2, 1] == v[2, 0]
 
 
 def test_int8_encoder_is_recorded_and_reloaded_with_the_router(encoder, tmp_path):
