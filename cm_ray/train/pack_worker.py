@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from cm_ray.train.pack_loop import Slot, adapter_step, read_pack_rows, validation_loss, worker_share
-from cm_ray.train.setup import WorkerSetup, deepspeed_config
+from cm_ray.train.setup import WorkerSetup, deepspeed_config, import_deepspeed
 
 
 def _plan_slots(spec: dict, rank: int, world: int, errors: dict) -> list[Slot]:
@@ -95,8 +95,7 @@ def setup_pack(spec: dict, slots: list[Slot]):
                               num_training_steps=slot.total_steps)
         engine, zero_stage = model, None
         if ds_cfg is not None:
-            import deepspeed
-
+            deepspeed = import_deepspeed()
             zero_stage = ds_cfg["zero_optimization"]["stage"]
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                    config=json.loads(json.dumps(ds_cfg)))

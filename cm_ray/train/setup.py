@@ -37,6 +37,27 @@ def deepspeed_config(train_cfg, world_size: int, use_gpu: bool) -> dict:
     return cfg
 
 
+def import_deepspeed():
+    """``import deepspeed``, with this interpreter's scripts directory first on ``PATH``.
+
+    DeepSpeed JIT-builds its CPU shared-memory op through torch's cpp_extension, which runs the
+    first ``ninja`` on ``PATH``. pip installs ninja 1.13 next to this interpreter. A system ninja
+    (1.11 on Debian) earlier on ``PATH``, e.g. when the venv's python is run without activating the
+    venv, cannot use the build log that 1.13 writes, and 1.13 cannot use the one 1.11 writes. So
+    each rebuilds the op, ~40 s of a 2-core worker's start, whenever the other ran last.
+    """
+    import os
+    import sysconfig
+
+    scripts = sysconfig.get_path("scripts")
+    if os.path.exists(os.path.join(scripts, "ninja")):
+        rest = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != scripts]
+        os.environ["PATH"] = os.pathsep.join([scripts, *rest])
+    import deepspeed
+
+    return deepspeed
+
+
 @dataclass
 class WorkerSetup:
     """What one Train worker steps: model, engine, optimizer, schedule and where it runs."""
@@ -88,8 +109,7 @@ def setup_worker(spec: dict) -> WorkerSetup:
                               num_training_steps=total_steps)
     zero_stage = None
     if tc.deepspeed is not None:
-        import deepspeed
-
+        deepspeed = import_deepspeed()
         ds_cfg = deepspeed_config(tc, world, use_gpu)
         zero_stage = ds_cfg["zero_optimization"]["stage"]
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

@@ -22,6 +22,7 @@ from cm_ray.config import load_config  # noqa: E402
 from cm_ray.storage import ArtifactStore  # noqa: E402
 from cm_ray.tasks import load_task  # noqa: E402
 from cm_ray.train.tune import run_training  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
 
 
 def published(store, name: str) -> tuple[str, ...]:
@@ -145,3 +146,21 @@ def test_zero3_joint_adapter_holds_real_weights(ray_local, tiny_model_dir, tmp_p
     assert m["zero_stage"] == 3 and m["rows"]["train_0"] > 0
     torch.testing.assert_close(_logits(tiny_model_dir, adapter)[:8], torch.tensor(m["probe_logits"]),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_deepspeed_builds_its_op_with_the_venvs_ninja_even_when_path_lacks_the_venv(tmp_path):
+    """The venv's python run without activating the venv (scripts/demo.sh does) must not pick up a
+    system ninja: two ninja versions invalidate each other's build log, and each rebuilds the
+    op at a worker's start."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    scripts = sysconfig.get_path("scripts")
+    assert os.path.exists(os.path.join(scripts, "ninja")), "deepspeed's ninja dependency is not installed"
+    code = ("import shutil; from cm_ray.train.setup import import_deepspeed; import_deepspeed(); "
+            "print(shutil.which('ninja'))")
+    env = {**os.environ, "PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == os.path.join(scripts, "ninja")
