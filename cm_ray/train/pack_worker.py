@@ -83,6 +83,7 @@ def setup_pack(spec: dict, slots: list[Slot]):
         else:
             model.add_adapter(slot.name, lora_config(tc))
     ds_cfg = deepspeed_config(tc, world, use_gpu) if tc.deepspeed is not None else None
+    deepspeed = import_deepspeed() if ds_cfg is not None else None
     for slot in slots:
         model.set_adapter(slot.name)  # this adapter's parameters are the trainable ones now
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -95,7 +96,6 @@ def setup_pack(spec: dict, slots: list[Slot]):
                               num_training_steps=slot.total_steps)
         engine, zero_stage = model, None
         if ds_cfg is not None:
-            deepspeed = import_deepspeed()
             zero_stage = ds_cfg["zero_optimization"]["stage"]
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                    config=json.loads(json.dumps(ds_cfg)))

@@ -148,7 +148,7 @@ def test_zero3_joint_adapter_holds_real_weights(ray_local, tiny_model_dir, tmp_p
                                atol=1e-4, rtol=1e-4)
 
 
-def test_deepspeed_builds_its_op_with_the_venvs_ninja_even_when_path_lacks_the_venv(tmp_path):
+def test_deepspeed_builds_its_op_with_the_venvs_ninja_even_when_path_lacks_the_venv():
     """The venv's python run without activating the venv (scripts/demo.sh does) must not pick up a
     system ninja: two ninja versions invalidate each other's build log, and each rebuilds the
     op at a worker's start."""
