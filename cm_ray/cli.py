@@ -158,11 +158,17 @@ def main(argv: list[str] | None = None) -> int:
 
         summaries = {"ablation": run_ablation(cfg, store, force=args.force)}
     else:
+        from cm_ray.checks import DegradedError
+
         summaries = {}
         for name in pipeline(cfg, args.command):
             print(f"==> {name}", file=sys.stderr, flush=True)
             kwargs = {"keep_serving": args.keep_serving} if name == "serve" else {}
-            summaries[name] = run_stage(name, cfg, store, force=args.force, **kwargs)
+            try:
+                summaries[name] = run_stage(name, cfg, store, force=args.force, **kwargs)
+            except DegradedError as e:  # outputs and summary saved; cm-ray status shows the cells
+                print(f"cm-ray: {e}", file=sys.stderr)
+                return 1
     total = time.time() - t0
     if args.json:
         print(json.dumps({"summaries": summaries, "seconds": total, "root": store.root},

@@ -229,9 +229,10 @@ def plan(name: str, cfg, store, force: bool = False, records: Records | None = N
         old = mine.get(p.key)
         if force:
             p.state, p.reason = "stale", "--force"
+        elif (old or {}).get("failed") and old.get("fp") == p.fp:
+            p.state, p.reason = "failed", old["failed"]  # with its output, when it degraded
         elif not p.done(store):
-            failed = (old or {}).get("failed")
-            p.state, p.reason = ("failed", failed) if failed and old.get("fp") == p.fp else ("missing", "missing")
+            p.state, p.reason = "missing", "missing"
         elif old is None and records.legacy(name):
             # A root from before fingerprints: its outputs are taken as current (recorded now),
             # rather than redoing a finished run; later changes are detected from here on.
@@ -271,12 +272,14 @@ def prepare(name: str, cfg, store, force: bool = False, log=None) -> list[Part]:
         elif p.state == "done" and not mine[p.key].get("complete"):
             mine[p.key]["complete"] = changed = True  # finished by a run that was stopped after it
     for p in todo:
-        if p.state == "stale" and p.output is not None and store.exists(*p.output):
+        degraded = p.state == "failed" and p.done(store)  # finished, but past a checks threshold
+        if (p.state == "stale" or degraded) and p.output is not None and store.exists(*p.output):
             store.delete(*p.output)
         old = mine.get(p.key) or {}
         # The same inputs as an attempt that did not finish (a stopped job, a failure): the same
-        # version, so the attempt's checkpoints (named after it) are picked up again.
-        same = p.state in ("missing", "failed") and old.get("fp") == p.fp and old.get("version")
+        # version, so the attempt's checkpoints (named after it) are picked up again. A degraded
+        # output is replaced by a new version, so its readers are recomputed too.
+        same = p.state in ("missing", "failed") and not degraded and old.get("fp") == p.fp and old.get("version")
         mine[p.key] = {"fp": p.fp, "fields": p.fields, "upstream": p.upstream_versions,
                        "version": old["version"] if same else A.stable_id(p.fp, time.time(), uuid.uuid4().hex),
                        "recorded_at": time.time()}
@@ -285,11 +288,13 @@ def prepare(name: str, cfg, store, force: bool = False, log=None) -> list[Part]:
     return todo
 
 
-def finish(name: str, store, todo: list[Part], summary: dict) -> None:
+def finish(name: str, store, todo: list[Part], summary: dict, extra_failed: dict | None = None) -> None:
     """After a stage: mark the partitions it completed, and keep the reason of each it reports as
-    failed (``summary["failed"]`` / ``summary["no_data"]``; shown by ``cm-ray status``)."""
+    failed (``summary["failed"]`` / ``summary["no_data"]``, and ``extra_failed``: partitions
+    degraded past their threshold; shown by ``cm-ray status``, recomputed by the next run)."""
     failed = dict(summary.get("failed") or {}) if isinstance(summary.get("failed"), dict) else {}
     failed.update({n: "no synthesized rows to train on" for n in summary.get("no_data") or []})
+    failed.update(extra_failed or {})
     records = Records(store)
     mine = records.get(name)
     for p in todo:
@@ -298,11 +303,6 @@ def finish(name: str, store, todo: list[Part], summary: dict) -> None:
     for key, rec in mine.items():
         rec["failed"] = failed.get(key)
     records.save(name)
-
-
-def record_failures(name: str, store, summary: dict) -> None:
-    """``finish`` without partitions to mark: only the failure reasons."""
-    finish(name, store, [], summary)
 
 
 def stale_warnings(cfg, store) -> list[str]:

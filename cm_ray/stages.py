@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from cm_ray import checks
 from cm_ray.config import Config
 from cm_ray.data.queries import run_queries
 from cm_ray.data.search import run_search
@@ -79,7 +80,9 @@ def pipeline(cfg: Config, command: str) -> list[str]:
 def run_stage(name: str, cfg: Config, store: Any, force: bool = False, **kwargs) -> dict:
     """Run one stage on the partitions that are missing, failed or stale (``cm_ray.fingerprints``),
     or skip it when every partition is done; return its summary. Serving always runs; serving and
-    evaluation warn, naming every stale adapter or router they would use."""
+    evaluation warn, naming every stale adapter or router they would use. Degradations past their
+    ``checks`` threshold mark their partitions failed and, with ``checks.fail``, raise
+    ``checks.DegradedError`` once the outputs and the summary are saved."""
     from cm_ray import fingerprints
 
     stale: list[str] = []
@@ -99,8 +102,15 @@ def run_stage(name: str, cfg: Config, store: Any, force: bool = False, **kwargs)
     summary["seconds"] = round(time.time() - t0, 1)
     if name in WARN_STALE:
         summary["stale"] = stale
+    over = checks.over_threshold(cfg.checks, summary.get("degradations") or [])
+    if over:
+        summary["degraded"] = over
+        for d in over:
+            print(f"warning: {name} degraded: {checks.describe(d)}", file=sys.stderr, flush=True)
     if name not in ALWAYS_RUN:
         summary["recomputed"] = [p.key for p in todo]
-        fingerprints.finish(name, store, todo, summary)
+        fingerprints.finish(name, store, todo, summary, extra_failed=checks.failed_reasons(over))
     store.write_manifest(name, summary)
+    if over and cfg.checks.fail:
+        raise checks.DegradedError(name, over)
     return summary

@@ -2,7 +2,8 @@
 
 One row per culture (plus the joint adapter and the router), one column per stage of the
 recipe; a cell is ``done``, ``stale`` with the changed field, ``missing`` or ``failed`` with the
-reason the last attempt gave, or ``adopted`` (written before fingerprints; taken as current by the
+reason the last attempt gave, ``degraded`` (done, but the stage summary names a degradation under
+its threshold: ``cm_ray.checks``), or ``adopted`` (written before fingerprints; taken as current by the
 next run) (``cm_ray.fingerprints``). Then totals per stage and the store.
 """
 
@@ -11,9 +12,10 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from cm_ray import checks
 from cm_ray.artifacts import JOINT
 
-ORDER = ("failed", "stale", "missing", "adopted", "done")
+ORDER = ("failed", "degraded", "stale", "missing", "adopted", "done")
 """A cell holding several partitions (one per task) shows the first of these it has."""
 
 
@@ -29,7 +31,10 @@ def status_rows(cfg, store) -> dict:
     totals: dict[str, Counter] = {}
     for stage in stages:
         totals[stage] = Counter()
+        degraded = checks.by_key((store.read_manifest(stage) or {}).get("degradations"))
         for p in FP.plan(stage, cfg, store, records=records):
+            if p.state == "done" and p.key in degraded:
+                p.state, p.reason = "degraded", "; ".join(checks.describe(d) for d in degraded[p.key])
             totals[stage][p.state] += 1
             row = "router" if stage == "route" else p.key.split("/")[0]
             cell = rows.setdefault(row, {}).setdefault(stage, {"parts": {}})
@@ -66,7 +71,7 @@ def format_status(st: dict, width: int = 34) -> str:
         t = st["totals"].get(s, {})
         n = sum(t.values())
         lines.append(f"  {s:<11} {t.get('done', 0)}/{n} done"
-                     + "".join(f", {t[k]} {k}" for k in ("adopted", "stale", "missing", "failed") if t.get(k)))
+                     + "".join(f", {t[k]} {k}" for k in ("adopted", "degraded", "stale", "missing", "failed") if t.get(k)))
     lines.append(f"store: {st['root']}")
     return "\n".join(lines)
 

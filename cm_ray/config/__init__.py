@@ -14,12 +14,12 @@ from cm_ray.config.base import ConfigError, Section, build
 from cm_ray.config.recipes import CLCAConfig, CultureSPAConfig
 from cm_ray.config.renamed import RENAMED
 from cm_ray.config.run import Config, apply_overrides, config_from_dict, load_config
-from cm_ray.config.sections import (PROVIDER_NAMES, FetchConfig, ModelsConfig, OpenAIConfig, QueryConfig,
+from cm_ray.config.sections import (PROVIDER_NAMES, ChecksConfig, FetchConfig, ModelsConfig, OpenAIConfig, QueryConfig,
                                     RayConfig, SearchConfig, SynthesisConfig, VLLMConfig)
 from cm_ray.config.serving import EvalConfig, RouterConfig, ServeConfig
 from cm_ray.config.train import PRESETS, TrainConfig, apply_preset
 
-__all__ = ["CLCAConfig", "Config", "ConfigError", "CultureSPAConfig", "EvalConfig", "FetchConfig",
+__all__ = ["CLCAConfig", "ChecksConfig", "Config", "ConfigError", "CultureSPAConfig", "EvalConfig", "FetchConfig",
            "ModelsConfig", "OpenAIConfig", "PRESETS", "PROVIDER_NAMES", "QueryConfig", "RENAMED",
            "RayConfig", "RouterConfig", "SearchConfig", "Section", "ServeConfig", "SynthesisConfig",
            "TrainConfig", "VLLMConfig", "apply_overrides", "apply_preset", "build", "config_from_dict",

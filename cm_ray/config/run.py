@@ -11,7 +11,7 @@ from pydantic import ValidationError, field_validator, model_validator
 
 from cm_ray.config.base import ConfigError, Section, invalid, to_config_error
 from cm_ray.config.recipes import CLCAConfig, CultureSPAConfig
-from cm_ray.config.sections import ModelsConfig, QueryConfig, RayConfig, SearchConfig, SynthesisConfig
+from cm_ray.config.sections import ChecksConfig, ModelsConfig, QueryConfig, RayConfig, SearchConfig, SynthesisConfig
 from cm_ray.config.serving import EvalConfig, RouterConfig, ServeConfig
 from cm_ray.config.train import TrainConfig
 
@@ -46,6 +46,9 @@ class Config(Section):
     """Settings of the CultureSPA recipe (recipe: culturespa)."""
     clca: CLCAConfig = CLCAConfig()
     """Settings of the CLCA recipe (recipe: clca)."""
+    checks: ChecksConfig = ChecksConfig()
+    """Thresholds past which a degradation (a fallback provider, rejected LLM queries, an
+    overlong prompt, ...) fails its stage (``cm_ray.checks``)."""
 
     @field_validator("cultures")
     @classmethod

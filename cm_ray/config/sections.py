@@ -222,3 +222,26 @@ class SynthesisConfig(Section):
     """A label keeps at most ceil(ratio x the second most frequent label's count) rows."""
     require_sources: bool = True
     """A sample must cite at least one of its prompt's snippet ids (grounding)."""
+
+
+class ChecksConfig(Section):
+    """When a degradation (``cm_ray.checks``) fails its stage: each field is the largest fraction
+    of a partition's units that may be degraded that way (null: report only, never fail)."""
+
+    search_fallback: float | None = Field(0.5, ge=0, le=1)
+    """Searches of a culture answered by a fallback provider (0.5: fail when mostly)."""
+    search_failed: float | None = Field(0.5, ge=0, le=1)
+    """Searches of a culture that failed after retries and fallbacks."""
+    llm_queries_rejected: float | None = Field(0.99, ge=0, le=1)
+    """LLM-written query candidates of a culture rejected (0.99: fail when all were)."""
+    prompt_over_limit: float | None = Field(0.0, ge=0, le=1)
+    """Prompts of a (culture, task) longer than the model's context (0: fail on any)."""
+    unreadable: float | None = Field(0.0, ge=0, le=1)
+    """Models or files a worker could not open."""
+    placement: float | None = Field(0.0, ge=0, le=1)
+    """Requests placed on a node type that does not offer their resources."""
+    wrong_engine: float | None = Field(0.0, ge=0, le=1)
+    """Served answers that came from another engine than ``serve.engine``."""
+    fail: bool = True
+    """Fail the stage (after saving its outputs and summary) on a degradation past its threshold;
+    false: name it in the summary and ``cm-ray status`` only."""
