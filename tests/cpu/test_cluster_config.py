@@ -38,7 +38,10 @@ def test_cluster_shape_zero_cpu_head_spot_cpu_ondemand_gpu_from_zero():
     for t in (cpu, gpu):
         assert t["min_workers"] == 0 and t["max_workers"] > 0
     assert c["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}")
-    assert any("pip install" in cmd and "cm_ray" in cmd for cmd in c["setup_commands"])
+    for name, t in types.items():  # every node type installs the project (head: head_setup_commands)
+        setup = c["setup_commands"] + (c["head_setup_commands"] if name == c["head_node_type"]
+                                       else t.get("worker_setup_commands", c.get("worker_setup_commands", [])))
+        assert any("pip install" in cmd and "cm_ray" in cmd for cmd in setup), name
 
 
 def test_rayjob_manifest_runs_a_job_entry_point():
