@@ -46,7 +46,10 @@ class ServeVLLMConfig(Section):
     which is how many stay loaded, LRU)."""
     max_lora_rank: int = Field(16, ge=1)
     """Largest LoRA rank served; an adapter of a larger rank is refused with a 422."""
-    max_model_len: int = Field(2048, ge=16)
+    max_model_len: int | None = Field(None, ge=16)
+    """Context of the engine; None = serve.max_prompt_tokens + serve.max_new_tokens (what the
+    ingress lets through). A smaller value is a config error: vLLM would refuse an admitted
+    prompt at request time, or cut its answer short."""
     max_num_seqs: int = Field(64, ge=1)
     """Sequences one engine step runs at once (the continuous batch)."""
     dtype: str = "auto"
@@ -147,7 +150,16 @@ class ServeConfig(Section):
         if self.engine == "vllm" and self.vllm.tensor_parallel_size > 1 and not self.num_gpus:
             raise invalid("vllm.tensor_parallel_size", "needs serve.num_gpus >= 1 (one GPU per "
                           f"engine shard), got num_gpus {self.num_gpus:g}")
+        need = self.max_prompt_tokens + self.max_new_tokens
+        if self.engine == "vllm" and self.vllm.max_model_len is not None and self.vllm.max_model_len < need:
+            raise invalid("vllm.max_model_len", f"must be >= serve.max_prompt_tokens + serve.max_new_tokens "
+                          f"({self.max_prompt_tokens} + {self.max_new_tokens} = {need}: the longest prompt "
+                          f"the ingress admits and its longest answer), got {self.vllm.max_model_len}")
         return self
+
+    def model_len(self) -> int:
+        """The vLLM engine's context: ``vllm.max_model_len`` or what the ingress admits."""
+        return self.vllm.max_model_len or self.max_prompt_tokens + self.max_new_tokens
 
 
 Benchmark = Literal["wvs", "culture_tasks", "blend", "router"]

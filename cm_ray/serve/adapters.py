@@ -30,6 +30,7 @@ from cm_ray import artifacts
 from cm_ray.artifacts import JOINT
 from cm_ray.serve.api import ApiError, check_adapter_id
 from cm_ray.serve.pool import BASE_ADAPTER, AdapterPool, LoadedAdapter, MixedBatcher, StopFilter
+from cm_ray.serve.responses import fingerprint, tag_items
 
 
 WEIGHTS = "adapter_model.safetensors"
@@ -128,6 +129,9 @@ class AdapterServer:
         self.store = ArtifactStore(root)
         base = models.base or models.generator
         import torch
+        import transformers
+
+        self.fingerprint = fingerprint("transformers", transformers.__version__)  # in every answer
 
         # Decided in the replica, where the model runs: its GPU (serve.num_gpus) when CUDA is here.
         device = "cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu"
@@ -215,10 +219,14 @@ class AdapterServer:
         finally:
             if adapter:
                 self.pool.release(adapter.name)
-        return {**result, **info}
+        return {**result, **info, "system_fingerprint": self.fingerprint}
 
     async def generate_stream(self, req: dict):
         """Streamed variant: yields {delta: str} items, then {finish_reason, usage} or {error}."""
+        async for item in tag_items(self._stream(req), self.fingerprint):
+            yield item
+
+    async def _stream(self, req: dict):
         from transformers import TextIteratorStreamer
 
         try:

@@ -13,7 +13,8 @@ both engines; fields the server does not implement (tools, logprobs, ...) are a 
 ``model="auto"`` asks the router (unless an ``X-Culture`` header or ``culture`` field names the
 culture); ``model="<culture>"`` pins an adapter; ``model="base"`` uses no adapter. Responses carry
 ``culture``, ``router_confidence`` and ``routed_by`` fields and ``X-Culture`` / ``X-Router-*``
-headers.
+headers, and name the engine that generated them (``system_fingerprint``, ``X-CM-Ray-Engine``;
+see ``cm_ray.serve.responses``).
 
 Limits (serve section): body bytes (413), messages and prompt tokens of the rendered chat (400),
 max_new_tokens (422); a full adapter-server queue or a request past ``generation_timeout_s`` is a
@@ -258,4 +259,4 @@ class CultureIngress:
         culture = route["culture"]
         events = sse_events(gen, first, chat, cid, req.model, route, deadline, self.serve_cfg,
                             req.include_usage(), lambda r, ttft: self.metrics.answered(culture, r, ttft), t0)
-        return StreamingResponse(events, media_type="text/event-stream", headers=route_headers(route))
+        return StreamingResponse(events, media_type="text/event-stream", headers=route_headers(route, first))

@@ -11,7 +11,7 @@ import time
 
 from cm_ray.serve.api import ApiError, scrub
 from cm_ray.serve.limits import timeout_error
-from cm_ray.serve.responses import chunk_body, usage_body
+from cm_ray.serve.responses import chunk_body, engine_of, usage_body
 
 log = logging.getLogger("cm_ray.serve")
 
@@ -19,7 +19,8 @@ log = logging.getLogger("cm_ray.serve")
 class IngressMetrics:
     """Prometheus metrics of one ingress replica, in a registry of its own. Per culture (the
     adapter; ``none`` = base model): requests, latency, adapter loads and load time, prompt and
-    output tokens, time to first token; and the adapters the adapter servers hold."""
+    output tokens, time to first token; answers per engine (``cm_ray_answers_total{engine}``); and
+    the adapters the adapter servers hold."""
 
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -40,11 +41,14 @@ class IngressMetrics:
         self.output_tokens = Counter("cm_ray_output_tokens", "Output tokens", ["culture"], registry=r)
         self.ttft = Histogram("cm_ray_time_to_first_token_seconds", "Time to first token",
                               ["culture"], registry=r, buckets=secs)
+        self.engines = Counter("cm_ray_answers", "Answers by the engine that generated them",
+                               ["engine"], registry=r)
         self.loaded = Gauge("cm_ray_adapters_loaded", "Adapters loaded on the adapter-server "
                             "replica that answered the scrape", ["culture"], registry=r)
 
     def answered(self, culture: str, result: dict, ttft_s: float | None = None) -> None:
         """Count one finished generation (``result``: the adapter server's summary)."""
+        self.engines.labels(engine_of(result.get("system_fingerprint")) or "unknown").inc()
         if result.get("adapter_cold"):
             self.loads.labels(culture).inc()
             self.load_time.labels(culture).observe(result.get("adapter_load_ms", 0.0) / 1000)
@@ -73,19 +77,21 @@ async def sse_events(gen, first: dict, chat: bool, cid: str, model: str, route: 
     a timeout error event. ``on_done(summary, ttft_s)`` is called with the final summary (``t0``:
     perf_counter when the request arrived, for the time to first token)."""
     item, ttft = first, None
+    fp = first.get("system_fingerprint")  # the engine that answers, on every chunk
     t0 = time.perf_counter() if t0 is None else t0
     while True:
+        fp = item.get("system_fingerprint", fp)
         if "delta" in item:
             ttft = ttft if ttft is not None else time.perf_counter() - t0
-            yield sse(chunk_body(chat, cid, model, item["delta"], None, route))
+            yield sse(chunk_body(chat, cid, model, item["delta"], None, route, fp))
         elif "error" in item:
             err = item["error"]["error"]
             yield sse({"error": {**err, "message": scrub(str(err.get("message")))}})
             break
         else:
-            yield sse(chunk_body(chat, cid, model, None, item.get("finish_reason"), route))
+            yield sse(chunk_body(chat, cid, model, None, item.get("finish_reason"), route, fp))
             if include_usage:
-                yield sse({**chunk_body(chat, cid, model, None, None, route), "choices": [],
+                yield sse({**chunk_body(chat, cid, model, None, None, route, fp), "choices": [],
                            "usage": usage_body(item)})
             if on_done:
                 on_done(item, ttft)

@@ -32,6 +32,7 @@ from ray import serve
 from cm_ray import artifacts
 from cm_ray.serve.adapters import _BROKEN, _known_broken, _problem, _version_key
 from cm_ray.serve.api import ApiError, check_adapter_id
+from cm_ray.serve.responses import fingerprint, tag_items
 
 
 def engine_args(s, model_dir: str, cuda: bool) -> dict:
@@ -39,7 +40,7 @@ def engine_args(s, model_dir: str, cuda: bool) -> dict:
     v = s.vllm
     kw = dict(model=model_dir, dtype=v.dtype if v.dtype != "auto" else ("bfloat16" if cuda else "float32"),
               enforce_eager=(not cuda) if v.enforce_eager is None else v.enforce_eager,
-              max_model_len=v.max_model_len, max_num_seqs=v.max_num_seqs, enable_lora=True,
+              max_model_len=s.model_len(), max_num_seqs=v.max_num_seqs, enable_lora=True,
               # + 1: on CPU the base model is an adapter too (zero_adapter)
               max_loras=min(v.max_loras, s.max_adapters_per_replica) + (0 if cuda else 1),
               # headroom for evicted adapters that still finish requests in flight
@@ -112,6 +113,7 @@ class VLLMServer:
 
     def __init__(self, serve_cfg, models, root: str):
         import torch
+        import vllm
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -122,6 +124,7 @@ class VLLMServer:
 
         self.serve_cfg = s = serve_cfg
         self.store = ArtifactStore(root)
+        self.fingerprint = fingerprint("vllm", vllm.__version__)  # names this engine in every answer
         # tensor-parallel engines hold their GPUs in Ray workers, not in this actor
         cuda = torch.cuda.is_available() or s.vllm.tensor_parallel_size > 1
         if not cuda:  # the engine core is a child process: it inherits these
@@ -265,7 +268,8 @@ class VLLMServer:
                 if slot.evicted:
                     self.retire(slot)
         yield {"finish_reason": finish or "stop", "prompt_tokens": n_prompt, "completion_tokens": n_out,
-               "ttft_ms": round(ttft or 0.0, 2), "batch_size": peak[0], "batch_adapters": peak[1], **info}
+               "ttft_ms": round(ttft or 0.0, 2), "batch_size": peak[0], "batch_adapters": peak[1],
+               "system_fingerprint": self.fingerprint, **info}
 
     async def generate(self, req: dict) -> dict:
         """One request -> {text, finish_reason, usage counts, batch info} or {error: ...}."""
@@ -279,7 +283,7 @@ class VLLMServer:
 
     async def generate_stream(self, req: dict):
         """Streamed variant: yields {delta: str} items, then {finish_reason, usage} or {error}."""
-        async for item in self._run(req):
+        async for item in tag_items(self._run(req), self.fingerprint):
             yield item
 
     def loaded_adapters(self) -> list[str]:

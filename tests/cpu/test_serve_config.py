@@ -168,3 +168,54 @@ def test_stop_filter_cuts_a_stream_at_the_first_stop_string():
     assert [f.push(p) for p in ["a", "b"]] == ["a", "b"] and f.flush() == ""
     f = StopFilter(["xyz"])  # a tail that may begin "xyz" is held back until it cannot
     assert [f.push(p) for p in ["abx", "q", "zz"]] == ["a", "b", "xq"] and f.flush() == "zz"
+
+
+def test_vllm_context_below_what_the_ingress_admits_is_a_config_error():
+    from cm_ray.serve.vllm_server import engine_args
+
+    with pytest.raises(ConfigError, match=r"serve\.vllm\.max_model_len: must be >= serve\.max_prompt_tokens "
+                                          r"\+ serve\.max_new_tokens \(2048 \+ 512 = 2560.*got 2048"):
+        load_config(REPO / "configs" / "paper.yaml", ["serve.engine=vllm", "serve.vllm.max_model_len=2048"])
+    with pytest.raises(ConfigError, match=r"serve\.vllm\.max_model_len.*got 600"):
+        load_config(None, ["serve.engine=vllm", "serve.max_prompt_tokens=500", "serve.max_new_tokens=101",
+                           "serve.vllm.max_model_len=600"])
+    ok = load_config(None, ["serve.engine=vllm", "serve.max_prompt_tokens=500", "serve.max_new_tokens=100",
+                            "serve.vllm.max_model_len=600"])
+    assert engine_args(ok.serve, "/m", cuda=False)["max_model_len"] == 600
+    # unset: the engine's context is exactly what the ingress admits (paper: 2048 + 512)
+    paper = load_config(REPO / "configs" / "paper.yaml", ["serve.engine=vllm"])
+    assert engine_args(paper.serve, "/m", cuda=True)["max_model_len"] == 2560
+    # the transformers engine has no such context to check
+    load_config(None, ["serve.engine=transformers", "serve.vllm.max_model_len=64"])
+
+
+def test_paper_serve_section_on_vllm_gives_autoscaling_gpu_replicas_and_capped_loras():
+    from cm_ray.serve.app import vllm_server_options
+    from cm_ray.serve.vllm_server import engine_args
+
+    s = load_config(REPO / "configs" / "paper.yaml", ["serve.engine=vllm"]).serve
+    opts = vllm_server_options(s)
+    assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 8}
+    assert "num_replicas" not in opts and "placement_group_bundles" not in opts
+    assert opts["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 1}
+    gpu, cpu = engine_args(s, "/m", cuda=True), engine_args(s, "/m", cuda=False)
+    assert gpu["max_loras"] == s.vllm.max_loras < s.max_adapters_per_replica == 16
+    assert gpu["max_cpu_loras"] >= s.max_adapters_per_replica  # all 16 LRU adapters stay in the engine
+    assert (gpu["dtype"], gpu["enforce_eager"]) == ("bfloat16", False)
+    assert (cpu["dtype"], cpu["enforce_eager"], cpu["max_loras"]) == ("float32", True, s.vllm.max_loras + 1)
+
+
+def test_responses_name_the_engine_that_generated_them():
+    from cm_ray.serve.responses import ENGINE_HEADER, chunk_body, completion_body, engine_of, route_headers
+
+    route = {"culture": "MX", "router_confidence": 0.9, "routed_by": "router"}
+    result = {"text": "hola", "finish_reason": "stop", "prompt_tokens": 3, "completion_tokens": 1,
+              "system_fingerprint": "cm_ray-vllm-0.32.0"}
+    body = completion_body(True, "auto", result, route)
+    assert body["system_fingerprint"] == "cm_ray-vllm-0.32.0" and engine_of(body["system_fingerprint"]) == "vllm"
+    assert route_headers(route, result)[ENGINE_HEADER] == "vllm"
+    chunk = chunk_body(False, "c", "auto", None, "stop", route, "cm_ray-transformers-5.23.0")
+    assert engine_of(chunk["system_fingerprint"]) == "transformers"
+    assert engine_of(None, {"x-cm-ray-engine": "transformers"}) == "transformers"
+    assert engine_of("fp_44709d6fcb") is None and engine_of(None, {}) is None
+    assert "system_fingerprint" not in completion_body(True, "auto", {**result, "system_fingerprint": None}, route)
