@@ -4,6 +4,12 @@ A hit is ``{title, url, snippet, rank, provider, locale, fetched_at}``. HTTP pro
 the request (URL, params / JSON body, auth header from the environment) and parse the response as
 the provider's public API documents it; sending, retrying and rate limiting live in
 ``cm_ray.data.searcher`` (through ``cm_ray.http``). ``BM25Provider`` answers offline from a passage corpus (JSONL/Parquet).
+
+Country and language parameters come only from each provider's documented values, kept as data in
+``provider_values.yaml`` (``targeting``). A culture a provider serves only approximately (Brave's
+``country=ALL``, a language left out) or not at all (neither its country nor any of its languages
+can be sent) is said up front: ``provider_support`` / ``unsupported`` per provider, and
+``check_support`` for the search stage to call before it searches.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import time
 from importlib import resources
 from typing import Any
 
+from cm_ray.data.provider_values import targeting
 from cm_ray.http import RequestFailed, json_body
 
 HIT_FIELDS = ("title", "url", "snippet", "rank", "provider", "locale", "fetched_at")
@@ -100,7 +107,7 @@ class SearXNG(HttpProvider):
 
     def request(self, query, culture, locale, top_k):
         return {"method": "GET", "url": self.endpoint,
-                "params": {"q": query, "format": "json", "language": locale}}
+                "params": {"q": query, "format": "json", **targeting(self.name, culture, locale).params}}
 
     def parse(self, data, locale, top_k):
         return [make_hit(r.get("title"), r.get("url"), r.get("content"), i + 1, self.name, locale)
@@ -112,7 +119,7 @@ class Brave(HttpProvider):
 
     def request(self, query, culture, locale, top_k):
         return {"method": "GET", "url": self.endpoint,
-                "params": {"q": query, "country": culture, "search_lang": locale.split("-")[0],
+                "params": {"q": query, **targeting(self.name, culture, locale).params,
                            "count": min(top_k, 20)},
                 "headers": {"Accept": "application/json", "X-Subscription-Token": self.key}}
 
@@ -126,8 +133,8 @@ class Serper(HttpProvider):
 
     def request(self, query, culture, locale, top_k):
         return {"method": "POST", "url": self.endpoint,
-                "json": {"q": query, "gl": culture.lower(), "hl": locale.split("-")[0],
-                         "num": top_k},
+                "json": {"q": query, **targeting(self.name, culture, locale).params,
+                         "num": min(top_k, 100)},
                 "headers": {"X-API-KEY": self.key, "Content-Type": "application/json"}}
 
     def parse(self, data, locale, top_k):
@@ -141,11 +148,9 @@ class Tavily(HttpProvider):
     name, url, key_env = "tavily", "https://api.tavily.com/search", "TAVILY_API_KEY"
 
     def request(self, query, culture, locale, top_k):
-        from cm_ray.cultures import get_culture
-
-        # Tavily's `country` takes a lower-case English country name (general topic only).
-        body = {"query": query, "max_results": top_k, "topic": "general",
-                "country": get_culture(culture).name.lower()}
+        # Tavily's `country` is one of its own lower-case English names, for topic "general" only.
+        body = {"query": query, "max_results": min(top_k, 20), "topic": "general",
+                **targeting(self.name, culture, locale).params}
         return {"method": "POST", "url": self.endpoint, "json": body,
                 "headers": {"Authorization": f"Bearer {self.key}"}}
 
@@ -159,8 +164,8 @@ class You(HttpProvider):
 
     def request(self, query, culture, locale, top_k):
         return {"method": "GET", "url": self.endpoint,
-                "params": {"query": query, "count": top_k, "country": culture,
-                           "language": locale.split("-")[0].upper()},
+                "params": {"query": query, "count": min(top_k, 100),
+                           **targeting(self.name, culture, locale).params},
                 "headers": {"X-API-Key": self.key}}
 
     def parse(self, data, locale, top_k):
@@ -177,6 +182,48 @@ class You(HttpProvider):
 HTTP_PROVIDERS: dict[str, type[HttpProvider]] = {
     c.name: c for c in (SearXNG, Brave, Serper, Tavily, You)}
 PROVIDERS = ("bm25", *HTTP_PROVIDERS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which documented values a provider gets for a culture, and which cultures it cannot serve.
+
+
+def provider_support(provider: str, cultures) -> dict[str, str]:
+    """{culture: reason} for each of ``cultures`` that ``provider`` serves only approximately
+    (reason starts "approximate: ") or not at all ("unsupported: "); exact ones are left out."""
+    if provider not in HTTP_PROVIDERS:
+        return {}
+    out = {}
+    for culture in cultures:
+        t = targeting(provider, culture)
+        if t.support != "exact":
+            out[culture] = f"{t.support}: {t.reason}"
+    return out
+
+
+def unsupported(provider: str, cultures) -> dict[str, str]:
+    """{culture: reason} for the cultures ``provider`` cannot serve (it can send neither their
+    country nor any of their languages)."""
+    return {c: r.removeprefix("unsupported: ") for c, r in provider_support(provider, cultures).items()
+            if r.startswith("unsupported: ")}
+
+
+def check_support(chain: list[str], cultures, log=None) -> dict[str, dict[str, str]]:
+    """For the search stage, before it searches: ``{provider: {culture: reason}}`` for every
+    provider of ``chain`` (primary + fallbacks) that serves a culture approximately or not at all,
+    each reason passed to ``log`` (e.g. ``logger.warning``). Raises ProviderError naming the
+    cultures that no provider of the chain can serve (BM25 serves every culture)."""
+    report = {p: s for p in chain if (s := provider_support(p, cultures))}
+    for p, per in report.items():
+        for culture, reason in per.items():
+            if log is not None:
+                log(f"search: {p} for {culture}: {reason}")
+    if "bm25" not in chain:
+        dead = [c for c in cultures if all(c in unsupported(p, [c]) for p in chain)]
+        if dead:
+            raise ProviderError("search: no provider of " + " -> ".join(chain) + " can serve "
+                                + "; ".join(f"{c} ({unsupported(chain[0], [c])[c]})" for c in dead))
+    return report
 
 
 # ---------------------------------------------------------------------------------------------
