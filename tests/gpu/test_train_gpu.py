@@ -10,6 +10,8 @@ import os
 import pytest
 
 torch = pytest.importorskip("torch")
+pytest.importorskip("ray", reason="needs ray: install the project with its GPU extra (CM_RAY_GPU_INSTALL=1 bash scripts/test_gpu.sh)")
+pytest.importorskip("deepspeed", reason="needs DeepSpeed (the project's dependencies; it may travel as a wheel)")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/cm_ray/torch_extensions"))
 

@@ -10,6 +10,8 @@ import json
 import pytest
 
 torch = pytest.importorskip("torch")
+pytest.importorskip("ray", reason="needs ray: install the project with its GPU extra (CM_RAY_GPU_INSTALL=1 bash scripts/test_gpu.sh)")
+pytest.importorskip("vllm", reason="needs vLLM for CUDA (the GPU extra)")
 pytestmark = [pytest.mark.vllm,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
