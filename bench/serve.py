@@ -150,7 +150,7 @@ def run_engine(engine: str, args, model_dir: str, root: str, port: int) -> dict:
         f"serve.max_ongoing_requests={max(64, 2 * args.clients)}", "serve.batch_wait_timeout_s=0.01",
         f"serve.max_new_tokens={args.max_tokens}", f"serve.app_name=bench-{engine}",
         f"serve.num_gpus={args.num_gpus}", "serve.vllm.max_loras=8", "serve.vllm.max_model_len=512",
-        f"serve.vllm.max_num_seqs={max(16, args.clients)}"])
+        f"serve.vllm.max_num_seqs={max(16, args.clients)}", "serve.max_prompt_tokens=128"])
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()

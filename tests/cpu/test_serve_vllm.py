@@ -76,6 +76,7 @@ def test_vllm_engine_answers_models_routing_and_pinned_cultures(vurl):
     assert ids[:2] == ["auto", "base"] and {"GB", "CN", "MX", "IT"} <= set(ids)
     r = chat(vurl, "¿Qué comemos en el Día de Muertos con la familia?")
     assert r.status_code == 200 and r.json()["culture"] == "MX" and r.json()["routed_by"] == "router"
+    assert r.json()["system_fingerprint"].startswith("cm_ray-vllm-") and r.headers["X-CM-Ray-Engine"] == "vllm"
     assert 0 < r.json()["usage"]["completion_tokens"] <= 12 and _text(r).strip()
     assert chat(vurl, "过年的时候我们吃饺子。").json()["culture"] == "CN"
     assert chat(vurl, "hello", model="gb").json()["culture"] == "GB"
@@ -110,6 +111,7 @@ def test_openai_client_streams_with_usage_guides_json_and_refuses_what_it_lacks(
     chunks = list(client.chat.completions.create(model="MX", messages=msgs, stream=True,
                                                  stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain
+    assert chunks[-1].system_fingerprint.startswith("cm_ray-vllm-")  # the engine, as OpenAI's field
     usage = chunks[-1].usage
     assert not chunks[-1].choices and usage.completion_tokens > 0 and usage.prompt_tokens > 0
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
@@ -220,9 +222,10 @@ def test_cm_ray_serve_on_vllm_answers_through_the_router(vurl, vstore, smollm2_d
     cfg = load_config(REPO / "configs" / "demo.yaml", [
         f"root={vstore.root}", f"models.base={smollm2_dir}", "serve.engine=vllm", f"serve.port={port}",
         "serve.route_prefix=/demo", "serve.app_name=cm_ray_vllm_demo", "serve.max_new_tokens=8",
-        "serve.vllm.max_model_len=512", "serve.vllm.kv_cache_space_gb=1", "serve.ray_actor_cpus=1",
-        f"serve.demo_prompt={TEXTS['MX'][0]}"])
+        "serve.vllm.max_model_len=512", "serve.max_prompt_tokens=256", "serve.vllm.kv_cache_space_gb=1",
+        "serve.ray_actor_cpus=1", f"serve.demo_prompt={TEXTS['MX'][0]}"])
     summary = run_serve(cfg, vstore)
     assert summary["engine"] == "vllm" and summary["culture"] == "MX" and summary["routed_by"] == "router"
+    assert summary["system_fingerprint"].startswith("cm_ray-vllm-") and summary["degradations"] == []
     assert summary["answer"].strip() and "on vllm" in summary["headline"]
     assert "cm_ray_vllm_demo" not in serve.status().applications
