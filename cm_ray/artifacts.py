@@ -290,6 +290,19 @@ def synth_files(store: Any, culture: str | None = None, tasks: list[str] | None 
     return paths
 
 
+def unreadable(store: Any, *parts: str) -> str | None:
+    """Why the Parquet file at ``parts`` cannot be read (cut short, overwritten: its footer is
+    gone); None when it can. A partition whose file exists but is unreadable is not done."""
+    import pyarrow.parquet as pq
+
+    try:
+        with store.fs.open_input_file(store.fs_path(*parts)) as f:
+            pq.read_metadata(f)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        return f"{store.uri(*parts)}: {' '.join(str(e).split())[:200]}"
+    return None
+
+
 def read_synth(store: Any, culture: str | None = None, task: str | None = None,
                columns: list[str] | None = None) -> "pa.Table":
     """The synthesized rows (all, one culture, or one partition) as one Arrow table."""

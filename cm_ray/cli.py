@@ -49,8 +49,16 @@ def _parser() -> argparse.ArgumentParser:
         if name == "plan":
             c.add_argument("--cluster", metavar="FILE",
                            help="cluster.yaml or a KubeRay manifest (default: ray.cluster_config)")
+            c.add_argument("--connect", metavar="SECONDS", type=float, nargs="?", const=30.0, default=None,
+                           help="read the node types of the cluster at ray.address / RAY_ADDRESS "
+                                "(default: never connect), giving up after SECONDS (30)")
         if name == "export":
-            c.add_argument("--to", metavar="DIR", required=True, help="directory to write the dataset to")
+            c.add_argument("--to", metavar="DIR", required=True,
+                           help="a new or empty directory outside the artifact root")
+            c.add_argument("--overwrite", action="store_true",
+                           help="let DIR hold other files: only the export's own files are replaced")
+            c.add_argument("--license", default="other",
+                           help="license id of the dataset card (a Hub license id; default: other)")
             c.add_argument("--push-to-hub", metavar="REPO",
                            help="also upload it to this Hugging Face dataset repo (token: HF_TOKEN)")
         if name in ("run", "serve"):
@@ -107,46 +115,71 @@ def format_summary(cfg, summaries: dict[str, dict], store_uri: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from cm_ray.config import ConfigError, load_config
+class InputError(ValueError):
+    """Bad input a command found itself (an unknown task, ...): one line, exit code 2."""
+
+
+def bad_input() -> tuple[type[BaseException], ...]:
+    """What the error boundary of ``main`` turns into one line and exit code 2: a config, override,
+    cluster file or task spec that cannot be read or is invalid, bookkeeping that cannot be read,
+    an export target that must not be written."""
+    from cm_ray.config import ConfigError
+    from cm_ray.export import ExportTargetError
+    from cm_ray.safe_yaml import YAMLInputError
+    from cm_ray.storage import UnreadableRecord
+
+    return InputError, ConfigError, YAMLInputError, UnreadableRecord, ExportTargetError
+
+
+def check_tasks(cfg) -> None:
+    """Every task of the config names a spec that loads (``tasks[i]: ...`` when one does not)."""
+    from cm_ray.config import ConfigError
+    from cm_ray.tasks import load_task
+
+    for i, task in enumerate(cfg.tasks):
+        try:
+            load_task(task)
+        except ConfigError as e:
+            raise InputError(f"tasks[{i}]: {e}") from None
+
+
+def cmd_plan(args, cfg) -> int:
+    from cm_ray.plan import run_plan
+
+    code, text = run_plan(cfg, args.cluster, as_json=args.json, connect=args.connect)
+    print(text, file=sys.stderr if code else sys.stdout)
+    return code
+
+
+def cmd_export(args, cfg) -> int:
+    from cm_ray.export import build_export, push_to_hub
+    from cm_ray.storage import ArtifactStore
 
     try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"cm-ray: invalid config: {e}", file=sys.stderr)
-        return 2
+        card = build_export(cfg, ArtifactStore(cfg.root), args.to, overwrite=args.overwrite, license=args.license)
+        where = push_to_hub(args.to, args.push_to_hub, card["files"]) if args.push_to_hub else None
+    except (FileNotFoundError, RuntimeError) as e:
+        if isinstance(e, bad_input()):
+            raise
+        print(f"cm-ray export: {e}", file=sys.stderr)
+        return 1
+    rows = sum(n for s in card["rows"].values() for per in s.values() for n in per.values())
+    print(json.dumps(card, indent=2) if args.json else
+          f"{rows} rows, {len(card['rows'])} configs ({', '.join(card['rows'])}) -> {args.to}"
+          + (f"; pushed: {where}" if where else ""))
+    return 0
 
-    if args.command == "plan":
-        from cm_ray.plan import run_plan
 
-        code, text = run_plan(cfg, args.cluster, as_json=args.json)
-        print(text, file=sys.stderr if code else sys.stdout)
-        return code
+def cmd_status(args, cfg) -> int:
+    from cm_ray.status import run_status
+    from cm_ray.storage import ArtifactStore
 
-    if args.command == "export":
-        from cm_ray.export import build_export, push_to_hub
-        from cm_ray.storage import ArtifactStore
+    print(run_status(cfg, ArtifactStore(cfg.root), as_json=args.json))
+    return 0
 
-        try:
-            card = build_export(cfg, ArtifactStore(cfg.root), args.to)
-            where = push_to_hub(args.to, args.push_to_hub) if args.push_to_hub else None
-        except (FileNotFoundError, RuntimeError) as e:
-            print(f"cm-ray export: {e}", file=sys.stderr)
-            return 1
-        rows = sum(n for s in card["rows"].values() for per in s.values() for n in per.values())
-        print(json.dumps(card, indent=2) if args.json else
-              f"{rows} rows, {len(card['rows'])} configs ({', '.join(card['rows'])}) -> {args.to}"
-              + (f"; pushed: {where}" if where else ""))
-        return 0
 
-    if args.command == "status":
-        from cm_ray.status import run_status
-        from cm_ray.storage import ArtifactStore
-
-        print(run_status(cfg, ArtifactStore(cfg.root), as_json=args.json))
-        return 0
-
+def cmd_stages(args, cfg) -> int:
+    """run / synthesize / train / route / serve / evaluate / ablation: the stages, then the table."""
     from cm_ray.stages import pipeline, run_stage
     from cm_ray.storage import ArtifactStore, ensure_bucket
 
@@ -177,6 +210,28 @@ def main(argv: list[str] | None = None) -> int:
         print(format_summary(cfg, summaries, store.root))
         print(f"total: {total:.0f}s")
     return 0
+
+
+HANDLERS = {"plan": cmd_plan, "export": cmd_export, "status": cmd_status}
+"""Command -> handler(args, cfg) -> exit code; every other command of COMMANDS runs stages."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, load the config, run the command; the one error boundary: bad input (``bad_input``)
+    is one line on stderr naming the file or field, exit code 2, never a traceback."""
+    args = parse_args(argv)
+    from cm_ray.config import ConfigError, load_config
+
+    try:
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except ConfigError as e:
+            raise ConfigError(f"invalid config: {e}") from None
+        check_tasks(cfg)
+        return HANDLERS.get(args.command, cmd_stages)(args, cfg)
+    except bad_input() as e:
+        print(f"cm-ray {args.command}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
 
 def job_main(command: str, argv: list[str] | None = None) -> int:

@@ -161,13 +161,16 @@ def from_kuberay(doc: dict, source: str) -> Cluster:
 
 def load_cluster_file(path: str | Path) -> Cluster:
     """Node types from a cluster-launcher YAML or a KubeRay manifest."""
-    import yaml
+    from cm_ray.safe_yaml import load
 
     p = Path(path).expanduser()
-    doc = yaml.safe_load(p.read_text())
+    doc = load(p)  # with size and alias limits; errors (ValueError) name the file
     if not isinstance(doc, dict):
         raise ValueError(f"{p}: not a YAML mapping")
-    return from_kuberay(doc, str(p)) if "apiVersion" in doc else from_launcher_yaml(doc, str(p))
+    try:
+        return from_kuberay(doc, str(p)) if "apiVersion" in doc else from_launcher_yaml(doc, str(p))
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # a field missing or of the wrong shape
+        raise ValueError(f"{p}: not a cluster-launcher YAML or KubeRay manifest: {type(e).__name__} {e}") from None
 
 
 def _from_autoscaler() -> Cluster | None:

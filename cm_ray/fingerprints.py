@@ -59,6 +59,9 @@ PERF = {
     "evaluate": {"workers", "num_gpus", "num_cpus"},
 }
 """Fields of a section that change how fast, not what, a partition is computed."""
+PARQUET = ("synthesize",)
+"""Stages whose partition is one Parquet file (``A.PART``) checked on every plan: one that cannot
+be read (cut short, overwritten) is failed, deleted and recomputed by the next run."""
 
 
 @dataclass
@@ -176,13 +179,11 @@ class Records:
         self.store, self._cache, self._found = store, {}, {}
 
     def get(self, stage: str) -> dict:
+        """A stage's records; a record file that does not parse raises ``UnreadableRecord`` (taking
+        it for "nothing recorded" would delete every finished partition of the stage)."""
         if stage not in self._cache:
-            parts = A.fingerprints_file(stage)
-            self._found[stage] = self.store.exists(*parts)
-            try:
-                self._cache[stage] = self.store.read_json(*parts) if self._found[stage] else {}
-            except (OSError, ValueError):
-                self._cache[stage] = {}
+            got = self.store.read_record(*A.fingerprints_file(stage), what="fingerprint record")
+            self._found[stage], self._cache[stage] = got is not None, got or {}
         return self._cache[stage]
 
     def legacy(self, stage: str) -> bool:
@@ -233,6 +234,8 @@ def plan(name: str, cfg, store, force: bool = False, records: Records | None = N
             p.state, p.reason = "failed", old["failed"]  # with its output, when it degraded
         elif not p.done(store):
             p.state, p.reason = "missing", "missing"
+        elif name in PARQUET and (bad := A.unreadable(store, *p.output, A.PART)):
+            p.state, p.reason = "failed", f"unreadable: {bad}"  # cut short: deleted and redone
         elif old is None and records.legacy(name):
             # A root from before fingerprints: its outputs are taken as current (recorded now),
             # rather than redoing a finished run; later changes are detected from here on.

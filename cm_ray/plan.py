@@ -2,6 +2,7 @@
 
     cm-ray plan configs/paper.yaml                       # node types from ray.cluster_config
     cm-ray plan configs/paper.yaml --cluster cluster.yaml --json
+    cm-ray plan configs/paper.yaml --connect 20          # the cluster at ray.address, 20 s to answer
 
 Per stage: the requests of ``cm_ray.resources`` (actors / trial worker groups / replicas, their
 bundles, how many at once, CPU and GPU totals) and the node types of the cluster config that can
@@ -9,29 +10,64 @@ host each bundle (GPU-bound requests must land on a GPU node type); the work (cu
 partitions, adapters, trials); and the time/cost estimate of ``cm_ray.estimate`` from measured
 figures, the unmeasured ones named. A request no node type can hold is an error naming the stage
 and the resource. Without a cluster file or a running cluster to join, the plan is for the local
-cluster ``cm-ray run`` would start (one node, ``ray.num_cpus`` CPUs, no GPUs).
+cluster ``cm-ray run`` would start (one node, ``ray.num_cpus`` CPUs, no GPUs). ``ray.address`` /
+``RAY_ADDRESS`` is contacted only with ``--connect``, which gives up after its timeout with a message.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import threading
+from urllib.parse import urlsplit
 
 from cm_ray.cluster import Cluster, NodeType, discover, load_cluster_file
 from cm_ray.resources import PlacementError, check, stage_requests
 
 
-def plan_cluster(cfg, cluster_file: str | None = None) -> Cluster:
-    """The cluster to plan for: ``--cluster``, ``ray.cluster_config``, a cluster to join, or local."""
+def plan_cluster(cfg, cluster_file: str | None = None, connect: float | None = None) -> Cluster:
+    """The cluster to plan for: ``--cluster``, ``ray.cluster_config``, the cluster at ``ray.address``
+    (only with ``connect``: seconds to wait for it), or the local cluster ``cm-ray run`` starts."""
     path = cluster_file or cfg.ray.cluster_config
     if path:
         return load_cluster_file(path)
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        from cm_ray.ray_utils import init_ray
-
-        init_ray(cfg)
-        return discover()
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address and connect is not None:
+        return _connect(cfg, address, connect)
     cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
-    return Cluster([NodeType("local", {"CPU": float(cpus)}, head=True)], "local cluster (ray.init)")
+    source = "local cluster (ray.init)" + (f"; {address} not contacted (--connect plans for it)" if address else "")
+    return Cluster([NodeType("local", {"CPU": float(cpus)}, head=True)], source)
+
+
+def _connect(cfg, address: str, timeout_s: float) -> Cluster:
+    """Join the cluster at ``address`` and read its node types, or TimeoutError after ``timeout_s``."""
+    netloc = urlsplit(address if "://" in address else f"ray://{address}").netloc
+    host, _, port = netloc.rpartition(":")
+    if host and port.isdigit():  # refused or unroutable: say so now rather than let ray.init retry
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        except OSError as e:
+            raise TimeoutError(f"ray.address {address}: cannot reach it ({e.strerror or e})") from None
+    got: dict = {}
+
+    def join() -> None:
+        try:
+            from cm_ray.ray_utils import init_ray
+
+            init_ray(cfg)
+            got["cluster"] = discover()
+        except Exception as e:  # noqa: BLE001 - reported by the caller
+            got["error"] = e
+
+    worker = threading.Thread(target=join, daemon=True, name="plan-connect")
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise TimeoutError(f"ray.address {address}: no Ray cluster answered within {timeout_s:g} s "
+                           f"(--connect SECONDS waits longer; --cluster FILE plans from a cluster file)")
+    if "error" in got:
+        raise TimeoutError(f"ray.address {address}: cannot join: {got['error']}")
+    return got["cluster"]
 
 
 def work_counts(cfg) -> dict:
@@ -46,11 +82,12 @@ def work_counts(cfg) -> dict:
             "synth_partitions": pairs, "adapters": len(adapters), "trials": len(adapters)}
 
 
-def make_plan(cfg, cluster_file: str | None = None, prices: dict | None = None) -> dict:
+def make_plan(cfg, cluster_file: str | None = None, prices: dict | None = None,
+              connect: float | None = None) -> dict:
     """The plan as data (``--json``); raises ``PlacementError`` for a request nothing can host."""
     from cm_ray.estimate import RESULTS_DIR, estimate, load_results
 
-    cluster = plan_cluster(cfg, cluster_file)
+    cluster = plan_cluster(cfg, cluster_file, connect)
     work = work_counts(cfg)
     requests = stage_requests(cfg, cluster, work["trials"])
     check(requests, cluster)
@@ -105,16 +142,18 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def run_plan(cfg, cluster_file: str | None = None, as_json: bool = False) -> tuple[int, str]:
-    """(exit code, text) for the CLI."""
+def run_plan(cfg, cluster_file: str | None = None, as_json: bool = False,
+             connect: float | None = None) -> tuple[int, str]:
+    """(exit code, text) for the CLI: 2 and one line for a request nothing can host, a cluster file
+    that cannot be read, a cluster that does not answer."""
     import json
 
     try:
-        plan = make_plan(cfg, cluster_file)
+        plan = make_plan(cfg, cluster_file, connect=connect)
     except PlacementError as e:
         return 2, f"cm-ray plan: cannot place: {e}"
     except (OSError, ValueError) as e:
-        return 2, f"cm-ray plan: {e}"
+        return 2, "cm-ray plan: " + " ".join(str(e).split())
     return 0, json.dumps(plan, indent=2, default=str) if as_json else format_plan(plan)
 
 

@@ -8,13 +8,12 @@ S3 endpoints other than AWS (moto, MinIO) come from ``AWS_ENDPOINT_URL``, as bot
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import posixpath
 import shutil
-import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -124,10 +123,14 @@ class ArtifactStore:
             with self.fs.open_output_stream(path) as f:
                 f.write(data)
         else:
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
-            self.fs.move(tmp, path)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"  # one per writer: threads share a pid
+            try:
+                with self.fs.open_output_stream(tmp) as f:
+                    f.write(data)
+                self.fs.move(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
         return self.uri(*parts)
 
     def read_bytes(self, *parts: str) -> bytes:
@@ -208,43 +211,12 @@ class ArtifactStore:
         ``resolve_dir``. Afterwards every version but this one and the previous is deleted (a
         reader that resolved just before the switch still finds its files), and so are files
         written in place before versioning once they are no longer the previous version.
+        Concurrent publishers of one directory are safe: the switch and the deletions happen
+        under a per-directory lock (``cm_ray.publish``).
         """
-        import pyarrow.fs as pafs
+        from cm_ray.publish import publish_dir
 
-        src = Path(local_dir).resolve()
-        files = sorted(p for p in src.rglob("*") if p.is_file())
-        digest = hashlib.sha256()
-        for p in files:
-            digest.update(f"{p.relative_to(src).as_posix()}\0{p.stat().st_size}\0".encode())
-            with p.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        version = digest.hexdigest()[:16]
-        sizes = {p.relative_to(src).as_posix(): p.stat().st_size for p in files}
-        current = self.read_pointer(*parts)
-        if current and current["version"] == version:
-            return version  # already current
-        if self.file_sizes(*parts, VERSIONS, version) != sizes:  # absent, or a crashed copy
-            dest = self.fs_path(*parts, VERSIONS, version)
-            self.fs.create_dir(dest, recursive=True)
-            pafs.copy_files(str(src), dest, source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=self.fs)
-        if current:
-            previous = current["version"]
-        else:  # a directory written in place (no pointer yet) is the previous version
-            previous = LEGACY if self._in_place(*parts) else None
-        self.write_json({"format": 1, "version": version, "previous": previous,
-                         "published_at": time.time(), "files": sizes}, *parts, POINTER)
-        for old in set(self.listdir(*parts, VERSIONS)) - {version, previous}:
-            self.delete(*parts, VERSIONS, old)
-        if previous != LEGACY:
-            for old in set(self.listdir(*parts)) - {VERSIONS, POINTER}:  # + crashed pointer temps
-                self.delete(*parts, old)
-        return version
-
-    def _in_place(self, *parts: str) -> list[str]:
-        """Entries of a published directory that are neither its versions nor its pointer."""
-        return [n for n in self.listdir(*parts) if n != VERSIONS and not n.startswith(POINTER)]
+        return publish_dir(self, local_dir, *parts)
 
     def read_pointer(self, *parts: str) -> dict | None:
         """The pointer of a published directory ({version, previous, files, ...}); None when
@@ -293,9 +265,35 @@ class ArtifactStore:
         return self.write_json(manifest, *manifest_file(stage))
 
     def read_manifest(self, stage: str) -> dict | None:
+        """A stage's manifest; None when there is none; ``UnreadableRecord`` when it does not parse."""
         from cm_ray.artifacts import manifest_file
 
-        return self.read_json(*manifest_file(stage)) if self.exists(*manifest_file(stage)) else None
+        return self.read_record(*manifest_file(stage), what="manifest")
+
+    def read_record(self, *parts: str, what: str = "record") -> dict | None:
+        """A JSON object this code keeps (a manifest, fingerprints): None when absent; a file that
+        is there but cannot be read as one is an ``UnreadableRecord`` naming it, never "nothing"."""
+        try:
+            data = self.read_bytes(*parts)
+        except FileNotFoundError:
+            return None
+        try:
+            obj = json.loads(data)
+        except ValueError as e:  # not UTF-8, not JSON (cut short, overwritten)
+            raise UnreadableRecord(self.uri(*parts), what, f"not JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise UnreadableRecord(self.uri(*parts), what, f"a JSON {type(obj).__name__}, not an object")
+        return obj
+
+
+class UnreadableRecord(RuntimeError):
+    """A bookkeeping file (manifest, fingerprints) that exists but cannot be read: an error naming
+    it, so that nothing is deleted or redone on the strength of a record nobody could read."""
+
+    def __init__(self, uri: str, what: str, why: str):
+        self.uri = uri
+        super().__init__(f"{uri}: unreadable {what} ({why}); nothing was deleted or recomputed: "
+                         f"repair or remove it by hand")
 
 
 def ensure_bucket(uri: str) -> None:

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import ValidationError, field_validator, model_validator
 
 from cm_ray.config.base import ConfigError, Section, invalid, to_config_error
@@ -14,6 +13,7 @@ from cm_ray.config.recipes import CLCAConfig, CultureSPAConfig
 from cm_ray.config.sections import ChecksConfig, ModelsConfig, QueryConfig, RayConfig, SearchConfig, SynthesisConfig
 from cm_ray.config.serving import EvalConfig, RouterConfig, ServeConfig
 from cm_ray.config.train import TrainConfig
+from cm_ray.safe_yaml import YAMLInputError, load, loads
 
 RECIPES = ("culturemanager", "culturespa", "clca")
 RECIPE_SECTIONS = ("culturespa", "clca")
@@ -105,18 +105,24 @@ def config_from_dict(data: dict) -> Config:
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
-    """Apply dotted ``key=value`` overrides (values parsed as YAML) to a nested dict."""
+    """Apply dotted ``key=value`` overrides (values parsed as YAML, with ``safe_yaml``'s limits)
+    to a nested dict; a malformed one is a ``ConfigError`` naming its key."""
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        node = data
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: {key.strip()!r} is not a dotted key")
+        try:
+            value = loads(raw, key.strip()) if raw != "" else ""
+        except YAMLInputError as e:  # "<dotted key>: not valid YAML: ..."
+            raise ConfigError(str(e)) from None
+        node = data
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"{key}: {part} is not a mapping")
+                raise ConfigError(f"{key.strip()}: {'.'.join(parts[:i + 1])} is not a mapping")
         node[parts[-1]] = value
     return data
 
@@ -125,11 +131,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a run config from YAML (None = all defaults) and apply dotted overrides."""
     data: Any = {}
     if path is not None:
-        text = Path(path).read_text()
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        try:  # a directory, not UTF-8, not YAML, too large or an alias bomb: one error naming it
+            data = load(path) or {}
+        except YAMLInputError as e:
+            raise ConfigError(str(e)) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     return config_from_dict(apply_overrides(data, overrides))

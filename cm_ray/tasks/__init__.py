@@ -14,8 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from cm_ray import safe_yaml
 from cm_ray.config import ConfigError, build
 
 TASK_DIR = Path(__file__).parent
@@ -192,7 +191,10 @@ def load_task(name_or_path: str) -> TaskSpec:
         path = TASK_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         raise ConfigError(f"task {name_or_path!r}: no such spec (shipped: {', '.join(available_tasks())})")
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = safe_yaml.load(path)  # with size and alias limits
+    except safe_yaml.YAMLInputError as e:
+        raise ConfigError(f"task {name_or_path!r}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"task {name_or_path!r}: the YAML must be a mapping")
     return build(TaskSpec, data, f"task {data.get('name', name_or_path)}")

@@ -68,7 +68,7 @@ def test_export_writes_a_dataset_per_task_with_a_card_and_builds_the_hub_commit(
     assert "- vllm / smollm2: 12 samples" in card and "- www.wiki.example: 12" in card and "- news.gb.example: 7" in card
     assert "cultures: GB, MX" in card and "Generated 20" in card
 
-    ops = hub_operations(out)
+    ops = hub_operations(out, json.loads(_cli("export", *args, "--to", str(tmp_path / "j"), "--json").stdout)["files"])
     assert sorted(o.path_in_repo for o in ops) == ["README.md", "offensive/train-00000-of-00001.parquet",
                                                     "offensive/validation-00000-of-00001.parquet",
                                                     "survey/train-00000-of-00001.parquet"]
@@ -77,5 +77,5 @@ def test_export_writes_a_dataset_per_task_with_a_card_and_builds_the_hub_commit(
     assert r.returncode == 1 and "needs a Hugging Face token in HF_TOKEN" in r.stderr
     r = _cli("export", "configs/demo.yaml", f"root={tmp_path / 'empty'}", "--to", str(tmp_path / "none"))
     assert r.returncode == 1 and "no synthesized rows" in r.stderr and "run cm-ray synthesize first" in r.stderr
-    assert json.loads(_cli("export", *args, "--to", str(out), "--json").stdout)["rows"]["survey"]["train"] == \
+    assert json.loads(_cli("export", *args, "--to", str(out), "--json", "--overwrite").stdout)["rows"]["survey"]["train"] == \
         {"GB": 2, "MX": 2}
