@@ -25,8 +25,12 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from cm_ray.storage import LEGACY, POINTER, VERSIONS
-
+VERSIONS = "versions"
+"""Subdirectory of a published directory holding its versions, one per content hash."""
+POINTER = "current.json"
+"""A published directory's pointer: names the version readers use (written last, atomically)."""
+LEGACY = "."
+"""``previous`` of a first versioned publish over a directory that was written in place."""
 LOCK = POINTER + ".lock"
 """The publish lock of a versioned directory (a file locally, an object on S3 while held)."""
 LEASE_S = 300.0

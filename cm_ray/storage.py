@@ -18,17 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from cm_ray.publish import LEGACY, POINTER, VERSIONS  # noqa: F401 - the layout of published dirs
+
 if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.fs as pafs
 
 
-VERSIONS = "versions"
-"""Subdirectory of a published directory holding its versions, one per content hash."""
-POINTER = "current.json"
-"""A published directory's pointer: names the version readers use (written last, atomically)."""
-LEGACY = "."
-"""``previous`` of a first versioned publish over a directory that was written in place."""
 
 
 def is_s3(uri: str) -> bool:
