@@ -333,3 +333,93 @@ def test_bm25_reads_a_user_corpus_as_jsonl_or_parquet(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"id": "x"}\n')
     with pytest.raises(ValueError, match="passage 0 .* has no 'text'"):
         load_corpus(str(tmp_path / "bad.jsonl"))
+
+
+# ------------------------------------------------------------- documented parameter values ----
+
+PAPER = ["US", "GB", "CN", "KR", "JP", "DE", "MX", "IN", "EG", "ES"]
+
+
+def _documented_sets() -> dict[str, dict[str, set[str]]]:
+    """{provider: {param: documented values}} straight from the data file."""
+    from cm_ray.data.provider_values import provider_values
+
+    out = {}
+    for provider, spec in provider_values().items():
+        for s in spec.values():
+            if "pattern" in s:  # SearXNG: a language pattern, checked on its own
+                continue
+            vals = s["names"].values() if "names" in s else s["values"]
+            assert all(isinstance(v, str) for v in vals), (provider, s["param"])  # no YAML yes/no booleans
+            out.setdefault(provider, {})[s["param"]] = set(vals)
+    return {"searxng": {}, **out}
+
+
+def _sent(provider: str, culture: str, locale: str) -> dict:
+    req = make_provider(provider, "http://127.0.0.1:1/x").request("q", culture, locale, 8)
+    return req.get("params") or req.get("json")
+
+
+@pytest.mark.parametrize("provider", ["brave", "serper", "tavily", "you", "searxng"])
+def test_every_registry_culture_gets_only_documented_values(keys, provider):
+    import re
+
+    from cm_ray.cultures import registry
+    from cm_ray.data.provider_values import provider_values
+
+    documented = _documented_sets()[provider]
+    pattern = provider_values()["searxng"]["language"]["pattern"]
+    for key, culture in registry().items():
+        sent = _sent(provider, key, culture.locale)
+        for param, allowed in documented.items():
+            if param in sent:
+                assert sent[param] in allowed, (provider, key, param, sent[param])
+        if provider == "searxng":
+            assert re.fullmatch(pattern, sent["language"]), (key, sent)
+
+
+@pytest.mark.parametrize("provider,expected", [
+    ("brave", {"CN": ("CN", "zh-hans"), "JP": ("JP", "jp"), "EG": ("ALL", "ar"), "GB": ("GB", "en-gb"),
+               "IN": ("IN", "hi"), "MX": ("MX", "es")}),
+    ("serper", {"CN": ("cn", "zh-cn"), "GB": ("uk", "en"), "EG": ("eg", "ar"), "JP": ("jp", "ja")}),
+    ("you", {"CN": ("CN", "ZH-HANS"), "JP": ("JP", "JA"), "EG": (None, "AR"), "KR": ("KR", "KO")}),
+    ("tavily", {"US": ("united states", None), "KR": ("south korea", None), "GB": ("united kingdom", None),
+                "EG": ("egypt", None), "CN": ("china", None)}),
+])
+def test_paper_cultures_get_the_providers_own_spelling(keys, provider, expected):
+    from cm_ray.cultures import get_culture
+
+    cparam, lparam = {"brave": ("country", "search_lang"), "serper": ("gl", "hl"),
+                      "you": ("country", "language"), "tavily": ("country", None)}[provider]
+    for culture, (country, language) in expected.items():
+        sent = _sent(provider, culture, get_culture(culture).locale)
+        assert sent.get(cparam) == country and (lparam is None or sent.get(lparam) == language), sent
+
+
+def test_brave_sends_zh_and_pt_variants_by_country(keys):
+    assert _sent("brave", "TW", "zh-TW")["search_lang"] == "zh-hant"
+    assert _sent("brave", "BR", "pt-BR")["search_lang"] == "pt-br"
+    assert _sent("brave", "PT", "pt-PT")["search_lang"] == "pt-pt"
+    assert _sent("brave", "NO", "no-NO")["search_lang"] == "nb"
+
+
+def test_approximate_and_unsupported_cultures_are_named_with_how():
+    from cm_ray.data.providers import check_support, provider_support, unsupported
+
+    brave = provider_support("brave", PAPER)
+    assert set(brave) == {"EG"} and brave["EG"].startswith("approximate: ") and "country=ALL" in brave["EG"]
+    you = provider_support("you", PAPER)
+    assert set(you) == {"EG"} and "country left out" in you["EG"]
+    assert provider_support("serper", PAPER) == provider_support("tavily", PAPER) == {}
+    assert provider_support("searxng", PAPER) == provider_support("bm25", PAPER) == {}
+    assert unsupported("brave", PAPER) == {}
+    # Aruba: Tavily has no country for it and no language parameter at all.
+    assert "AW" in unsupported("tavily", ["AW", "MX"]) and "MX" not in unsupported("tavily", ["AW", "MX"])
+    # Albania: Brave has neither AL nor Albanian (sq).
+    assert "search_lang" in unsupported("brave", ["AL"])["AL"]
+    lines = []
+    report = check_support(["brave", "you"], PAPER, log=lines.append)
+    assert set(report) == {"brave", "you"} and len(lines) == 2 and all("EG" in line for line in lines)
+    with pytest.raises(ProviderError, match=r"no provider of tavily can serve AW"):
+        check_support(["tavily"], ["MX", "AW"])
+    assert "AW" in check_support(["tavily", "bm25"], ["AW"])["tavily"]  # BM25 still serves it
