@@ -118,6 +118,9 @@ class SearchConfig(Section):
     backoff_base_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
     timeout_s: float = Field(15.0, gt=0)
+    max_response_bytes: Positive = 4_000_000
+    """A provider answer over this many bytes is refused while it streams (that query fails with
+    a reason naming this field, not retried); pages have their own fetch.max_bytes."""
     fetch: FetchConfig = FetchConfig()
     """Page fetches (off by default)."""
     cache: bool = True
@@ -170,6 +173,9 @@ class OpenAIConfig(Section):
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
     timeout_s: float = 120.0
+    max_response_bytes: Positive = 16_000_000
+    """An answer over this many bytes is refused while it streams (that row's error names this
+    field; not retried)."""
     price_in_per_1m: float = 0.0
     """USD per 1M prompt tokens, for the cost counter."""
     price_out_per_1m: float = 0.0

@@ -11,7 +11,7 @@ import time
 
 from cm_ray.config import SearchConfig
 from cm_ray.data.providers import make_provider
-from cm_ray.http import RequestFailed, SharedRateLimit, send, with_retries
+from cm_ray.http import RequestFailed, SharedRateLimit, scrub_strings, send, with_retries
 
 QUERY_COLUMNS = ("query_id", "culture", "task", "kind", "query", "locale")
 
@@ -70,8 +70,11 @@ class Searcher:
     async def _attempt(self, provider, query: str, culture: str, locale: str) -> list[dict]:
         req = dict(provider.request(query, culture, locale, self.cfg.top_k))
         resp = await send(self.session, req.pop("method"), req.pop("url"), timeout_s=self.cfg.timeout_s,
-                          secrets=[provider.key], **req)
-        return provider.answer(resp.body, locale, self.cfg.top_k)
+                          secrets=[provider.key], max_bytes=self.cfg.max_response_bytes,
+                          limit_name="search.max_response_bytes", **req)
+        # Text a provider echoes back is stored: scrub every key in play out of the hits.
+        return scrub_strings(provider.answer(resp.body, locale, self.cfg.top_k),
+                             [getattr(p, "key", None) for p in self.providers.values()])
 
     async def _with_retries(self, name: str, query: str, culture: str, locale: str, stats: dict):
         provider, limiter = self.providers[name], self.limiters.get(name)

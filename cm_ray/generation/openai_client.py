@@ -4,7 +4,9 @@ Async (aiohttp) with a request-rate limit, bounded concurrency, retries with exp
 429/5xx and network errors (honouring ``Retry-After``) - all through ``cm_ray.http`` - and
 per-request token and cost accounting. The API key is read from the environment variable the
 config names (or from the driver's ``cm_ray.ray_utils.Secrets`` handed to the worker), never
-stored on the engine, and scrubbed (with local paths) from every error text and from the text.
+stored on the engine, and scrubbed (with local paths) from every error text and from the text
+(every spelling: raw, JSON-escaped, URL-encoded, base64). An answer body over
+``synthesis.openai.max_response_bytes`` is refused while it streams: that row's error, not retried.
 
 Every 200 answer is validated (``ChatAnswer``, pydantic): an answer that is not JSON or was cut
 off is retried; one that parses but has no choice, a null message, no text content, or token
@@ -69,13 +71,14 @@ class OpenAIEngine:
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY",
                  qps: float | None = None, max_in_flight: int = 8, max_retries: int = 4,
                  backoff_base_s: float = 0.5, backoff_max_s: float = 30.0, timeout_s: float = 60.0,
-                 price_in_per_1m: float = 0.0, price_out_per_1m: float = 0.0,
+                 max_response_bytes: int = 16_000_000, price_in_per_1m: float = 0.0, price_out_per_1m: float = 0.0,
                  session_factory: Callable[[], Any] | None = None, secrets: Any = None,
                  limiter: Any = None):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key_env = api_key_env
         self.qps, self.max_in_flight, self.timeout_s = qps, max_in_flight, timeout_s
+        self.max_response_bytes = max_response_bytes
         self.retry = RetryPolicy(max_retries, backoff_base_s, backoff_max_s)
         self.price_in, self.price_out = price_in_per_1m, price_out_per_1m
         self.session_factory = session_factory
@@ -96,6 +99,7 @@ class OpenAIEngine:
                    api_key_env=s.openai.api_key_env, qps=qps, max_in_flight=s.openai.max_in_flight,
                    max_retries=s.openai.max_retries, backoff_base_s=s.openai.backoff_base_s,
                    backoff_max_s=s.openai.backoff_max_s, timeout_s=s.openai.timeout_s,
+                   max_response_bytes=s.openai.max_response_bytes,
                    price_in_per_1m=s.openai.price_in_per_1m, price_out_per_1m=s.openai.price_out_per_1m,
                    secrets=secrets, limiter=SharedRateLimit(bucket) if bucket is not None else None)
 
@@ -103,8 +107,10 @@ class OpenAIEngine:
         return self.secrets.get(self.api_key_env) if self.secrets is not None else os.environ.get(self.api_key_env)
 
     def secret_values(self) -> list[str]:
-        """What every text this engine hands out is scrubbed of (its API key)."""
-        return [k for k in [self._key()] if k]
+        """What every text this engine hands out is scrubbed of: its API key and every other
+        secret handed to it (every key in play)."""
+        extra = self.secrets.values() if hasattr(self.secrets, "values") else []
+        return list(dict.fromkeys(k for k in [self._key(), *extra] if k))
 
     def payload(self, conversation: list[dict], params: GenerationParams) -> dict:
         body: dict[str, Any] = {"model": self.model, "messages": conversation,
@@ -134,14 +140,16 @@ class OpenAIEngine:
             headers["Authorization"] = f"Bearer {key}"
         factory = self.session_factory or (lambda: aiohttp.ClientSession(headers=headers))
 
+        keys = self.secret_values()
+
         async def one(conv: list[dict]) -> Generation:
             async with sem:
-                return await self._request(session, self.payload(conv, params), key)
+                return await self._request(session, self.payload(conv, params), keys)
 
         async with factory() as session:
             return list(await asyncio.gather(*(one(c) for c in conversations)))
 
-    async def _request(self, session: Any, body: dict, key: str | None = None) -> Generation:
+    async def _request(self, session: Any, body: dict, keys: list[str] = ()) -> Generation:
         t0 = time.perf_counter()
         attempts = 0
 
@@ -151,29 +159,30 @@ class OpenAIEngine:
             await self.limiter.acquire()
             self.usage["requests"] += 1
             resp = await send(session, "POST", self.url, json=body, timeout_s=self.timeout_s,
-                              secrets=[key], detail_chars=300)
+                              secrets=keys, detail_chars=300, max_bytes=self.max_response_bytes,
+                              limit_name="synthesis.openai.max_response_bytes")
             return validate_answer(json_body(resp.body))
 
         try:
             answer = await with_retries(attempt, self.retry)
         except Exception as e:  # noqa: BLE001 - one row's failure, never the batch's
-            reason = e.reason if isinstance(e, RequestFailed) else error_text(e)
+            reason = e.reason if isinstance(e, RequestFailed) else error_text(e, keys)
             retries = max(0, attempts - 1)
             self.usage["retries"] += retries
             self.usage["errors"] += 1
-            return Generation(text="", finish_reason="error", retries=retries, error=scrub(reason, [key]),
+            return Generation(text="", finish_reason="error", retries=retries, error=scrub(reason, keys),
                               latency_s=time.perf_counter() - t0)
-        g = self._parse(answer, attempts - 1, key)
+        g = self._parse(answer, attempts - 1, keys)
         g.latency_s = time.perf_counter() - t0
         return g
 
-    def _parse(self, answer: ChatAnswer, retries: int, key: str | None = None) -> Generation:
+    def _parse(self, answer: ChatAnswer, retries: int, keys: list[str] = ()) -> Generation:
         choice, usage = answer.choices[0], answer.usage or AnswerUsage()
         p_tok, o_tok = usage.prompt_tokens, usage.completion_tokens
         cost = (p_tok * self.price_in + o_tok * self.price_out) / 1e6
         for k, v in (("retries", retries), ("prompt_tokens", p_tok), ("output_tokens", o_tok), ("cost_usd", cost)):
             self.usage[k] += v
-        # An endpoint that echoes the request must not put the key into the stored text either.
-        return Generation(text=scrub(choice.message.content, [key], paths=False), prompt_tokens=p_tok,
-                          output_tokens=o_tok, finish_reason=choice.finish_reason or "stop",
+        # An endpoint that echoes the request must not put a key into the stored text either.
+        return Generation(text=scrub(choice.message.content, keys, paths=False), prompt_tokens=p_tok,
+                          output_tokens=o_tok, finish_reason=scrub(choice.finish_reason or "stop", keys, paths=False),
                           retries=retries, cost_usd=cost)

@@ -236,8 +236,8 @@ async def test_token_bucket_holds_the_rate_for_batched_grants():
     t0 = time.monotonic()
     for _ in range(40):
         await bucket.acquire()
-    # Capacity 1: the first slot at once, then 39 at 100/s -> at least 0.39 s.
-    assert time.monotonic() - t0 >= 0.39
+    # The first slot at once (it may take the bucket's half-slot tolerance), then 39 at 100/s.
+    assert time.monotonic() - t0 >= 0.385
 
 
 def test_backoff_is_exponential_with_jitter_and_capped():
