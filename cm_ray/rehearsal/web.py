@@ -4,14 +4,12 @@ One aiohttp app on 127.0.0.1, started and stopped from the calling process (own 
 loop). Each provider answers at its documented path (``PATHS``) in its documented request and
 response format, and enforces its documented auth and parameter values (the tables of
 ``cm_ray/data/provider_values.yaml``): a bad value gets the provider's documented 4xx error body
-and is counted per provider and reason. Hits name their culture (title and snippet) and point at
-pages of the same app: pages in the culture's language (Chinese, Japanese and Korean ones several
-thousand characters long), pages behind a 301 -> 302 redirect chain, and pages behind a cookie
-consent interstitial.
+and is counted per provider and reason. Hits name their culture and point at pages of the same app:
+in the culture's language (CJK ones thousands of characters long), behind a 301 -> 302 redirect
+chain, or behind a cookie consent interstitial.
 
-    with WebStandIn() as web:                # accepts the API keys in KEYS (by variable)
-        endpoints = provider_urls(web.base)  # -> search.endpoints; search.fetch.allow_private_urls: true
-        web.stats()  # {"providers": {p: {requests, ok, rejected: {reason: n}}}, "pages": {served, redirects, ...}}
+    with WebStandIn() as web:  # accepts the API keys in KEYS; endpoints -> search.endpoints
+        endpoints, counts = provider_urls(web.base), web.stats()
 """
 
 from __future__ import annotations
@@ -171,10 +169,11 @@ def page_text(culture: str | None, i: int) -> tuple[str, str, list[str]]:
 
 
 class WebStandIn:
-    """The providers and pages on 127.0.0.1:``port`` (0 = any free port); ``base`` once started."""
+    """The providers and pages on 127.0.0.1:``port`` (0 = any free port); ``base`` once started.
+    Providers in ``down`` answer every request with 503 (an outage, to rehearse fallbacks)."""
 
-    def __init__(self, port: int = 0):
-        self.port, self.base, self._lock = port, None, threading.Lock()
+    def __init__(self, port: int = 0, down: tuple[str, ...] = ()):
+        self.port, self.base, self._lock, self.down = port, None, threading.Lock(), set(down)
         self._stats = {"providers": {p: {"requests": 0, "ok": 0, "rejected": {}} for p in PATHS},
                        "pages": {"served": 0, "redirects": 0, "consent": 0, "cjk": 0}}
 
@@ -197,6 +196,8 @@ class WebStandIn:
 
         self._count("providers", provider, "requests")
         try:
+            if provider in self.down:
+                raise Rejected(503, "down", "", "service unavailable")
             fields = dict(request.query)
             if API[provider][0] == "POST":
                 body = await request.json() if request.can_read_body else {}

@@ -29,6 +29,7 @@ RANKS = [
     ("cm_ray.eval.ablation", 9),
     ("cm_ray.eval.data", 0),  # readers of the public evaluation data (CultureSPA's few-shot WVS)
     ("cm_ray.eval", 7),
+    ("cm_ray.rehearsal", 9),  # runs every stage's job on a local cluster and reads what they left
     ("cm_ray.stages", 9), ("cm_ray.fingerprints", 9), ("cm_ray.status", 9), ("cm_ray.cli", 9), ("cm_ray.__main__", 9), ("cm_ray.plan", 9),
 ]
 
