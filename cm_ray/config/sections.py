@@ -101,12 +101,16 @@ class SearchConfig(Section):
     fallback: list[Provider] = []
     """Providers tried in order when the primary fails a query."""
     endpoint: str | None = None
-    """Override the provider's API URL (self-hosted SearXNG, loopback tests)."""
+    """Override the primary provider's API URL (self-hosted SearXNG, loopback tests)."""
     endpoints: dict[Provider, str] = {}
-    """Per-provider URL overrides, e.g. {searxng: http://host/search}; beats `endpoint`."""
+    """Per-provider URL overrides, e.g. {searxng: http://host/search}; beats `endpoint`. A
+    self-hosted provider (searxng) must have one (or `endpoint`, as the primary) when the run
+    targets a cluster (`ray.address` or RAY_ADDRESS set): the search stage refuses to start
+    without it, since its default http://127.0.0.1:8888/search answers only on one machine."""
     corpus: str | None = None
     """JSONL/Parquet passages for bm25; None = the corpus shipped with cm_ray."""
     top_k: Positive = 5
+    """Hits kept per query (part of the search cache key: the provider's answer depends on it)."""
     qps: float | None = Field(5.0, gt=0)
     """Requests per second per provider across all actors; None = unthrottled."""
     max_in_flight: Positive = 8

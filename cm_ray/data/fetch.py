@@ -211,7 +211,10 @@ def _refusal(e: BaseException) -> str | None:
 
 
 async def fetch_pages(urls: list[str], cfg: Any) -> list[dict]:
-    """Fetch and extract ``urls`` concurrently; one ``{url, text, error}`` per URL, in order.
+    """Fetch and extract ``urls`` concurrently; one ``{url, final_url, text, error}`` per URL, in
+    order. ``url`` is the URL asked for (the hit's, what a reader joins the page on) and
+    ``final_url`` the last one requested after redirects, where the text came from (null when
+    the fetch failed before any answer).
     A page that fails in any way is that page's error, never the caller's exception."""
     import aiohttp
 
@@ -221,24 +224,26 @@ async def fetch_pages(urls: list[str], cfg: Any) -> list[dict]:
     limit = cfg.fetch.timeout_s
 
     async def one(url: str) -> dict:
+        def page(text: str | None, error: str | None, final: str | None = None) -> dict:
+            return {"url": url, "final_url": final, "text": text, "error": error}
+
         try:
             final, html, error = await asyncio.wait_for(_download(session, url, cfg), limit)
         except BlockedURL as e:
-            return {"url": url, "text": None, "error": str(e)}
+            return page(None, str(e))
         except (asyncio.TimeoutError, TimeoutError):
-            return {"url": url, "text": None, "error": f"TimeoutError: not fetched within {limit:g}s "
-                                                        f"(all redirects included)"}
+            return page(None, f"TimeoutError: not fetched within {limit:g}s (all redirects included)")
         except aiohttp.ClientConnectorError as e:
-            return {"url": url, "text": None, "error": _refusal(e) or f"connection error: {e}"}
+            return page(None, _refusal(e) or f"connection error: {e}")
         except Exception as e:  # noqa: BLE001 - ClientError, or a hostile answer aiohttp chokes on
-            return {"url": url, "text": None, "error": error_text(e)}
+            return page(None, error_text(e))
         if html is None:
-            return {"url": final, "text": None, "error": error}
+            return page(None, error, final)
         try:
             text = await asyncio.to_thread(extract_text, html, final)
         except Exception as e:  # noqa: BLE001 - a hostile page must not take the stage down
-            return {"url": final, "text": None, "error": f"extraction failed: {error_text(e)}"}
-        return {"url": final, "text": text, "error": None if text else "no main text"}
+            return page(None, f"extraction failed: {error_text(e)}", final)
+        return page(text, None if text else "no main text", final)
 
     try:
         return list(await asyncio.gather(*(one(u) for u in urls)))

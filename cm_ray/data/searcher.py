@@ -1,12 +1,16 @@
 """Searching one query row: the primary provider, then each fallback, each HTTP attempt through
-``cm_ray.http`` (retries with backoff / Retry-After, the shared rate limit). No Ray here:
-``cm_ray.data.search.WebSearcher`` wraps it, tests drive it directly.
+``cm_ray.http`` (retries with backoff / Retry-After, the shared rate limit), then (with
+``search.fetch.enabled``) the pages of its top hits. A row that carries ``cached_hits`` (a cached
+answer whose pages were never fetched with the current fetch settings) is not searched again:
+only its pages are fetched. No Ray here: ``cm_ray.data.search.WebSearcher`` wraps it, tests drive
+it directly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 
 from cm_ray.config import SearchConfig
@@ -14,16 +18,48 @@ from cm_ray.data.providers import make_provider
 from cm_ray.http import RequestFailed, SharedRateLimit, scrub_strings, send, with_retries
 
 QUERY_COLUMNS = ("query_id", "culture", "task", "kind", "query", "locale")
+REASONS = re.compile(r"HTTP \d{3}|timeout|connection error|truncated response|invalid JSON|malformed response")
+
+
+def hit_type():
+    import pyarrow as pa
+
+    return pa.struct([("title", pa.string()), ("url", pa.string()), ("snippet", pa.string()),
+                      ("rank", pa.int32()), ("provider", pa.string()), ("locale", pa.string()),
+                      ("fetched_at", pa.string())])
+
+
+def input_schema():
+    """Arrow schema of the rows sent to the searchers: the query columns, and the provider and
+    hits of a cached answer that only needs its pages fetched (null for a query to search)."""
+    import pyarrow as pa
+
+    return pa.schema([*((c, pa.string()) for c in QUERY_COLUMNS), ("cached_provider", pa.string()),
+                      ("cached_hits", pa.list_(hit_type()))])
+
+
+def failure_reasons(error: str | None, providers) -> list[str]:
+    """``"searxng: connection error"``, ... for each provider failure named in a row's ``error``
+    (``"searxng: connection error: ClientConnectorError; bm25: ..."``): provider and kind of
+    failure, without the per-request detail, so they can be counted."""
+    if not error:
+        return []
+    names = "|".join(re.escape(p) for p in providers)
+    out = []
+    for part in re.split(rf"; (?=(?:{names}): )", error):
+        name, _, reason = part.partition(": ")
+        kind = REASONS.match(reason)
+        out.append(f"{name}: {kind.group(0) if kind else reason.split(':')[0][:60]}")
+    return out
 
 
 def result_schema():
     """Arrow schema of a search result row (``search/results/culture=XX/part-0.parquet``)."""
     import pyarrow as pa
 
-    hit = pa.struct([("title", pa.string()), ("url", pa.string()), ("snippet", pa.string()),
-                     ("rank", pa.int32()), ("provider", pa.string()), ("locale", pa.string()),
-                     ("fetched_at", pa.string())])
-    page = pa.struct([("url", pa.string()), ("text", pa.string()), ("error", pa.string())])
+    page = pa.struct([("url", pa.string()), ("final_url", pa.string()), ("text", pa.string()),
+                      ("error", pa.string())])
+    hit = hit_type()
     return pa.schema([*((c, pa.string()) for c in QUERY_COLUMNS), ("status", pa.string()),
                       ("error", pa.string()), ("provider", pa.string()), ("cached", pa.bool_()),
                       ("hits", pa.list_(hit)), ("attempts", pa.int32()), ("retries", pa.int32()),
@@ -98,11 +134,19 @@ class Searcher:
         return await with_retries(attempt, self.cfg, self.rng, on_retry)
 
     async def search_row(self, row: dict) -> dict:
-        """``row`` has the query columns; returns it with the result columns filled in."""
+        """``row`` has the query columns; returns it with the result columns filled in.
+
+        ``error`` names every provider that failed, also on a row a fallback answered (so a
+        summary can count why the fallback was needed). A row with ``cached_hits`` is that
+        cached answer (``cached`` true, no provider call) with its pages fetched."""
         await self._session()
         stats, errors = {"attempts": 0, "retries": 0, "busy": 0.0}, []
         out: dict = {}
-        for name in self.chain:
+        cached = row.get("cached_hits") is not None
+        chain = [] if cached else self.chain
+        if cached:
+            out.update(status="ok", error=None, provider=row["cached_provider"], hits=row["cached_hits"])
+        for name in chain:
             provider = self.providers[name]
             try:
                 if name == "bm25":
@@ -112,11 +156,11 @@ class Searcher:
                 else:
                     hits = await self._with_retries(name, row["query"], row["culture"],
                                                     row["locale"], stats)
-                out.update(status="ok", error=None, provider=name, hits=hits)
+                out.update(status="ok", error="; ".join(errors) or None, provider=name, hits=hits)
                 break
             except RequestFailed as e:
                 errors.append(f"{name}: {e.reason}")
-        else:
+        if not out:
             out.update(status="failed", error="; ".join(errors), provider=self.cfg.provider, hits=[])
         pages = []
         if self.cfg.fetch.enabled and out["hits"]:
@@ -125,6 +169,6 @@ class Searcher:
             pages = await fetch_pages([h["url"] for h in out["hits"][:self.cfg.fetch.top_k]], self.cfg)
         # Time on the wire and in backoff; waits for a slot or a token are not the provider's.
         latency = stats["busy"] * 1000
-        return {**{c: row[c] for c in QUERY_COLUMNS}, **out, "cached": False,
+        return {**{c: row[c] for c in QUERY_COLUMNS}, **out, "cached": cached,
                 "attempts": stats["attempts"], "retries": stats["retries"],
                 "latency_ms": round(latency, 2), "pages": pages}

@@ -260,7 +260,7 @@ def test_summary_counts_fetched_and_failed_pages(tmp_path):
     from cm_ray.data.search import _summary
 
     store = ArtifactStore(str(tmp_path))
-    page = lambda url, err: {"url": url, "text": "" if err else "body", "error": err}  # noqa: E731
+    page = lambda url, err: {"url": url, "final_url": url, "text": "" if err else "body", "error": err}  # noqa: E731
     rows = [{"query_id": f"q{i}", "culture": "MX", "task": "t", "kind": "specific", "query": "x",
              "locale": "es-MX", "status": "ok", "error": None, "provider": "bm25", "cached": False,
              "retries": 0, "hits": [], "latency_ms": 1.0, "pages": pages}
@@ -270,3 +270,5 @@ def test_summary_counts_fetched_and_failed_pages(tmp_path):
     store.write_table(pa.Table.from_pylist(rows, schema=result_schema()), *artifacts.search_results_file("MX"))
     summary = _summary(store, ["MX"], "bm25", 0, [])
     assert summary["queries"] == 3 and summary["pages"] == {"fetched": 1, "failed": 2}
+    assert summary["per_culture"]["MX"]["pages"] == {"fetched": 1, "failed": 2}
+    assert summary["degradations"] == []  # all answered by the primary: nothing degraded

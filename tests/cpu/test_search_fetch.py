@@ -52,6 +52,10 @@ async def site():
         hits.append(request.path)
         raise web.HTTPFound("file:///etc/passwd")
 
+    async def moved(request):
+        hits.append(request.path)
+        raise web.HTTPFound("/article")
+
     async def charset(request):
         hits.append(request.path)
         text = ARTICLE.replace("provecho", "provecho, ¡qué rico!")
@@ -64,7 +68,7 @@ async def site():
 
     app = web.Application()
     for path, h in [("/article", article), ("/big", big), ("/slow", slow), ("/redirect", redirect),
-                    ("/charset/{cs}", charset)]:
+                    ("/moved", moved), ("/charset/{cs}", charset)]:
         app.router.add_get(path, h)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
@@ -160,6 +164,25 @@ async def test_searcher_attaches_fetched_pages_to_hits(site):
                             fetch={"enabled": True, "top_k": 1, "allow_private_urls": True})
     assert row["status"] == "ok" and row["pages"][0]["url"] == f"{base}/article"
     assert "provecho" in row["pages"][0]["text"]
+
+
+async def test_a_redirected_page_joins_its_hit_and_records_where_its_text_came_from(site):
+    from cm_ray.data.synth_prompts import pool_snippets
+
+    base, hits = site
+
+    async def serve_search(request):
+        return web.json_response({"results": [{"title": "t", "url": f"{base}/moved", "content": "c"}]})
+
+    app = web.Application()
+    app.router.add_get("/search", serve_search)
+    row = await _search_row(app, provider="searxng", path="/search",
+                            fetch={"enabled": True, "top_k": 1, "allow_private_urls": True})
+    (page,) = row["pages"]
+    assert hits == ["/moved", "/article"] and "provecho" in page["text"]
+    assert page["url"] == f"{base}/moved" and page["final_url"] == f"{base}/article"
+    (snippet,) = pool_snippets([row])  # the join synthesis makes: hit URL -> page text
+    assert snippet["url"] == f"{base}/moved" and "provecho" in snippet["page"]
 
 
 @pytest.mark.parametrize("declared,enc", [("bogus-xyz", "utf-8"), ("base64", "utf-8"), ("zlib", "cp1252"),
