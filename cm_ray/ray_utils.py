@@ -6,12 +6,20 @@ workers read credentials from their own environment (a local cluster started by 
 inherits the driver's; cluster nodes get them from the node environment or instance role), and
 where only the driver holds a key (e.g. set after Ray started), ``share_secrets`` puts a small
 ``Secrets`` object into the object store and the worker dereferences the handle it is given.
+A forwarded URL loses any ``user:password@`` in it (``AWS_ENDPOINT_URL=http://key:secret@host``):
+boto3 drops it and pyarrow cannot parse it, so workers get the bare endpoint and, like the
+driver, take their S3 credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a role.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from typing import Iterable
+
+log = logging.getLogger(__name__)
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")  # scheme://user:pass@ (to the last @)
 
 # Environment that every Ray worker of ours needs: one OpenMP thread per worker (a ZeRO-2 step went
 # from 0.9 s to 0.03 s on 2 cores), the model cache, and the S3 endpoint when one is set.
@@ -81,9 +89,22 @@ def resolve_secrets(secrets: "SecretsHandle | Secrets | None") -> Secrets:
     return secrets if isinstance(secrets, Secrets) else Secrets()
 
 
+def without_userinfo(url: str) -> tuple[str, bool]:
+    """``url`` without the ``user:password@`` of its authority, and whether it had one."""
+    bare = _USERINFO.sub(r"\1", url)
+    return bare, bare != url
+
+
 def worker_env() -> dict[str, str]:
-    """``runtime_env`` variables for our workers: settings only, never a credential."""
+    """``runtime_env`` variables for our workers: settings only, never a credential (a URL's
+    embedded ``user:password@`` is dropped, with a warning that names the variable only)."""
     env = {k: os.environ[k] for k in _FORWARDED if k in os.environ and not is_secret_name(k)}
+    for name, value in list(env.items()):
+        env[name], had = without_userinfo(value)
+        if had:
+            log.warning("%s has credentials in its URL; they are not forwarded to Ray workers (boto3 "
+                        "ignores them, pyarrow fails on them): workers get the bare endpoint and need "
+                        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (node environment or role)", name)
     env.setdefault("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env

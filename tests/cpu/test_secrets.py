@@ -1,6 +1,8 @@
 """Secrets never in stored rows, logs, manifests, error messages or Ray's metadata.
 
-Unit part: the one scrub (``cm_ray.http.scrub``), the worker environment, the ``Secrets`` handle.
+Unit part: the one scrub (``cm_ray.http.scrub``), the worker environment (a URL's embedded
+credentials dropped), the ``Secrets`` handle. A task on a real local Ray cluster with our
+runtime_env while AWS_ENDPOINT_URL holds ``key:secret@``: the worker sees the bare endpoint.
 Stage part: the queries stage (OpenAI-compatible engine) and the search stage (Brave, an API key)
 run on a real local Ray cluster against loopback servers that echo the request headers, with
 known key strings set only in the driver after Ray started; then the keys must appear nowhere
@@ -63,6 +65,17 @@ def test_worker_env_forwards_settings_but_never_a_credential(monkeypatch):
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
     assert not [k for k in env if is_secret_name(k)]
     assert not [v for v in env.values() if v.startswith("value-of-")]
+
+
+def test_worker_env_drops_credentials_embedded_in_a_url(monkeypatch, caplog):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://AKIAEXAMPLE:wJalr-s3cr%40t@minio.internal:9000")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "https://s3.example.org/path")
+    with caplog.at_level("WARNING", logger="cm_ray.ray_utils"):
+        env = worker_env()
+    assert env["AWS_ENDPOINT_URL"] == "http://minio.internal:9000"
+    assert env["AWS_ENDPOINT_URL_S3"] == "https://s3.example.org/path"
+    assert "AWS_ENDPOINT_URL has credentials" in caplog.text
+    assert "AKIAEXAMPLE" not in caplog.text + repr(env) and "s3cr" not in caplog.text + repr(env)
 
 
 def test_secrets_print_as_names_and_fall_back_to_the_worker_environment(monkeypatch):
@@ -231,6 +244,42 @@ def test_keys_appear_nowhere_after_the_queries_and_search_stages_on_ray(ray_loca
     # AWS_* names are not checked on this shared cluster: Ray Tune copies the driver's AWS_*
     # variables into the runtime_env of its trial actors (ray/tune/execution/class_cache.py), which
     # the actors and tasks they start inherit, and an earlier train test may have left them here.
+
+
+def test_endpoint_credentials_never_reach_a_workers_runtime_env_and_the_bare_endpoint_works(
+        ray_local, s3_endpoint, s3_root, monkeypatch, caplog):
+    """On a real local Ray: a task started with our ``runtime_env`` (``worker_env``) while the
+    driver's AWS_ENDPOINT_URL holds ``key:secret@`` sees the bare endpoint, its runtime_env and
+    Ray's state API hold no part of the credential, and it can still use S3 with it (its keys
+    come from the node's environment, as boto3 and pyarrow expect)."""
+    import ray
+
+    tag = uuid.uuid4().hex
+    user, password = f"AKIA{tag[:12].upper()}", f"pw{tag[::-1]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint.replace("://", f"://{user}:{password}@"))
+    with caplog.at_level("WARNING", logger="cm_ray.ray_utils"):
+        env = worker_env()
+    assert password not in caplog.text and user not in caplog.text
+
+    @ray.remote(num_cpus=0.01)
+    def probe(root: str):
+        import os
+
+        import ray
+
+        from cm_ray.storage import ArtifactStore
+
+        store = ArtifactStore(root)
+        store.write_table([{"a": 1}], "probe", "x.parquet")
+        return (os.environ.get("AWS_ENDPOINT_URL"), ray.get_runtime_context().runtime_env,
+                store.read_rows("probe", "x.parquet"))
+
+    url, runtime_env, rows = ray.get(probe.options(runtime_env={"env_vars": env}).remote(s3_root))
+    assert url == s3_endpoint and rows == [{"a": 1}]
+    assert runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == s3_endpoint
+    shown = json.dumps(runtime_env) + _ray_state_text()
+    assert s3_endpoint in shown  # the state API did show the runtime_env
+    assert password not in shown and user not in shown
 
 
 # ---------------------------------------------------------------------------------------------
