@@ -48,6 +48,15 @@ def all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def step_totals(loss: float, tokens: int, world: int) -> tuple[float, int]:
+    """A step's loss and tokens over all workers: the mean of the workers' losses (the loss whose
+    gradient the all-reduced step follows) and the sum of their tokens; one collective per step."""
+    if world == 1:
+        return loss, tokens
+    loss_sum, tok_sum = all_sum([loss, tokens])
+    return loss_sum / world, int(tok_sum)
+
+
 def _maybe_crash(fault: dict | None, step: int) -> None:
     """Fault injection for resume tests: exit hard once at ``fault['at_step']`` (marker file)."""
     if fault and step == fault["at_step"] and not os.path.exists(fault["marker"]):
@@ -104,12 +113,13 @@ def run_loop(ws: WorkerSetup, spec: dict, state: dict) -> tuple[float, int]:
                 if ws.zero_stage is None:
                     optimizer_step(ws, tc.max_grad_norm)
                 state["step"] += 1
-                state["tokens"] += micro_tokens
                 if t_first is None:
                     t_first = time.perf_counter()
                 else:
-                    steady_tokens += micro_tokens
-                state["loss_curve"].append([state["step"], round(micro_loss, 5)])
+                    steady_tokens += micro_tokens  # this worker's (summed over workers at the end)
+                step_loss, step_tokens = step_totals(micro_loss, micro_tokens, ws.world)
+                state["tokens"] += step_tokens
+                state["loss_curve"].append([state["step"], round(step_loss, 5)])
                 micro_loss, micro_tokens = 0.0, 0
                 if state["step"] % every == 0 and state["step"] < total_steps:
                     save_checkpoint(ws, state, {"step": state["step"], "loss": state["loss_curve"][-1][1],

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from cm_ray.train.data import pack_rows
+from cm_ray.train.loop import step_totals
 from cm_ray.train.setup import WorkerSetup, optimizer_step
 
 
@@ -120,10 +121,11 @@ def adapter_step(slot: Slot, tc, seed: int, tok: Any) -> None:
                     p.grad.div_(ws.world)
         optimizer_step(ws, tc.max_grad_norm)
     st["step"] += 1
-    st["tokens"] += step_tokens
     if st["step"] > 1:  # steady state: the adapter's first step is excluded, as in the one-adapter loop
         st["steady_seconds"] += time.perf_counter() - t0
-        st["steady_tokens"] += step_tokens
+        st["steady_tokens"] += step_tokens  # this worker's (summed over workers at the end)
+    step_loss, step_tokens = step_totals(step_loss, step_tokens, ws.world)
+    st["tokens"] += step_tokens
     st["loss_curve"].append([st["step"], round(step_loss, 5)])
 
 

@@ -52,6 +52,8 @@ def _phase_sources(cfg: Config, store, adapter: str) -> list[list[tuple[str, lis
     name = {t: load_task(t).name for t in [*(tc.tasks or cfg.tasks), *tc.continual_first]}
     tasks = [name[t] for t in (tc.tasks or cfg.tasks)]
     first = [name[t] for t in tc.continual_first]
+    if adapter == JOINT and tc.mode == "multitask":  # as its cultures: every task partition found
+        return [[(c, artifacts.synth_tasks(store, c)) for c in cfg.cultures]]
     if adapter == JOINT:
         return [[(c, tasks) for c in cfg.cultures]]
     if tc.mode == "multitask":
@@ -157,7 +159,6 @@ def _trial(params: dict, train, model_ref: str, cache_dir: str | None, root: str
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cm_ray.models import resolve_model
     from cm_ray.ray_utils import quiet_data_progress
     from cm_ray.storage import ArtifactStore
     from cm_ray.train.loop import steps_plan
@@ -168,7 +169,8 @@ def _trial(params: dict, train, model_ref: str, cache_dir: str | None, root: str
     run_name = f"{adapter}-{run_id[adapter] if isinstance(run_id, dict) else run_id}"
     store = ArtifactStore(root)
     quiet_data_progress()
-    datasets, phase_rows = build_datasets(tc, resolve_model(model_ref, cache_dir), store, adapter,
+    # the reference, not a path on this node: tokenizer tasks resolve it on theirs (get_tokenizer)
+    datasets, phase_rows = build_datasets(tc, model_ref, store, adapter,
                                           sources[adapter])
     phases, total_steps = steps_plan(phase_rows, tc, tc.num_workers)
     spec = {"train": tc, "seed": seed, "model_ref": model_ref, "cache_dir": cache_dir, "root": root,
