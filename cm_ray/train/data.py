@@ -23,7 +23,9 @@ IGNORE = -100
 def get_tokenizer(model_path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path)
+    from cm_ray.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(model_path))  # on this node (a reference travels)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

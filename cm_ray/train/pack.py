@@ -111,7 +111,6 @@ def _pack_trial(params: dict, train, model_ref: str, cache_dir: str | None, root
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cm_ray.models import resolve_model
     from cm_ray.ray_utils import quiet_data_progress
     from cm_ray.storage import ArtifactStore
     from cm_ray.train.pack_data import build_pack_dataset
@@ -121,7 +120,7 @@ def _pack_trial(params: dict, train, model_ref: str, cache_dir: str | None, root
     tc, store = train, ArtifactStore(root)
     quiet_data_progress()
     members = unit["adapters"]
-    ds, errors = build_pack_dataset(tc, resolve_model(model_ref, cache_dir), store,
+    ds, errors = build_pack_dataset(tc, model_ref, store,  # resolved where it is tokenized
                                     {n: sources[n] for n in members})
     run_name = unit["run_name"]
     keep = [n for n in members if n not in errors]

@@ -47,3 +47,50 @@ def test_model_from_s3_is_cached_locally(s3_root, tiny_model_dir, tmp_path):
     ArtifactStore(s3_root).upload_dir(tiny_model_dir, "models", "tiny")
     local = resolve_model(f"{s3_root}/models/tiny", cache_dir=str(tmp_path))
     assert (Path(local) / "config.json").exists() and str(tmp_path) in local
+
+
+def test_unopenable_model_names_the_reference_and_the_node(tmp_path):
+    import pickle
+    import socket
+
+    from cm_ray.models import unreadable
+
+    missing = str(tmp_path / "only-on-the-head" / "smollm2")
+    with pytest.raises(ModelNotFoundError) as got:
+        resolve_model(missing)
+    err = got.value
+    assert repr(missing) in str(err) and f"on node {socket.gethostname()}" in str(err)
+    assert (err.ref, err.node) == (missing, socket.gethostname())
+    back = pickle.loads(pickle.dumps(err))  # as it crosses from a Ray worker to the driver
+    assert (str(back), back.ref, back.node) == (str(err), err.ref, err.node)
+    record = unreadable(RuntimeError("task failed"), "MX", 4)
+    assert record is None  # not a model error: not counted as one
+    try:
+        try:
+            raise err
+        except ModelNotFoundError as inner:
+            raise RuntimeError("stage failed") from inner
+    except RuntimeError as outer:
+        record = unreadable(outer, "MX/offensive", 4)
+    assert record["kind"] == "unreadable" and (record["key"], record["bad"], record["total"]) == ("MX/offensive", 4, 4)
+    assert missing in record["detail"] and "cannot be opened on node" in record["detail"]
+
+
+def test_resolving_udf_resolves_its_model_where_it_is_built(tmp_path):
+    """The constructor of a Ray Data UDF class made ``resolving`` gets the node's path for the
+    reference it was given (the reference, not a driver's path, travels to the actor)."""
+    from cm_ray.models import resolving
+
+    class ChatTemplateLike:
+        def __init__(self, data_column: str, model: str):
+            self.data_column, self.model = data_column, model
+
+    cls = resolving(ChatTemplateLike)
+    assert cls.__name__ == "ChatTemplateLike"
+    (tmp_path / "m").mkdir()
+    udf = cls(data_column="__data", model=str(tmp_path / "m"))
+    assert udf.model == str((tmp_path / "m").resolve()) and udf.data_column == "__data"
+    hub = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert cls(data_column="d", model=hub).model == hub
+    with pytest.raises(ModelNotFoundError, match="embedded:gpt-9.*cannot be opened on node"):
+        cls(data_column="d", model="embedded:gpt-9")
