@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from cm_ray import artifacts
+from cm_ray.publish import LOCK
 from cm_ray.storage import POINTER, VERSIONS, ArtifactStore
 from tests.cpu.test_serve_adapters import _item, corrupt_adapter, make_adapter
 
@@ -78,7 +79,7 @@ def test_versions_pointer_and_garbage_collection(store, adapters):
     ptr = store.read_pointer(*artifacts.adapter_dir("MX"))
     assert ptr["version"] == v3 and ptr["previous"] == v2
     assert ptr["files"] == store.file_sizes(*artifacts.adapter_dir("MX"), VERSIONS, v3)
-    assert store.listdir(*artifacts.adapter_dir("MX")) == [POINTER, VERSIONS]
+    assert set(store.listdir(*artifacts.adapter_dir("MX"))) - {LOCK} == {POINTER, VERSIONS}
 
 
 def test_a_dir_written_in_place_is_read_until_a_version_replaces_it(store, adapters):
@@ -88,13 +89,97 @@ def test_a_dir_written_in_place_is_read_until_a_version_replaces_it(store, adapt
     assert _tag(store, "GB") == "v2" and store.exists(*artifacts.adapter_dir("GB"), "metrics.json")
     store.publish_dir(adapters["v3"], *artifacts.adapter_dir("GB"))  # in-place files were previous
     assert _tag(store, "GB") == "v3"
-    assert store.listdir(*artifacts.adapter_dir("GB")) == [POINTER, VERSIONS]
+    assert set(store.listdir(*artifacts.adapter_dir("GB"))) - {LOCK} == {POINTER, VERSIONS}
 
 
-def test_a_pointer_that_does_not_parse_names_nothing(store, adapters):
-    store.publish_dir(adapters["v1"], *artifacts.adapter_dir("CN"))
+def test_a_pointer_that_does_not_parse_names_nothing_and_collects_nothing(store, adapters):
+    v1 = store.publish_dir(adapters["v1"], *artifacts.adapter_dir("CN"))
+    v2 = store.publish_dir(adapters["v2"], *artifacts.adapter_dir("CN"))
     store.write_bytes(b"{not json", *artifacts.adapter_dir("CN"), POINTER)
     assert artifacts.published_adapter(store, "CN") is None
+    v3 = store.publish_dir(adapters["v3"], *artifacts.adapter_dir("CN"))  # what the old pointer named is unknown
+    assert _tag(store, "CN") == "v3"
+    assert sorted(store.listdir(*artifacts.adapter_dir("CN"), VERSIONS)) == sorted([v1, v2, v3])
+
+
+# -- concurrent publishers of one directory (real processes) ----------------------------------
+
+RACING_PUBLISHER = textwrap.dedent("""
+    import json, sys
+    from cm_ray import artifacts
+    from cm_ray.storage import ArtifactStore
+    store, sources = ArtifactStore(sys.argv[1]), sys.argv[2:]
+    for i in range(6):  # publish, then check what the pointer names is complete, six times over
+        store.publish_dir(sources[i % len(sources)], "adapters", "MX")
+        ptr = store.read_pointer("adapters", "MX")
+        got = store.file_sizes("adapters", "MX", "versions", ptr["version"])
+        assert got == ptr["files"] or store.read_pointer("adapters", "MX") != ptr, (ptr, got)
+    print("OK", flush=True)
+""")
+
+
+def _race(root: str, sources: list[list[str]], pre: str = "") -> list[subprocess.CompletedProcess]:
+    procs = [subprocess.Popen([sys.executable, "-c", pre + RACING_PUBLISHER, root, *srcs], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}) for srcs in sources]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=600), *p.communicate()) for p in procs]
+
+
+def test_concurrent_publishers_never_leave_the_pointer_naming_a_collected_version(store, adapters):
+    """Three processes publish the same adapter at once, each cycling through versions; a pause
+    between copying a version and switching to it (where the race was) is made wide on purpose."""
+    widen = textwrap.dedent("""
+        import time, pyarrow.fs as pafs
+        _copy = pafs.copy_files
+        def copy_files(*a, **kw):
+            _copy(*a, **kw)
+            time.sleep(0.3)  # another publisher switches and collects here
+        pafs.copy_files = copy_files
+    """)
+    tags = [str(adapters[t]) for t in ("v1", "v2", "v3")]
+    runs = _race(store.root, [tags, tags[1:] + tags[:1], tags[2:] + tags[:2]], widen)
+    for r in runs:
+        assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr[-3000:]
+    ptr = store.read_pointer(*artifacts.adapter_dir("MX"))
+    current = store.file_sizes(*artifacts.adapter_dir("MX"), VERSIONS, ptr["version"])
+    assert current == ptr["files"] and _tag(store) in ("v1", "v2", "v3")
+    kept = set(store.listdir(*artifacts.adapter_dir("MX"), VERSIONS))
+    assert {ptr["version"], ptr["previous"]} <= kept  # collection never deletes what the pointer names
+    assert not store.is_s3 or not store.exists(*artifacts.adapter_dir("MX"), LOCK)  # released
+
+
+def test_an_s3_lock_left_by_a_dead_publisher_is_taken_over_after_its_lease(s3_root, adapters):
+    store = ArtifactStore(s3_root)
+    store.write_json({"owner": "dead", "expires": 0}, *artifacts.adapter_dir("MX"), LOCK)
+    v1 = store.publish_dir(adapters["v1"], *artifacts.adapter_dir("MX"))
+    assert _current(store)[1] == v1 and not store.exists(*artifacts.adapter_dir("MX"), LOCK)
+
+
+def test_a_held_lock_times_out_naming_it(store):
+    from cm_ray.publish import publish_lock
+
+    now = [0.0]
+    with publish_lock(store, "adapters", "GB"):
+        if store.is_s3:  # the same process again: the object exists, its lease has not run out
+            with pytest.raises(TimeoutError, match="current.json.lock: held by another publisher"):
+                with publish_lock(store, "adapters", "GB", timeout_s=5, clock=lambda: now.__setitem__(0, now[0] + 1) or now[0]):
+                    pass
+        else:
+            with pytest.raises(TimeoutError, match="current.json.lock: held by another publisher"):
+                with publish_lock(store, "adapters", "GB", timeout_s=0.2):
+                    pass
+
+
+def test_threads_writing_one_path_do_not_share_a_temporary_file(tmp_path):
+    """Two threads of one process (one pid) writing the same file at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = ArtifactStore(str(tmp_path / "root"))
+    payloads = [json.dumps({"writer": i, "pad": "x" * 200_000}).encode() for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda data: [store.write_bytes(data, "manifests", "x.json") for _ in range(20)], payloads))
+    assert store.read_bytes("manifests", "x.json") in payloads
+    assert store.listdir("manifests") == ["x.json"]  # no temporary left behind
 
 
 @pytest.mark.parametrize("crash", ["before-switch", "mid-copy"])
