@@ -266,3 +266,41 @@ def test_evaluation_cells_follow_their_adapters_and_router(tmp_path):
     records.save("train")
     states = _states("evaluate", only_oracle, store)
     assert states["GB"] == ("stale", "input train/GB recomputed") and states["MX"][0] == "done"  # oracle: own adapter
+
+
+def _data_run(store, cfg):
+    for stage in ("queries", "search", "synthesize"):
+        todo = FP.prepare(stage, cfg, store, log=lambda _: None)
+        _write(store, stage, [p.key for p in todo])
+        FP.finish(stage, store, todo, {})
+
+
+@pytest.mark.parametrize("damage", [b'{"GB/offensive": {"fp": "', b"", b"[1, 2]", b"\xff\xfe"])
+def test_a_fingerprint_record_that_does_not_parse_is_an_error_naming_it_not_a_deletion(tmp_path, damage):
+    from cm_ray.storage import UnreadableRecord
+
+    store = ArtifactStore(str(tmp_path))
+    cfg = load_config(None, [f"root={tmp_path}", "cultures=[GB, MX]", "tasks=[offensive]"])
+    _data_run(store, cfg)
+    store.write_bytes(damage, *A.fingerprints_file("synthesize"))  # cut short, emptied, overwritten
+    with pytest.raises(UnreadableRecord, match=r"manifests/fingerprints/synthesize\.json: unreadable"):
+        FP.prepare("synthesize", cfg, store, log=lambda _: None)
+    with pytest.raises(UnreadableRecord, match=r"fingerprints/synthesize\.json"):
+        FP.plan("train", cfg, store)  # a reader of its versions too
+    assert store.exists(*A.synth_file("GB", "offensive")) and store.exists(*A.synth_file("MX", "offensive"))
+    assert store.read_bytes(*A.fingerprints_file("synthesize")) == damage  # left for a person to repair
+
+
+def test_a_truncated_synth_partition_is_failed_unreadable_and_recomputed(tmp_path):
+    from cm_ray.status import status_rows
+
+    store = ArtifactStore(str(tmp_path))
+    cfg = load_config(None, [f"root={tmp_path}", "cultures=[GB, MX]", "tasks=[offensive]"])
+    _data_run(store, cfg)
+    whole = store.read_bytes(*A.synth_file("MX", "offensive"))
+    store.write_bytes(whole[: len(whole) // 2], *A.synth_file("MX", "offensive"))  # a copy cut short
+    cell = status_rows(cfg, store)["rows"]["MX"]["synthesize"]
+    assert cell["state"] == "failed" and cell["reason"].startswith("offensive: unreadable: ") and "task=offensive" in cell["reason"]
+    assert status_rows(cfg, store)["rows"]["GB"]["synthesize"]["state"] == "done"
+    todo = FP.prepare("synthesize", cfg, store, log=lambda _: None)  # the next run: MX deleted, redone
+    assert [p.key for p in todo] == ["MX/offensive"] and not store.exists(*A.synth_file("MX", "offensive"))

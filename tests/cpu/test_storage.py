@@ -51,3 +51,14 @@ def test_read_table_skips_non_parquet_and_private_files(store):
     rows = store.read_rows("synth")
     assert rows == [{"x": 1, "culture": "MX", "task": "survey"}]
     assert store.read_rows("synth", "culture=MX", "task=survey", "part-0.parquet") == [{"x": 1}]
+
+
+@pytest.mark.parametrize("damage", [b'{"complete": tr', b"", b'"a string"', b"\xff\xfe\x00"])
+def test_a_manifest_that_does_not_parse_is_an_error_naming_it(store, damage):
+    from cm_ray.storage import UnreadableRecord
+
+    store.write_bytes(damage, "manifests", "search.json")
+    with pytest.raises(UnreadableRecord, match=r"manifests/search\.json: unreadable manifest") as e:
+        store.read_manifest("search")
+    assert e.value.uri == store.uri("manifests", "search.json")
+    assert store.read_bytes("manifests", "search.json") == damage  # left as it was
