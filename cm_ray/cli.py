@@ -183,8 +183,15 @@ def cmd_stages(args, cfg) -> int:
     from cm_ray.stages import pipeline, run_stage
     from cm_ray.storage import ArtifactStore, ensure_bucket
 
+    from cm_ray.fingerprints import Records
+    from cm_ray.stages import STAGES
+
     ensure_bucket(cfg.root)
     store = ArtifactStore(cfg.root)
+    records = Records(store)
+    for name in STAGES:  # bookkeeping that cannot be read stops the run before any stage starts
+        records.get(name)
+        store.read_manifest(name)
     t0 = time.time()
     if args.command == "ablation" or (args.command == "evaluate" and cfg.evaluate.ablation):
         from cm_ray.eval.ablation import run_ablation
