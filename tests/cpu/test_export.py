@@ -79,3 +79,97 @@ def test_export_writes_a_dataset_per_task_with_a_card_and_builds_the_hub_commit(
     assert r.returncode == 1 and "no synthesized rows" in r.stderr and "run cm-ray synthesize first" in r.stderr
     assert json.loads(_cli("export", *args, "--to", str(out), "--json", "--overwrite").stdout)["rows"]["survey"]["train"] == \
         {"GB": 2, "MX": 2}
+
+
+def _store_with_rows(tmp_path):
+    store = ArtifactStore(str(tmp_path / "run"))
+    _write(store, "GB", "offensive", 4, 1)
+    _write(store, "MX", "survey", 3, 0)
+    rows = [{**r, "snippet_urls": ["corpus://cm_ray/gb-01", "https://news.gb.example/1"]}
+            for r in A.read_synth(store, "GB", "offensive").to_pylist()]
+    A.write_synth_partition(store, "GB", "offensive", rows)
+    cfg_args = ["configs/demo.yaml", f"root={store.root}", "cultures=[GB, MX]", "tasks=[offensive, survey]"]
+    return store, cfg_args
+
+
+def test_export_writes_only_into_a_new_or_empty_directory_outside_the_root(tmp_path):
+    store, args = _store_with_rows(tmp_path)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "README.md").write_text("my own notes")
+    r = _cli("export", *args, "--to", str(foreign))
+    assert r.returncode == 2 and "not empty" in r.stderr and "--overwrite" in r.stderr, r.stderr[-2000:]
+    assert (foreign / "README.md").read_text() == "my own notes" and sorted(os.listdir(foreign)) == ["README.md"]
+    r = _cli("export", *args, "--to", "")
+    assert r.returncode == 2 and "--to: empty" in r.stderr and not (REPO / "offensive").exists()
+    for inside in (Path(store.root) / "export", Path(store.root), tmp_path):
+        r = _cli("export", *args, "--to", str(inside))
+        assert r.returncode == 2 and "overlaps the artifact root" in r.stderr, (inside, r.stderr[-2000:])
+    assert not (Path(store.root) / "export").exists() and not (Path(store.root) / "README.md").exists()
+    (tmp_path / "empty").mkdir()
+    assert _cli("export", *args, "--to", str(tmp_path / "empty")).returncode == 0
+
+
+def test_overwrite_replaces_only_the_exports_files_and_push_uploads_only_them(tmp_path):
+    from huggingface_hub import HfApi
+
+    from cm_ray.config import load_config
+    from cm_ray.export import build_export, push_to_hub
+
+    store, args = _store_with_rows(tmp_path)
+    out = tmp_path / "out"
+    (out / "offensive").mkdir(parents=True)
+    (out / "secrets.env").write_text("HF_TOKEN=hf_private")
+    (out / "offensive" / "notes.txt").write_text("keep me")
+    card = build_export(load_config(args[0], args[1:]), store, out, overwrite=True)
+    assert card["files"] == ["README.md", "offensive/train-00000-of-00001.parquet",
+                             "offensive/validation-00000-of-00001.parquet", "survey/train-00000-of-00001.parquet"]
+    assert (out / "secrets.env").read_text() == "HF_TOKEN=hf_private"
+    assert (out / "offensive" / "notes.txt").read_text() == "keep me"
+
+    class RecordingApi(HfApi):  # the real client; what it would send is recorded instead
+        sent: list = []
+
+        def create_repo(self, *a, **kw):
+            return None
+
+        def create_commit(self, repo_id, operations, **kw):
+            self.sent.append((repo_id, [(o.path_in_repo, o.path_or_fileobj) for o in operations], kw))
+            return "https://huggingface.co/datasets/me/data/commit/0"
+
+    api = RecordingApi(token="hf_unused")
+    push_to_hub(out, "me/data", card["files"], api=api)
+    [(repo, ops, kw)] = api.sent
+    assert repo == "me/data" and kw["repo_type"] == "dataset"
+    assert [p for p, _ in ops] == card["files"] and all(Path(f).is_file() for _, f in ops)
+    assert not any("secrets" in p or "notes" in p for p, _ in ops)
+
+
+def test_the_dataset_card_metadata_is_what_the_hub_accepts(tmp_path):
+    import datasets.utils.metadata as dm
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    store, args = _store_with_rows(tmp_path)
+    out = tmp_path / "out"
+    r = _cli("export", *args, "--to", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = DatasetCard.load(out / "README.md", repo_type="dataset")
+    data = card.data
+    assert isinstance(data, DatasetCardData)
+    resources = Path(dm.__file__).parent / "resources"
+    languages = json.loads((resources / "languages.json").read_text())
+    assert data.license == "other" and data.language and set(data.language) <= set(languages)
+    assert data.language == ["en"]  # the samples are English
+    assert set(data.task_categories) == {"text-classification", "multiple-choice", "text-generation"}
+    assert set(data.task_categories) <= set(dm.known_task_ids)
+    assert set(data.size_categories) <= set(json.loads((resources / "size_categories.json").read_text()))
+    assert data.multilinguality in json.loads((resources / "multilingualities.json").read_text())
+    creators = json.loads((resources / "creators.json").read_text())
+    assert set(data.annotations_creators) <= set(creators["annotations"])
+    assert set(data.language_creators) <= set(creators["language"])
+    assert sorted(MetadataConfigs.from_dataset_card_data(data)) == ["offensive", "survey"]
+    text = (out / "README.md").read_text()
+    sources = text.split("## Sources", 1)[1]
+    assert "- news.gb.example: 4" in sources and "cm_ray:" not in sources.split("## Corpus sources")[0]
+    assert "## Corpus sources (offline passages, not web pages)" in text and "- corpus://cm_ray: 4 citations" in text
