@@ -67,7 +67,7 @@ def counts(cfg, tokens_per_sample: int | None = None) -> dict:
     candidates = pairs * s.prompts_per_pair * s.samples_per_prompt
     return {"cultures": len(cfg.cultures), "tasks": len(cfg.tasks), "pairs": pairs,
             "query_generations": pairs * len(q.kinds),
-            "query_output_tokens_max": pairs * len(q.kinds) * q.max_new_tokens,
+            "query_output_tokens_max": pairs * len(q.kinds) * q.generation_tokens(),
             "queries": pairs * per_pair,
             "page_fetches": pairs * per_pair * cfg.search.fetch.top_k if cfg.search.fetch.enabled else 0,
             "synthesis_generations": candidates,

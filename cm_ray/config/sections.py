@@ -58,7 +58,9 @@ class QueryConfig(Section):
     """Jaccard similarity of word shingles at or above which two queries count as duplicates."""
     near_dup_shingle: int = 1
     """Words per shingle for query near-duplicates (1 = word sets: queries are a few words long)."""
-    max_new_tokens: int = 160
+    max_new_tokens: int | None = Field(None, gt=0)
+    """Tokens of one query generation; None = sized for the count it asks for (``tokens_needed``).
+    An explicit value below that is an error: a cut-off JSON list loses every query in it."""
     temperature: float = 0.7
     min_chars: Positive = 8
     """Shorter generated queries are rejected (counted as too_short)."""
@@ -77,7 +79,25 @@ class QueryConfig(Section):
             raise invalid("min_chars", f"must be <= max_chars ({self.max_chars}), got {self.min_chars}")
         if not self.llm and not self.template_fill:
             raise invalid("llm", "llm=false needs template_fill=true, else no query is written")
+        need = self.tokens_needed()
+        if self.llm and self.max_new_tokens is not None and self.max_new_tokens < need:
+            raise invalid("max_new_tokens", f"{self.max_new_tokens} tokens cannot hold {self.largest_count()} "
+                          f"queries of up to {self.max_chars} characters (needs {need}; null sizes it)")
         return self
+
+    def largest_count(self) -> int:
+        """The most queries one generation asks for (over ``kinds``)."""
+        return max(self.n_specific if k == "specific" else self.n_agnostic for k in self.kinds)
+
+    def tokens_needed(self) -> int:
+        """Tokens for the largest count of queries of up to ``max_chars`` characters as guided JSON:
+        ~4 characters a token, 3 tokens of quotes and comma per query, 8 for ``{"queries": [...]}``."""
+        n = self.largest_count()
+        return 8 + n * (-(-self.max_chars // 4) + 3) if n else 0
+
+    def generation_tokens(self) -> int:
+        """``max_new_tokens``, or the sized budget when it is null."""
+        return self.max_new_tokens if self.max_new_tokens is not None else max(1, self.tokens_needed())
 
 
 class FetchConfig(Section):

@@ -78,8 +78,14 @@ def template_queries(culture_key: str, spec: TaskSpec, kind: str) -> list[str]:
     return out
 
 
-def parse_queries(text: str, cfg) -> tuple[list[str], list[str]]:
-    """Queries found in one generation (lenient), and a reason per rejected candidate."""
+def parse_queries(text: str, cfg, finish_reason: str = "stop") -> tuple[list[str], list[str]]:
+    """Queries found in one generation (lenient), and a reason per rejected candidate (a generation
+    without any: ``generation_error``, ``empty_output``, or ``truncated_json`` when the token limit
+    cut its JSON off, else ``no_json``)."""
+    if finish_reason == "error":
+        return [], ["generation_error"]
+    if not text.strip():
+        return [], ["empty_output"]
     try:
         value = extract_json(text)
     except ValueError:
@@ -89,7 +95,7 @@ def parse_queries(text: str, cfg) -> tuple[list[str], list[str]]:
     if value is None:
         lines = [m.group(1) for m in map(_LIST_LINE.match, text.splitlines()) if m]
         if not lines:
-            return [], ["no_json"]
+            return [], ["truncated_json" if finish_reason == "length" and "{" in text else "no_json"]
         value = lines
     items = value if isinstance(value, list) else [value]
     good, reasons = [], []
@@ -129,10 +135,11 @@ def query_id(culture: str, task: str, kind: str, query: str) -> str:
 
 
 def assemble(cfg: Config, culture: str, task: str, generated: dict[str, str | None],
-             reasons: Counter) -> list[dict]:
+             reasons: Counter, finish: dict[str, str] | None = None) -> list[dict]:
     """Final query rows of one (culture, task): LLM queries first, deduplicated, topped up with
-    templates. ``generated`` maps kind -> generated text (None when not generated); ``reasons``
-    tallies each rejected LLM candidate (the caller records them in its ``FilterLog``)."""
+    templates. ``generated`` maps kind -> generated text (None when not generated); ``finish`` kind
+    -> the generation's finish_reason (stop when absent); ``reasons`` tallies each rejected LLM
+    candidate (the caller records them in its ``FilterLog``)."""
     spec = load_task(task)
     qcfg = cfg.queries
     locale = get_culture(culture).locale
@@ -142,7 +149,9 @@ def assemble(cfg: Config, culture: str, task: str, generated: dict[str, str | No
             n = qcfg.n_specific if kind == "specific" else qcfg.n_agnostic
             have = sum(1 for r in kept if r["kind"] == kind)
             if source == "llm":
-                cands, why = parse_queries(generated.get(kind) or "", qcfg) if generated.get(kind) else ([], [])
+                text = generated.get(kind)
+                cands, why = ([], []) if text is None else parse_queries(
+                    text, qcfg, (finish or {}).get(kind) or "stop")
                 reasons.update(why)
                 shown = {F.normalize_text(q) for q in prompt_examples(culture, spec, kind)}
                 copies = sum(F.normalize_text(q) in shown for q in cands)
@@ -177,9 +186,15 @@ def generation_key(culture: str, task: str, kind: str) -> tuple[str, str, str]:
 def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
     """Generate, validate and write the search queries of every culture not written yet.
 
+    Each generation may write ``queries.generation_tokens()`` tokens (sized for its count unless
+    set). A culture whose LLM candidates were (nearly) all rejected is a degradation
+    (``llm_queries_rejected``): only template queries remain, which ``checks`` makes loud.
+
     Returns:
-        Summary: queries per culture / kind / source, rejection reasons, ``headline``.
+        Summary: queries per culture / kind / source, rejections per culture and reason,
+        ``degradations``, ``headline``.
     """
+    from cm_ray import checks
     import ray.data
 
     from cm_ray.generation.generate import generate
@@ -203,42 +218,55 @@ def run_queries(cfg: Config, store: Any, force: bool = False) -> dict:
     from cm_ray.generation.generate import COUNTERS
 
     generated: dict[tuple, str] = {}
+    finish: dict[tuple, str] = {}
     usage: dict = {"generations": len(items), **{k: 0 for k in COUNTERS}}
     if items:
         init_ray(cfg)
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 4, 32)))
-        ds = generate(ds, cfg, max_new_tokens=qcfg.max_new_tokens, temperature=qcfg.temperature,
+        ds = generate(ds, cfg, max_new_tokens=qcfg.generation_tokens(), temperature=qcfg.temperature,
                       top_p=cfg.synthesis.top_p, seed=cfg.seed).select_columns(
-            ["culture", "task", "kind", "generated_text", *COUNTERS])
+            ["culture", "task", "kind", "generated_text", "finish_reason", *COUNTERS])
         # One short text per prompt: small enough to collect even for hundreds of cultures.
         for r in ds.take_all():
-            generated[(r["culture"], r["task"], r["kind"])] = r["generated_text"]
+            generated[(r["culture"], r["task"], r["kind"])] = r["generated_text"] or ""
+            finish[(r["culture"], r["task"], r["kind"])] = r["finish_reason"] or "stop"
             for k in COUNTERS:
                 usage[k] = usage.get(k, 0) + (r[k] or 0)
     log = F.FilterLog()
     counts: dict[str, dict] = {}
+    degradations: list[dict] = []
+    by_source: Counter = Counter()
     for c in todo:
-        rows = []
+        rows, rejected = [], Counter()
         for t in cfg.tasks:
             name = load_task(t).name
             why: Counter = Counter()
-            pair = assemble(cfg, c, name, {k: generated.get(generation_key(c, name, k)) for k in qcfg.kinds}, why)
+            keys = {k: generation_key(c, name, k) for k in qcfg.kinds}
+            pair = assemble(cfg, c, name, {k: generated.get(g) for k, g in keys.items()}, why,
+                            {k: finish.get(g, "stop") for k, g in keys.items()})
             # In: what the LLM wrote (queries kept + candidates or generations rejected).
             log.record("llm_queries", sum(r["source"] == "llm" for r in pair) + sum(why.values()), why.elements())
+            rejected += why
             rows += pair
         store.delete(*queries_dir(c))
         store.write_table(rows, *queries_file(c))
-        counts[c] = dict(Counter(f"{r['kind']}/{r['source']}" for r in rows), total=len(rows))
+        sources = Counter(r["source"] for r in rows)
+        by_source += sources
+        llm_kept, n_rejected = sources.get("llm", 0), sum(rejected.values())
+        counts[c] = {**Counter(f"{r['kind']}/{r['source']}" for r in rows), "total": len(rows),
+                     "by_source": dict(sources), "llm_candidates": llm_kept + n_rejected,
+                     "rejected": dict(rejected)}
+        if qcfg.llm and llm_kept + n_rejected:
+            top = ", ".join(f"{k} {v}" for k, v in rejected.most_common(3))
+            degradations.append(checks.degradation(
+                "llm_queries_rejected", c, n_rejected, llm_kept + n_rejected,
+                f"{n_rejected} of {llm_kept + n_rejected} LLM query candidates rejected ({top or 'none'}); "
+                f"{sources.get('template', 0)} template queries"))
     total = sum(v["total"] for v in counts.values())
-    by_source = Counter()
-    for v in counts.values():
-        for k, n in v.items():
-            if "/" in k:
-                by_source[k.split("/")[1]] += n
     summary = {"queries": total, "cultures_written": len(todo),
                "cultures_skipped": len(cfg.cultures) - len(todo), "generations": len(items),
                "by_source": dict(by_source), "per_culture": counts, "rejected": log.reasons(),
-               "llm": qcfg.llm,
+               "llm": qcfg.llm, "max_new_tokens": qcfg.generation_tokens(), "degradations": degradations,
                "usage": {**usage, "cost_usd": round(float(usage["cost_usd"]), 6)},
                "seconds": round(time.time() - t0, 1)}
     summary["headline"] = (f"{total} queries for {len(todo)} cultures ({by_source.get('llm', 0)} LLM, "

@@ -14,9 +14,11 @@ import pytest
 
 from tests.conftest import LoopbackChatServer
 
+from cm_ray import checks
 from cm_ray.config import ConfigError, load_config
 from cm_ray.data.queries import (assemble, build_query_messages, parse_queries, query_id, run_queries,
                                  template_queries)
+from cm_ray.stages import run_stage
 from cm_ray.storage import ArtifactStore
 from cm_ray.tasks import load_task
 
@@ -132,8 +134,7 @@ def test_stage_writes_one_partition_per_culture_with_counts_and_resumes(ray_loca
 
 def test_tiny_model_output_still_yields_template_queries_for_every_pair(ray_local, tiny_model_dir, tmp_path):
     cfg = load_config(None, [f"root={tmp_path / 'run'}", "cultures=[KR]", "tasks=[offensive, cultural_qa]",
-                             f"models.generator={tiny_model_dir}", "queries.max_new_tokens=24",
-                             "synthesis.guided_json=false"])
+                             f"models.generator={tiny_model_dir}", "synthesis.guided_json=false"])
     store = ArtifactStore(cfg.root)
     summary = run_queries(cfg, store)
     rows = store.read_rows("queries")
@@ -142,6 +143,10 @@ def test_tiny_model_output_still_yields_template_queries_for_every_pair(ray_loca
             assert sum(r["task"] == task and r["kind"] == kind for r in rows) == 3
     assert summary["generations"] == 3 and summary["queries"] == 12  # agnostic: one generation for both tasks
     assert summary["by_source"].get("template", 0) + summary["by_source"].get("llm", 0) == 12
+    # A random-weight model's candidates are rejected: the summary says so per culture.
+    (d,) = summary["degradations"]
+    assert d["kind"] == "llm_queries_rejected" and d["key"] == "KR" and d["total"] >= 3
+    assert summary["per_culture"]["KR"]["llm_candidates"] == d["total"]
 
 
 def test_llm_off_writes_template_queries_without_an_engine(query_llm, tmp_path):
@@ -154,3 +159,80 @@ def test_llm_off_writes_template_queries_without_an_engine(query_llm, tmp_path):
     assert "queries.llm=false" in summary["headline"]
     with pytest.raises(ConfigError, match=r"^queries.llm"):
         load_config(None, ["queries.llm=false", "queries.template_fill=false"])
+
+
+def test_the_token_budget_fits_the_requested_count_and_a_budget_that_cannot_is_a_config_error():
+    cfg = load_config(None, ["queries.n_specific=20", "queries.n_agnostic=5"])
+    q = cfg.queries
+    assert q.max_new_tokens is None and q.largest_count() == 20
+    # 20 queries of up to max_chars characters at ~4 characters a token, with the JSON around them.
+    assert q.generation_tokens() == q.tokens_needed() >= 20 * q.max_chars // 4
+    with pytest.raises(ConfigError, match=r"^queries.max_new_tokens: 160 tokens cannot hold 20 queries"):
+        load_config(None, ["queries.n_specific=20", "queries.n_agnostic=20", "queries.max_new_tokens=160"])
+    assert load_config(None, ["queries.n_specific=20", "queries.max_new_tokens=1200"]).queries.generation_tokens() == 1200
+    # Without the LLM nothing is generated, so nothing is checked.
+    assert load_config(None, ["queries.n_specific=20", "queries.llm=false", "queries.max_new_tokens=16"])
+
+
+class CuttingLLM(LoopbackChatServer):
+    """OpenAI-compatible server writing as many distinct queries as asked for, cut off at
+    ``max_tokens`` tokens of 4 characters (finish_reason length), as a real engine is; or prose."""
+
+    def __init__(self, prose: bool = False):
+        self.max_tokens: list[int] = []
+        self.prose = prose
+        super().__init__()
+
+    async def handle(self, request):
+        from aiohttp import web
+
+        body = await request.json()
+        self.max_tokens.append(body["max_tokens"])
+        user = body["messages"][-1]["content"]
+        n = int(re.search(r"Write (\d+) different", user).group(1))
+        name = re.search(r"Each query names (.+?) and is", user).group(1)
+        kind = "offensive words" if "bears on this task" in user else "family life"
+        text = "I would search the web." if self.prose else json.dumps(
+            {"queries": [f"{kind} in {name} topic{i} aspect{i} view{i} angle{i}" for i in range(n)]})
+        cut = text[:4 * body["max_tokens"]]
+        return web.json_response({"choices": [{"index": 0, "finish_reason": "stop" if cut == text else "length",
+                                               "message": {"role": "assistant", "content": cut}}],
+                                  "usage": {"prompt_tokens": 5, "completion_tokens": len(cut) // 4}})
+
+
+def test_twenty_queries_a_pair_come_from_the_llm_not_from_templates(ray_local, tmp_path):
+    server = CuttingLLM()
+    try:
+        cfg = load_config(None, [f"root={tmp_path / 'run'}", "cultures=[KR]", "tasks=[offensive]",
+                                 "queries.n_specific=20", "queries.n_agnostic=20", "synthesis.engine=openai",
+                                 f"synthesis.openai.base_url={server.url}", "synthesis.openai.model=fake"])
+        summary = run_queries(cfg, ArtifactStore(cfg.root))
+    finally:
+        server.close()
+    assert server.max_tokens == [cfg.queries.generation_tokens()] * 2
+    assert summary["by_source"] == {"llm": 40} and summary["rejected"] == {}
+    kr = summary["per_culture"]["KR"]
+    assert kr["by_source"] == {"llm": 40} and kr["llm_candidates"] == 40 and kr["rejected"] == {}
+    (d,) = summary["degradations"]
+    assert (d["kind"], d["key"], d["bad"], d["total"]) == ("llm_queries_rejected", "KR", 0, 40)
+
+
+def test_a_culture_whose_llm_queries_were_all_rejected_fails_the_stage(ray_local, tmp_path):
+    server = CuttingLLM(prose=True)
+    try:
+        cfg = load_config(None, [f"root={tmp_path / 'run'}", "cultures=[GB, MX]", "tasks=[offensive, survey]",
+                                 "synthesis.engine=openai", f"synthesis.openai.base_url={server.url}",
+                                 "synthesis.openai.model=fake"])
+        store = ArtifactStore(cfg.root)
+        with pytest.raises(checks.DegradedError, match=r"^queries: degraded past its thresholds for GB, MX") as e:
+            run_stage("queries", cfg, store)
+    finally:
+        server.close()
+    assert {d["key"] for d in e.value.over} == {"GB", "MX"}
+    manifest = store.read_manifest("queries")
+    for c in ("GB", "MX"):
+        entry = manifest["per_culture"][c]
+        # Per (task, kind): the agnostic generation serves both tasks and is rejected for each.
+        assert entry["rejected"] == {"no_json": 4} and entry["by_source"] == {"template": 12}
+    assert all(d["bad"] == d["total"] == 4 and d["fraction"] == 1.0 for d in manifest["degradations"])
+    assert store.read_rows("queries")  # the template queries are written all the same
