@@ -96,9 +96,13 @@ class ServeConfig(Section):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     """Request body size limit, checked from Content-Length and while reading; more = 413."""
     max_new_tokens: int = Field(128, ge=1)
-    """Upper bound of max_tokens / max_completion_tokens; a larger request = 422."""
+    """Upper bound of max_tokens / max_completion_tokens; a larger request = 400."""
     api_key_env: str | None = None
     """Name of the env var holding a Bearer key; None = no auth."""
+    public_paths: list[str] = ["/healthz"]
+    """Routes that need no key when auth is on (every other route does: /metrics, /docs, ...)."""
+    body_read_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False)
+    """A client that sends nothing of its request body for this long gets a 408."""
     ray_actor_cpus: float = 1.0
     """CPUs reserved per adapter-server replica."""
     num_gpus: float = Field(0.0, ge=0)

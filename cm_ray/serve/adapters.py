@@ -28,12 +28,12 @@ from ray import serve
 
 from cm_ray import artifacts
 from cm_ray.artifacts import JOINT
+from cm_ray.serve.adapter_check import WEIGHTS, config_problem, weights_problem
 from cm_ray.serve.api import ApiError, check_adapter_id
 from cm_ray.serve.pool import BASE_ADAPTER, AdapterPool, LoadedAdapter, MixedBatcher, StopFilter
 from cm_ray.serve.responses import fingerprint, tag_items
 
 
-WEIGHTS = "adapter_model.safetensors"
 _VALID: dict[tuple[str, str, str], str | None] = {}
 """(root, adapter, version) -> why that published version is unusable (None: it is fine).
 Versions are content-addressed, so a verdict never goes stale."""
@@ -53,8 +53,8 @@ def adapter_problem(store, parts: tuple[str, ...]) -> str | None:
         config = json.loads(store.read_bytes(*parts, "adapter_config.json"))
     except ValueError:
         return "adapter_config.json is not JSON"
-    if not isinstance(config, dict) or "peft_type" not in config:
-        return "adapter_config.json is not a PEFT config"
+    if problem := config_problem(config):
+        return problem
     size = sizes[WEIGHTS]
     try:
         with store.fs.open_input_file(store.fs_path(*parts, WEIGHTS)) as f:
@@ -95,19 +95,26 @@ def _known_broken(store, name: str, parts: tuple[str, ...], version: str | None)
     return hit[1] if hit and hit[0] == _version_key(store, parts, version) else None
 
 
-def adapter_versions(store) -> dict[str, str | None]:
-    """Adapter ids (culture keys, ``_joint``) that ``/v1/models`` advertises, with their current
-    version (content hash; None for a dir written in place): a published version that is
-    complete and well-formed (or an adapter_config.json written in place), and not known to fail
-    loading in this process. One listing and one pointer read per adapter."""
+def adapter_listing(store) -> dict[str, tuple[str | None, bool]]:
+    """Every adapter id (culture keys, ``_joint``) with a published version: id -> (its current
+    version, whether it is usable). Usable: complete and well-formed (or an adapter_config.json
+    written in place), and not known to fail loading in this process. A pinned request for an
+    unusable one gets the servers' 422 naming it. One listing and one pointer read per adapter."""
     from cm_ray.cultures import is_culture_key
 
     out = {}
     for d in store.listdir(*artifacts.adapters_dir()):
         got = (is_culture_key(d) or d == JOINT) and artifacts.published_adapter(store, d)
-        if got and _problem(store, d, *got) is None and not _known_broken(store, d, *got):
-            out[d] = got[1]
+        if got:
+            ok = _problem(store, d, *got) is None and not _known_broken(store, d, *got)
+            out[d] = (got[1], ok)
     return out
+
+
+def adapter_versions(store) -> dict[str, str | None]:
+    """The usable adapters of ``adapter_listing`` (what ``/v1/models`` advertises) and their
+    current version (content hash; None for a dir written in place)."""
+    return {k: v for k, (v, ok) in adapter_listing(store).items() if ok}
 
 
 def adapter_ids(store) -> list[str]:
@@ -135,8 +142,10 @@ class AdapterServer:
 
         # Decided in the replica, where the model runs: its GPU (serve.num_gpus) when CUDA is here.
         device = "cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.pool = AdapterPool(resolve_model(base, models.cache_dir), default_dtype(device), device,
+        self.model_dir = resolve_model(base, models.cache_dir)
+        self.pool = AdapterPool(self.model_dir, default_dtype(device), device,
                                 max_time_s=s.generation_timeout_s)
+        self.faulted: dict[str, str] = {}  # PEFT name -> why (non-finite output): 422 from now on
         self.batcher = MixedBatcher(self.pool.generate, s.max_batch_size, s.batch_wait_timeout_s)
         # max_num_models_per_replica is fixed at decoration: wrap per instance to take the config.
         # (Serve keeps its LRU cache on the decorated object, so decorate a plain function.)
@@ -170,6 +179,8 @@ class AdapterServer:
                 tmp = tempfile.mkdtemp(prefix=f"adapter-{culture}-")
                 local = await asyncio.to_thread(self.store.download_dir, tmp, *parts)
             fetched = True
+            if problem := await asyncio.to_thread(weights_problem, str(local), self.model_dir):
+                raise ValueError(problem)
             name = await asyncio.to_thread(self.pool.load, str(local), culture)
         except Exception as e:
             msg = (f"model: adapter {culture!r} (version {version or 'in place'}) on the store "
@@ -185,9 +196,9 @@ class AdapterServer:
         return LoadedAdapter(self.pool, culture, name, (time.perf_counter() - t0) * 1000, version)
 
     async def _resolve(self, req: dict) -> tuple[dict, LoadedAdapter | None]:
-        """The generation item for a request; loads the request's adapter (multiplexed id)."""
-        model_id = serve.get_multiplexed_model_id()
-        adapter = await self.get_adapter(model_id) if model_id else None
+        """The generation item for a request; loads the request's adapter (multiplexed id). Nothing
+        is awaited between the load and the caller's ``acquire``: an eviction cannot delete the
+        adapter before its request holds it (guided requests compile their grammar first)."""
         s = self.serve_cfg
         if req.get("json_schema") is not None:
             try:
@@ -195,6 +206,10 @@ class AdapterServer:
             except Exception as e:  # a schema the grammar compiler refuses: this request only
                 raise ApiError(400, f"response_format: the JSON schema cannot be enforced: "
                                     f"{str(e)[:300]}", "response_format") from None
+        model_id = serve.get_multiplexed_model_id()
+        adapter = await self.get_adapter(model_id) if model_id else None
+        if adapter and adapter.name in self.faulted:
+            raise ApiError(422, self.faulted[adapter.name], "model", "invalid_adapter_error")
         item = {"prompt": self.pool.prompt_text(req["payload"]), "json_schema": req.get("json_schema"),
                 "adapter": adapter.name if adapter else BASE_ADAPTER,
                 "max_new_tokens": min(req.get("max_new_tokens") or s.max_new_tokens,
@@ -203,12 +218,21 @@ class AdapterServer:
                 "stop": req.get("stop")}
         return item, adapter
 
+    def _fault(self, adapter: LoadedAdapter) -> dict:
+        """``adapter`` produced non-finite values: its version is broken (422, not listed, not
+        loaded again until republished); its batch neighbours were served."""
+        msg = (f"model: adapter {adapter.culture!r} (version {adapter.version or 'in place'}) "
+               "produced non-finite values (NaN or infinity) and is not served")
+        self.faulted[adapter.name] = msg
+        _BROKEN[(self.store.root, adapter.culture)] = (adapter.version or "", msg)
+        return {"error": ApiError(422, msg, "model", "invalid_adapter_error").relay()}
+
     async def generate(self, req: dict) -> dict:
         """One request -> {text, finish_reason, usage counts, batch info} or {error: ...}."""
         try:
             item, adapter = await self._resolve(req)
         except ApiError as e:
-            return {"error": e.body()}
+            return {"error": e.relay()}
         info = {"adapter_cold": bool(adapter and adapter.uses == 0),
                 "adapter_load_ms": round(adapter.load_ms, 1) if adapter else 0.0}
         if adapter:
@@ -216,9 +240,14 @@ class AdapterServer:
             self.pool.acquire(adapter.name)  # no await since loading: eviction cannot interleave
         try:
             result = await self.batcher.submit(item)
+        except Exception as e:  # this request failed on its own (the batcher isolates it)
+            return {"error": ApiError(500, f"generation failed: {type(e).__name__}", None,
+                                      "server_error").relay()}
         finally:
             if adapter:
                 self.pool.release(adapter.name)
+        if result.get("non_finite") and adapter:
+            return self._fault(adapter)
         return {**result, **info, "system_fingerprint": self.fingerprint}
 
     async def generate_stream(self, req: dict):
@@ -232,7 +261,7 @@ class AdapterServer:
         try:
             item, adapter = await self._resolve(req)
         except ApiError as e:
-            yield {"error": e.body()}
+            yield {"error": e.relay()}
             return
         streamer = TextIteratorStreamer(self.pool.tokenizer, skip_prompt=True,
                                         skip_special_tokens=True, timeout=600)
@@ -241,12 +270,14 @@ class AdapterServer:
             adapter.uses += 1
             self.pool.acquire(adapter.name)
         done: dict = {}
+        cancel = threading.Event()  # set when the client goes away: generation stops
 
         def run():
             try:
-                done.update(self.pool.stream(item, streamer))
+                done.update(self.pool.stream(item, streamer, cancel))
             except Exception as e:  # reported to the client as the stream's last event
-                done["error"] = ApiError(500, f"generation failed: {e}", None, "server_error").body()
+                done["error"] = ApiError(500, f"generation failed: {type(e).__name__}", None,
+                                         "server_error").relay()
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
@@ -258,9 +289,13 @@ class AdapterServer:
             if rest := stops.flush():
                 yield {"delta": rest}
         finally:
+            cancel.set()  # a no-op when it finished; else the consumer is gone (cancelled)
             await asyncio.to_thread(worker.join)
             if adapter:
                 self.pool.release(adapter.name)
+        if done.get("non_finite") and adapter:
+            yield self._fault(adapter)
+            return
         yield {**done, "adapter_cold": cold}
 
     def loaded_adapters(self) -> list[str]:

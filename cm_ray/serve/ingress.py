@@ -6,9 +6,12 @@ to a culture and forwards it to the adapter servers (``cm_ray.serve.adapters``).
     CultureIngress  --multiplexed_model_id=<culture>@<version>-->  VLLMServer (serve.engine: vllm)
 
 Endpoints: POST /v1/chat/completions and /v1/completions (``stream: true`` = SSE, with a usage
-chunk for ``stream_options.include_usage``), GET /v1/models (auto, base, every usable adapter on
-the store; the store is read at most once per ``serve.adapter_cache_ttl_s``), /healthz, /metrics
-(Prometheus, per culture). ``response_format`` json_object / json_schema is guided decoding on
+chunk for ``stream_options.include_usage``; ``n`` choices per prompt, several prompts), GET
+/v1/models and /v1/models/{id} (auto, base, every usable adapter on the store; the store is read
+at most once per ``serve.adapter_cache_ttl_s``), /healthz, /metrics (Prometheus, per culture),
+/docs and /openapi.json. With an API key every route but ``serve.public_paths`` (/healthz) needs
+it. Every error, 404 and 405 included, is OpenAI's ``{"error": {...}}``; bodies must be JSON
+(``Content-Type: application/json``). ``response_format`` json_object / json_schema is guided decoding on
 both engines; fields the server does not implement (tools, logprobs, ...) are a 400 naming them.
 ``model="auto"`` asks the router (unless an ``X-Culture`` header or ``culture`` field names the
 culture); ``model="<culture>"`` pins an adapter; ``model="base"`` uses no adapter. Responses carry
@@ -32,7 +35,7 @@ import uuid
 from typing import Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from cm_ray import artifacts
@@ -40,22 +43,23 @@ from cm_ray.artifacts import AUTO, BASE, NONE
 from cm_ray.serve.api import (ApiError, ChatRequest, CompletionRequest, check_adapter_id,
                               check_prompt_tokens, decode_json, parse_request, scrub)
 from cm_ray.serve.catalog import AdapterCatalog
-from cm_ray.serve.limits import load_tokenizer, overload_error, read_body, replica_error, timeout_error
-from cm_ray.serve.responses import completion_body, route_headers
+from cm_ray.serve.limits import (DrainEstimate, check_content_type, install_error_handlers, load_tokenizer, overload_error,
+                                 read_body, replica_error, timeout_error)
+from cm_ray.serve.responses import completion_body, model_entry, route_headers
 from cm_ray.serve.stream import IngressMetrics, sse_events
 
 log = logging.getLogger("cm_ray.serve")
 
-fastapi_app = FastAPI(title="cm_ray", description="Culture-routed LoRA adapters, OpenAI-shaped")
+fastapi_app = FastAPI(title="cm_ray", description="Culture-routed LoRA adapters, OpenAI-shaped",
+                      docs_url=None, redoc_url=None, openapi_url=None)  # served below, with auth
 
 
-@fastapi_app.exception_handler(ApiError)
-async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+install_error_handlers(fastapi_app)
 
 
 def pick_culture(req, header: str | None, has_adapter: Callable[[str], bool],
-                 predict: Callable[[str, dict | None], tuple[str, float]] | None) -> dict:
+                 predict: Callable[[str, dict | None], tuple[str, float]] | None,
+                 usable: Callable[[str], bool] | None = None) -> dict:
     """Decide which adapter answers. Pure: the adapter check and the router are injected.
 
     Order: pinned model (``base`` or a culture) > ``X-Culture`` header > ``culture`` field >
@@ -72,9 +76,11 @@ def pick_culture(req, header: str | None, has_adapter: Callable[[str], bool],
         try:
             key = normalize_culture(key) if not key.startswith("_") else key
         except KeyError:
-            raise ApiError(404, f"{param}: unknown culture {value!r}", param, "not_found_error")
+            raise ApiError(404, f"{param}: unknown culture {value!r}", param, "not_found_error",
+                           code="model_not_found")
         if not has_adapter(key):
-            raise ApiError(404, f"{param}: no adapter for culture {key!r}", param, "not_found_error")
+            raise ApiError(404, f"{param}: no adapter for culture {key!r}", param, "not_found_error",
+                           code="model_not_found")
         return key
 
     if req.model == BASE:
@@ -89,7 +95,7 @@ def pick_culture(req, header: str | None, has_adapter: Callable[[str], bool],
         return {"culture": NONE, "router_confidence": 0.0, "routed_by": "no_router"}
     culture, conf, *why = predict(req.router_text(), req.metadata)  # (+ the deciding evidence)
     extra = {"router_evidence": why[0]} if why else {}
-    if culture != NONE and not has_adapter(culture):
+    if culture != NONE and not (usable or has_adapter)(culture):  # a broken one: the base model
         return {"culture": NONE, "router_confidence": conf, "routed_by": "router_no_adapter", **extra}
     return {"culture": culture, "router_confidence": conf, "routed_by": "router", **extra}
 
@@ -122,6 +128,8 @@ class CultureIngress:
             self.router.warm()  # load the language ID and the encoder now, not on a request
         self.catalog = AdapterCatalog(self.store, serve_cfg.adapter_cache_ttl_s)
         self.catalog.ids()
+        self.created = int(time.time())
+        self.drain = DrainEstimate(serve_cfg)  # Retry-After from the backlog and the answer rate
 
     # -- helpers ---------------------------------------------------------------------------
     def _has_adapter(self, key: str) -> bool:
@@ -134,24 +142,40 @@ class CultureIngress:
         return out["culture"], out["probability"], out["evidence"]
 
     def _auth(self, request: Request) -> None:
-        if not self.key_sha256:
+        prefix = request.scope.get("root_path", "").rstrip("/")
+        if not self.key_sha256 or request.url.path.removeprefix(prefix) in self.serve_cfg.public_paths:
             return
         got = request.headers.get("authorization", "")
         token = got[7:].strip() if got.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), self.key_sha256):
             raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)", None,
-                           "authentication_error")
+                           "authentication_error", code="invalid_api_key")
 
     # -- endpoints -------------------------------------------------------------------------
     @fastapi_app.get("/healthz")
-    async def healthz(self) -> dict:
+    async def healthz(self, request: Request) -> dict:
+        self._auth(request)
         return {"status": "ok", "router": self.router is not None, "engine": self.serve_cfg.engine,
                 "adapters": len(await asyncio.to_thread(self.catalog.ids))}
 
+    @fastapi_app.get("/openapi.json")
+    async def openapi(self, request: Request) -> dict:
+        self._auth(request)
+        return fastapi_app.openapi()
+
+    @fastapi_app.get("/docs")
+    async def docs(self, request: Request) -> HTMLResponse:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        self._auth(request)
+        return get_swagger_ui_html(openapi_url=f"{request.scope.get('root_path', '')}/openapi.json",
+                                   title="cm_ray")
+
     @fastapi_app.get("/metrics")
-    async def metrics(self) -> Response:
+    async def metrics(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        self._auth(request)
         try:  # the adapters held by the replica that answers (a scrape never fails for it)
             got = await asyncio.wait_for(self.adapters.loaded_adapters.remote(), 5)
             self.metrics.set_loaded([a.partition("@")[0] for a in got])
@@ -159,20 +183,32 @@ class CultureIngress:
             log.warning("loaded adapters unknown: %s", scrub(repr(e), self.root))
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @fastapi_app.get("/v1/models")
-    async def models(self, request: Request) -> dict:
+    async def _model_list(self) -> list[dict]:
         from cm_ray.cultures import registry
 
-        self._auth(request)
         known = await asyncio.to_thread(self.catalog.ids)
-        base = self.base_model
-        data = [{"id": AUTO, "object": "model", "owned_by": "cm_ray", "root": "router"},
-                {"id": BASE, "object": "model", "owned_by": "cm_ray", "root": base}]
+        data = [model_entry(AUTO, self.created, root="router"),
+                model_entry(BASE, self.created, root=self.base_model)]
         for key in known:
             name = registry()[key].name if key in registry() else "all cultures"
-            data.append({"id": key, "object": "model", "owned_by": "cm_ray", "root": base,
-                         "parent": BASE, "culture_name": name})
-        return {"object": "list", "data": data}
+            data.append(model_entry(key, self.created, root=self.base_model, parent=BASE,
+                                    culture_name=name))
+        return data
+
+    @fastapi_app.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._auth(request)
+        return {"object": "list", "data": await self._model_list()}
+
+    @fastapi_app.get("/v1/models/{model_id}")
+    async def model(self, model_id: str, request: Request) -> dict:
+        """One model entry (the official client's ``models.retrieve``); 404 for any other id."""
+        self._auth(request)
+        for m in await self._model_list():
+            if m["id"] == model_id or (len(model_id) == 2 and m["id"] == model_id.upper()):
+                return m
+        raise ApiError(404, f"model: no model {model_id[:64]!r} (see /v1/models)", "model",
+                       "not_found_error", code="model_not_found")
 
     @fastapi_app.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
@@ -188,28 +224,38 @@ class CultureIngress:
         try:
             self._auth(request)
             s = self.serve_cfg
-            req = parse_request(cls, decode_json(await read_body(request, s.max_body_bytes)), s)
+            check_content_type(request)
+            req = parse_request(cls, decode_json(await read_body(request, s.max_body_bytes, s.body_read_timeout_s)), s)
             await asyncio.to_thread(check_prompt_tokens, req, self.tokenizer, s.max_prompt_tokens)
             route = await asyncio.to_thread(
                 pick_culture, req, request.headers.get("x-culture"), self._has_adapter,
-                self._predict if self.router else None)
+                self._predict if self.router else None, lambda k: k in self.catalog.ids())
             culture = route["culture"]
             model_id = "" if culture == NONE else await asyncio.to_thread(self.catalog.model_id, culture)
             handle = self.adapters.options(multiplexed_model_id=model_id)
-            payload = {"payload": req.payload(), "max_new_tokens": req.new_tokens(),
-                       "temperature": req.temperature, "top_p": req.top_p, "stop": req.stop,
-                       "json_schema": req.json_schema(s.guided_max_string_chars)}
+            payloads = [{"payload": p, "max_new_tokens": req.new_tokens(),
+                         "temperature": req.temperature, "top_p": req.top_p, "stop": req.stop,
+                         "json_schema": req.json_schema(s.guided_max_string_chars)}
+                        for p in req.payloads() for _ in range(req.n)]  # choice i*n + j
             chat = cls is ChatRequest
             deadline = time.monotonic() + s.generation_timeout_s
-            if req.stream:
-                resp = await self._stream(handle, payload, chat, req, route, deadline, model_id, t0)
-            else:
-                result = await self._call(handle.generate.remote(payload), deadline)
-                if "error" in result:
-                    raise self._refused(result["error"], model_id)
-                self.metrics.answered(culture, result)
-                resp = JSONResponse(completion_body(chat, req.model, result, route),
-                                    headers=route_headers(route, result))
+            self.drain.started()
+            try:
+                if req.stream:
+                    if len(payloads) > 1:
+                        raise ApiError(400, "n: a streamed answer has one choice (n 1, one prompt)", "n")
+                    resp = await self._stream(handle, payloads[0], chat, req, route, deadline, model_id, t0)
+                else:
+                    results = await asyncio.gather(*[self._call(handle.generate.remote(p), deadline)
+                                                     for p in payloads])
+                    for result in results:
+                        if "error" in result:
+                            raise self._refused(result["error"], model_id)
+                        self.metrics.answered(culture, result)
+                    resp = JSONResponse(completion_body(chat, req.model, results, route, req.n),
+                                        headers=route_headers(route, results[0]))
+            finally:
+                self.drain.finished()
             status = resp.status_code
             return resp
         except ApiError as e:
@@ -235,9 +281,9 @@ class CultureIngress:
                 cancel()
             elif hasattr(awaitable, "cancel"):
                 awaitable.cancel()
-            raise timeout_error(s) from None
+            raise timeout_error(s, self.drain.retry_after_s()) from None
         except Exception as e:
-            err = overload_error(e, s.retry_after_s)
+            err = overload_error(e, self.drain.retry_after_s())
             if err is None:
                 raise
             raise err from None

@@ -9,10 +9,11 @@ free. ``LoadedAdapter`` is what the Serve deployment's multiplexed loader hands 
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import threading
+
+from cm_ray.serve.batching import FiniteGuard, MixedBatcher, StopFilter, _Cancelled  # noqa: F401
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" inside a mixed batch
 
@@ -141,12 +142,17 @@ class AdapterPool:
             return {"do_sample": True, "temperature": item["temperature"], "top_p": item["top_p"]}
         return {"do_sample": False}
 
-    def _generate(self, enc, names: list[str], schemas=None, **kw):
+    def _generate(self, enc, names: list[str], schemas=None, guard=None, **kw):
+        from transformers import LogitsProcessorList
+
         from cm_ray.generation.engines import _GrammarMask
 
         kw["pad_token_id"] = self.tokenizer.pad_token_id
+        kw["logits_processor"] = LogitsProcessorList()
         if schemas and schemas[0] is not None:  # guided JSON (a group shares its schema)
-            kw["logits_processor"] = [_GrammarMask([self.grammar(x) for x in schemas])]
+            kw["logits_processor"].append(_GrammarMask([self.grammar(x) for x in schemas]))
+        if guard is not None:
+            kw["logits_processor"].append(guard)
         if self.max_time_s:
             kw["max_time"] = self.max_time_s
         if self.loaded:  # a PeftModel: one forward pass, each row with its own adapter
@@ -176,14 +182,16 @@ class AdapterPool:
                 group = [items[i] for i in idx]
                 enc = self._inputs([g["prompt"] for g in group])
                 new = max(g["max_new_tokens"] for g in group)
+                guard = FiniteGuard(self.tokenizer.eos_token_id)
                 ids = self._generate(enc, [g["adapter"] for g in group],
-                                     [g.get("json_schema") for g in group], max_new_tokens=new,
-                                     **self._sampling(group[0]))
+                                     [g.get("json_schema") for g in group], guard,
+                                     max_new_tokens=new, **self._sampling(group[0]))
                 n_adapters = len({g["adapter"] for g in group})
                 for row, i in enumerate(idx):
                     out[i] = self._decode(ids[row, enc["input_ids"].shape[1]:], items[i],
                                           int(enc["attention_mask"][row].sum()))
-                    out[i].update(batch_size=len(group), batch_adapters=n_adapters)
+                    out[i].update(batch_size=len(group), batch_adapters=n_adapters,
+                                  non_finite=row in guard.bad)
         return out  # type: ignore[return-value]
 
     def _decode(self, tokens, item: dict, prompt_tokens: int) -> dict:
@@ -199,93 +207,27 @@ class AdapterPool:
         return {"text": text, "finish_reason": finish, "prompt_tokens": prompt_tokens,
                 "completion_tokens": len(tokens)}
 
-    def stream(self, item: dict, streamer) -> dict:
+    def stream(self, item: dict, streamer, cancel: threading.Event | None = None) -> dict:
         """Generate one request into a transformers streamer (runs in a thread); returns what
-        ``generate`` returns for it, minus the text already streamed."""
+        ``generate`` returns for it, minus the text already streamed. Setting ``cancel`` (the
+        client went away) stops it after the current token."""
         import torch
+
+        from transformers import StoppingCriteriaList
 
         with self.lock, torch.inference_mode():
             enc = self._inputs([item["prompt"]])
+            guard = FiniteGuard(self.tokenizer.eos_token_id)
             try:
-                ids = self._generate(enc, [item["adapter"]], [item.get("json_schema")],
-                                     max_new_tokens=item["max_new_tokens"],
-                                     streamer=streamer, **self._sampling(item))
+                ids = self._generate(enc, [item["adapter"]], [item.get("json_schema")], guard,
+                                     max_new_tokens=item["max_new_tokens"], streamer=streamer,
+                                     stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
+                                     **self._sampling(item))
             except Exception:
                 streamer.end()  # unblock the reader; the error surfaces in the summary
                 raise
-        return self._decode(ids[0, enc["input_ids"].shape[1]:], item, enc["input_ids"].shape[1])
-
-
-class StopFilter:
-    """Cuts a text stream at the first stop string: ``push(piece)`` returns what can be sent now
-    (a tail that may begin a stop string is held back), ``flush()`` the rest at the end."""
-
-    def __init__(self, stops: list[str] | None):
-        self.stops = [x for x in stops or [] if x]
-        self.hold = max((len(x) for x in self.stops), default=1) - 1
-        self.buf, self.stopped = "", False
-
-    def push(self, piece: str) -> str:
-        if self.stopped:
-            return ""
-        self.buf += piece
-        hits = [self.buf.index(x) for x in self.stops if x in self.buf]
-        if hits:
-            self.stopped, out, self.buf = True, self.buf[:min(hits)], ""
-            return out
-        cut = max(0, len(self.buf) - self.hold)
-        out, self.buf = self.buf[:cut], self.buf[cut:]
-        return out
-
-    def flush(self) -> str:
-        out, self.buf = ("" if self.stopped else self.buf), ""
-        return out
-
-
-class MixedBatcher:
-    """Collects requests for any adapter into batches of up to ``max_batch_size``, waiting at
-    most ``wait_s`` after the first, and runs ``run(items) -> results`` (blocking, in a thread)
-    one batch at a time; requests that arrive meanwhile form the next batch. Plain asyncio on
-    purpose: Serve's ``@serve.batch`` splits batches by multiplexed model id, which would keep
-    different cultures out of one forward pass."""
-
-    def __init__(self, run, max_batch_size: int, wait_s: float):
-        self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
-        self.queue: asyncio.Queue | None = None
-        self._task: asyncio.Task | None = None
-
-    async def submit(self, item: dict) -> dict:
-        loop = asyncio.get_running_loop()
-        if self.queue is None:
-            self.queue = asyncio.Queue()
-            self._task = loop.create_task(self._serve())
-        fut = loop.create_future()
-        await self.queue.put((item, fut))
-        return await fut
-
-    async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.queue.get()]
-            deadline = loop.time() + self.wait_s
-            while len(batch) < self.max_batch_size and (left := deadline - loop.time()) > 0:
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-            live = [(item, fut) for item, fut in batch if not fut.done()]  # done = cancelled
-            if not live:
-                continue
-            try:
-                results = await asyncio.to_thread(self.run, [item for item, _ in live])
-            except Exception as e:  # the batch failed: each of its requests gets the error
-                for _, fut in live:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            for (_, fut), result in zip(live, results):
-                if not fut.done():
-                    fut.set_result(result)
+        out = self._decode(ids[0, enc["input_ids"].shape[1]:], item, enc["input_ids"].shape[1])
+        return {**out, "non_finite": bool(guard.bad)}
 
 
 class LoadedAdapter:

@@ -45,23 +45,37 @@ async def tag_items(items, fp: str):
         yield item
 
 
-def usage_body(result: dict) -> dict:
-    p, c = result.get("prompt_tokens", 0), result.get("completion_tokens", 0)
+def usage_body(result: dict | list[dict], n: int = 1) -> dict:
+    """Usage of one result or of a list (``n`` choices per prompt share its prompt tokens)."""
+    results = result if isinstance(result, list) else [result]
+    p = sum(r.get("prompt_tokens", 0) for r in results[::n])
+    c = sum(r.get("completion_tokens", 0) for r in results)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def completion_body(chat: bool, model: str, result: dict, route: dict) -> dict:
-    """The non-streaming response, with the routing decision as extra fields."""
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                  "finish_reason": result["finish_reason"]}
-    else:
-        choice = {"index": 0, "text": result["text"], "finish_reason": result["finish_reason"],
-                  "logprobs": None}
+def model_entry(model_id: str, created: int, **extra) -> dict:
+    """One ``/v1/models`` entry (OpenAI's Model: id, object, created, owned_by; then ours)."""
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "cm_ray", **extra}
+
+
+def completion_body(chat: bool, model: str, results: dict | list[dict], route: dict,
+                    n: int = 1) -> dict:
+    """The non-streaming response (one choice per result, in order), with the routing decision
+    as extra fields."""
+    results = results if isinstance(results, list) else [results]
+    choices = []
+    for i, result in enumerate(results):
+        if chat:
+            choices.append({"index": i, "message": {"role": "assistant", "content": result["text"],
+                                                    "refusal": None},
+                            "finish_reason": result["finish_reason"], "logprobs": None})
+        else:
+            choices.append({"index": i, "text": result["text"], "finish_reason": result["finish_reason"],
+                            "logprobs": None})
     return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice],
-            "usage": usage_body(result), **_fp(result.get("system_fingerprint")), **route}
+            "created": int(time.time()), "model": model, "choices": choices,
+            "usage": usage_body(results, n), **_fp(results[0].get("system_fingerprint")), **route}
 
 
 def _fp(fp: str | None) -> dict:
@@ -72,10 +86,10 @@ def chunk_body(chat: bool, cid: str, model: str, delta: str | None, finish: str 
                route: dict, fp: str | None = None) -> dict:
     """One SSE chunk (``chat.completion.chunk`` / ``text_completion``)."""
     if chat:
-        choice = {"index": 0, "delta": {"content": delta} if delta is not None else {},
-                  "finish_reason": finish}
+        choice = {"index": 0, "delta": {"role": "assistant", "content": delta} if delta is not None else {},
+                  "finish_reason": finish, "logprobs": None}
     else:
-        choice = {"index": 0, "text": delta or "", "finish_reason": finish}
+        choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
     return {"id": cid, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice], **_fp(fp), **route}
 

@@ -76,6 +76,15 @@ async def sse_events(gen, first: dict, chat: bool, cid: str, model: str, route: 
     chunk when ``include_usage``, then [DONE]. Past ``deadline`` (loop time) the stream ends with
     a timeout error event. ``on_done(summary, ttft_s)`` is called with the final summary (``t0``:
     perf_counter when the request arrived, for the time to first token)."""
+    try:
+        async for event in _events(gen, first, chat, cid, model, route, deadline, s, include_usage,
+                                   on_done, t0):
+            yield event
+    finally:  # the client went away (or the stream ended): the generation stops either way
+        gen.cancel()
+
+
+async def _events(gen, first, chat, cid, model, route, deadline, s, include_usage, on_done, t0):
     item, ttft = first, None
     fp = first.get("system_fingerprint")  # the engine that answers, on every chunk
     t0 = time.perf_counter() if t0 is None else t0

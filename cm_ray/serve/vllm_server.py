@@ -30,6 +30,7 @@ import uuid
 from ray import serve
 
 from cm_ray import artifacts
+from cm_ray.serve.adapter_check import weights_problem
 from cm_ray.serve.adapters import _BROKEN, _known_broken, _problem, _version_key
 from cm_ray.serve.api import ApiError, check_adapter_id
 from cm_ray.serve.responses import fingerprint, tag_items
@@ -130,7 +131,7 @@ class VLLMServer:
         if not cuda:  # the engine core is a child process: it inherits these
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{s.vllm.kv_cache_space_gb:g}")
             os.environ.update(vllm_cpu_env())
-        model_dir = resolve_model(models.base or models.generator, models.cache_dir)
+        self.model_dir = model_dir = resolve_model(models.base or models.generator, models.cache_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(s, model_dir, cuda)))
         self.loop = asyncio.get_running_loop()
@@ -173,6 +174,8 @@ class VLLMServer:
             # delete the store's version dir; vLLM rereads an adapter it dropped from its cache)
             tmp = tempfile.mkdtemp(prefix=f"adapter-{culture}-")
             local = await asyncio.to_thread(self.store.download_dir, tmp, *parts)
+            if problem := await asyncio.to_thread(weights_problem, str(local), self.model_dir):
+                raise ValueError(problem)  # vLLM would serve it (or fail the engine): refuse here
             lora = LoRARequest(f"{culture}@{version or 'in-place'}", next(self._lora_ids), str(local))
             try:
                 await self.engine.add_lora(lora)
@@ -235,7 +238,7 @@ class VLLMServer:
         try:
             slot = await self.get_adapter(model_id) if model_id else None
         except ApiError as e:
-            yield {"error": e.body()}
+            yield {"error": e.relay()}
             return
         rid, t0 = uuid.uuid4().hex, time.perf_counter()
         info = {"adapter_cold": bool(slot and slot.uses == 0),
@@ -259,7 +262,7 @@ class VLLMServer:
         except ValueError as e:  # refused before it ran, e.g. a schema the grammar backend refuses
             if n_out:
                 raise
-            yield {"error": ApiError(400, f"response_format: {str(e)[:300]}", "response_format").body()}
+            yield {"error": ApiError(400, f"response_format: {str(e)[:300]}", "response_format").relay()}
             return
         finally:
             self.inflight.pop(rid, None)
@@ -279,7 +282,7 @@ class VLLMServer:
                 text.append(item["delta"])
             else:
                 return item if "error" in item else {"text": "".join(text), **item}
-        return {"error": ApiError(500, "generation ended without a result", None, "server_error").body()}
+        return {"error": ApiError(500, "generation ended without a result", None, "server_error").relay()}
 
     async def generate_stream(self, req: dict):
         """Streamed variant: yields {delta: str} items, then {finish_reason, usage} or {error}."""

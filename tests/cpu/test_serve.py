@@ -25,8 +25,10 @@ KEY = "sk-test-" + uuid.uuid4().hex
 
 @pytest.fixture(scope="module")
 def store(s3_endpoint, tiny_model_dir, tmp_path_factory):
-    """An S3 store with a trained router, adapters GB/CN/MX and two broken adapters: FR (a bad
-    config), BR (a config without weights: PEFT's error names the local copy's path)."""
+    """An S3 store with a trained router, adapters GB/CN/MX and broken adapters: FR (a bad
+    config), BR (a config without weights: PEFT's error names the local copy's path), and
+    published ones: KR (DoRA), IN (modules_to_save), ES (NaN weights), PT (finite weights that
+    overflow to non-finite logits), AR (a target module the model lacks)."""
     from cm_ray.router.model import Encoder, train_router
 
     ensure_bucket("s3://cm-ray-test")
@@ -38,9 +40,33 @@ def store(s3_endpoint, tiny_model_dir, tmp_path_factory):
                      "adapter_config.json")
     store.write_json(json.loads((local / "GB" / "adapter_config.json").read_text()), "adapters", "BR",
                      "adapter_config.json")
+    for culture, change in BROKEN.items():
+        store.publish_dir(broken_adapter(tiny_model_dir, local / culture, change), "adapters", culture)
     router, _ = train_router(*split_pairs(), Encoder("embedded:all-minilm-l6-v2"))
     router.save(store, "router")
     return store
+
+
+BROKEN = {"KR": ("config", {"use_dora": True}), "IN": ("config", {"modules_to_save": ["lm_head"]}),
+          "ES": ("scale", float("nan")), "PT": ("scale", 1e38),
+          "AR": ("config", {"target_modules": ["q_proj", "no_such_proj"]})}
+
+
+def broken_adapter(base_dir, out, change):
+    """A real adapter made unservable by ``change``: ("config", keys to set) or ("scale", a
+    factor for every lora_B matrix)."""
+    from safetensors.torch import load_file, save_file
+
+    make_adapter(base_dir, out, 11)
+    kind, value = change
+    if kind == "config":
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        (out / "adapter_config.json").write_text(json.dumps({**cfg, **value}))
+    else:
+        w = load_file(str(out / "adapter_model.safetensors"))
+        save_file({k: v * value if "lora_B" in k else v for k, v in w.items()},
+                  str(out / "adapter_model.safetensors"))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +176,7 @@ def test_lru_eviction_reloads_the_least_recently_used_adapter(url):
     chat(url, "x", model="GB"), chat(url, "x", model="CN")
     cold = [chat(url, "x", model=m).headers["X-Adapter-Cold"] for m in ["GB", "MX", "GB", "CN"]]
     assert cold == ["0", "1", "0", "1"]  # MX evicted CN (LRU), then CN had to come back
-    metrics = requests.get(f"{url}/metrics", timeout=10).text
+    metrics = requests.get(f"{url}/metrics", headers=AUTH, timeout=10).text
     assert 'cm_ray_adapter_loads_total{culture="CN"}' in metrics
 
 
@@ -185,15 +211,15 @@ def _msgs(content):
 BAD = [  # (path, raw body or json, headers, status, words in the message)
     ("/v1/chat/completions", b'{"model": "auto", "messages": [', {}, 400, "malformed JSON"),
     ("/v1/chat/completions", b'[1, 2]', {}, 400, "JSON object"),
-    ("/v1/chat/completions", {"messages": []}, {}, 422, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, {}, 422, "messages.0.content"),
-    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, {}, 422, "messages.0.role"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "  "}]}, {}, 422, "non-empty user"),
-    ("/v1/chat/completions", {"messages": "hello"}, {}, 422, "messages"),
-    ("/v1/chat/completions", {"messages": _msgs("hi"), "max_tokens": "5"}, {}, 422, "max_tokens"),
-    ("/v1/chat/completions", {"messages": _msgs("hi"), "max_tokens": 10_000}, {}, 422, "serve.max_new_tokens"),
-    ("/v1/chat/completions", {"messages": _msgs("hi"), "temperature": 9}, {}, 422, "temperature"),
-    ("/v1/chat/completions", {"messages": _msgs("hi"), "n": 2}, {}, 422, "n"),
+    ("/v1/chat/completions", {"messages": []}, {}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, {}, 400, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, {}, 400, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "  "}]}, {}, 400, "non-empty user"),
+    ("/v1/chat/completions", {"messages": "hello"}, {}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": _msgs("hi"), "max_tokens": "5"}, {}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": _msgs("hi"), "max_tokens": 10_000}, {}, 400, "serve.max_new_tokens"),
+    ("/v1/chat/completions", {"messages": _msgs("hi"), "temperature": 9}, {}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": _msgs("hi"), "n": 17}, {}, 400, "n"),
     ("/v1/chat/completions", {"messages": _msgs("x" * 600)}, {}, 413, "serve.max_prompt_chars"),
     ("/v1/chat/completions", {"model": "ZZ", "messages": _msgs("hi")}, {}, 404, "unknown culture"),
     ("/v1/chat/completions", {"model": "DE", "messages": _msgs("hi")}, {}, 404, "no adapter"),
@@ -208,8 +234,8 @@ BAD = [  # (path, raw body or json, headers, status, words in the message)
     ("/v1/chat/completions", {"model": "FR", "messages": _msgs("hi")}, {}, 422, "could not be loaded"),
     ("/v1/chat/completions", {"model": "FR", "stream": True, "messages": _msgs("hi")}, {}, 422, "FR"),
     ("/v1/chat/completions", {"model": "ZZ", "stream": True, "messages": _msgs("hi")}, {}, 404, "ZZ"),
-    ("/v1/completions", {"model": "MX"}, {}, 422, "prompt"),
-    ("/v1/completions", {"prompt": ""}, {}, 422, "prompt"),
+    ("/v1/completions", {"model": "MX"}, {}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ""}, {}, 400, "prompt"),
     ("/v1/chat/completions", {"messages": _msgs("hi")}, {"Authorization": "Bearer wrong"}, 401, "API key"),
     ("/v1/chat/completions", {"messages": _msgs("hi")}, {"Authorization": ""}, 401, "API key"),
 ]
@@ -230,7 +256,7 @@ def test_errors_name_no_store_uri_or_local_path(url, store):
 
     for model, stream in (("BR", False), ("BR", True), ("FR", False)):
         r = chat(url, "hi", model=model, stream=stream)  # a broken adapter: a load error
-        assert r.status_code in (404, 422), r.text  # 404 once broken adapters are not listed
+        assert r.status_code == 422, r.text  # pinned by name: the 422 naming it, listed or not
         msg = r.json()["error"]["message"]
         assert model in msg
         for leak in (store.root, "s3://", tempfile.gettempdir(), "adapter-BR-"):
@@ -240,7 +266,7 @@ def test_errors_name_no_store_uri_or_local_path(url, store):
 def test_server_keeps_serving_after_bad_input_and_counts_per_culture(url):
     assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
     assert chat(url, "Fuimos a comer tacos al pastor.").status_code == 200
-    metrics = requests.get(f"{url}/metrics", timeout=10).text
+    metrics = requests.get(f"{url}/metrics", headers=AUTH, timeout=10).text
     assert 'cm_ray_requests_total{culture="MX",endpoint="chat",status="200"}' in metrics
     assert "cm_ray_request_latency_seconds_bucket" in metrics
     assert "cm_ray_router_latency_seconds_count" in metrics
@@ -265,3 +291,94 @@ def test_run_serve_deploys_routes_one_demo_request_and_cleans_up(url, store, cfg
     assert summary["adapters"] >= 3 and "MX" in summary["headline"]
     assert "cm_ray_demo" not in serve.status().applications  # its app is gone ...
     assert requests.get(f"{url}/healthz", timeout=10).status_code == 200  # ... the other one stays
+
+
+@pytest.mark.parametrize("culture,words", [("KR", "DoRA"), ("IN", "modules_to_save"), ("ES", "NaN"),
+                                           ("AR", "no_such_proj")])
+def test_a_broken_published_adapter_pinned_by_name_is_a_422_naming_it_and_is_never_listed(url, culture, words):
+    for stream in (False, True):
+        r = chat(url, "hi", model=culture, stream=stream)
+        assert r.status_code == 422, r.text
+        assert culture in r.json()["error"]["message"] and words in r.json()["error"]["message"]
+    ids = [m["id"] for m in requests.get(f"{url}/v1/models", headers=AUTH, timeout=30).json()["data"]]
+    assert culture not in ids and "GB" in ids
+    assert chat(url, "hello", model="GB").status_code == 200  # every other adapter still served
+
+
+def test_an_adapter_yielding_non_finite_values_fails_only_its_own_requests(url):
+    """PT's weights are finite but overflow: in a mixed batch (sampling, so NaN would break the
+    whole batch's sampling) it gets a 422 naming it, its neighbours their answers; then it is
+    refused and no longer listed, and later requests for other adapters are served."""
+    jobs = [("GB", "Tell me about tea"), ("PT", "Olá"), ("base", "Hello"), ("MX", "Hola")]
+    with cf.ThreadPoolExecutor(len(jobs)) as ex:
+        rs = list(ex.map(lambda j: chat(url, j[1], model=j[0], temperature=0.7), jobs))
+    assert [r.status_code for r in rs] == [200, 422, 200, 200], [r.text for r in rs]
+    assert "PT" in rs[1].json()["error"]["message"] and "non-finite" in rs[1].json()["error"]["message"]
+    assert chat(url, "Olá", model="PT").status_code == 422
+    time.sleep(1.0)  # the ingress view: serve.adapter_cache_ttl_s
+    ids = [m["id"] for m in requests.get(f"{url}/v1/models", headers=AUTH, timeout=30).json()["data"]]
+    assert "PT" not in ids
+    assert all(chat(url, "hi", model=m).status_code == 200 for m in ("GB", "CN", "MX", "base"))
+
+
+def test_unencodable_text_in_any_string_field_is_a_400_naming_the_field(url):
+    for body, field in ((b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages.0.content"),
+                        (b'{"messages": [{"role": "user", "content": "hi"}], "metadata": {"note": "\\udfff"}}',
+                         "metadata.note"),
+                        (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud83d"]}', "stop.0"),
+                        (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+                         "messages.0.content.0.text")):
+        r = requests.post(f"{url}/v1/chat/completions", data=body, timeout=60,
+                          headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def _raw(url: str, data: bytes) -> bytes:
+    """Send ``data`` as is over a socket; the first line of the answer (b"" when none came)."""
+    import socket
+
+    host, port = url.rsplit("/", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        got = b""
+        try:
+            while b"\r\n" not in got and (piece := sock.recv(4096)):
+                got += piece
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return got.split(b"\r\n", 1)[0]
+
+
+def test_malformed_http_framing_gets_a_400_and_a_chunked_body_is_served(url):
+    auth = f"Authorization: Bearer {KEY}\r\n".encode()
+    body = json.dumps({"model": "GB", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Type: application/json\r\n"
+    chunked = head + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + \
+        f"{len(body):x}".encode() + b"\r\n" + body + b"\r\n0\r\n\r\n"
+    assert _raw(url, chunked).startswith(b"HTTP/1.1 200"), _raw(url, chunked)
+    for bad in (head + b"Content-Length: 500\r\n\r\n" + body,  # promises more than it sends
+                head + b"Content-Length: 5\r\n\r\n" + body,  # less: the rest is no request
+                b"GET /../v1/models HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n",
+                head + b"X-Culture: M\xffX\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body):
+        got = _raw(url, bad)
+        assert got.startswith(b"HTTP/1.1 400"), (bad[:120], got)
+
+
+def test_openai_error_shapes_routes_content_type_and_auth_on_every_route(url):
+    for r in (requests.get(f"{url}/v1/nothing", headers=AUTH, timeout=10),
+              requests.get(f"{url}/v1/chat/completions", headers=AUTH, timeout=10),
+              requests.get(f"{url}/v1/models/ZZ", headers=AUTH, timeout=10),
+              requests.post(f"{url}/v1/chat/completions", data="messages=hi", timeout=10,
+                            headers={**AUTH, "Content-Type": "application/x-www-form-urlencoded"})):
+        err = r.json()["error"]
+        assert r.status_code in (400, 404, 405) and set(err) == {"message", "type", "param", "code"}
+        assert err["code"] is None or isinstance(err["code"], str)
+    assert r.status_code == 400 and err["param"] == "Content-Type"
+    m = requests.get(f"{url}/v1/models/mx", headers=AUTH, timeout=10).json()
+    assert m["id"] == "MX" and m["object"] == "model" and isinstance(m["created"], int)
+    for path in ("/metrics", "/docs", "/openapi.json", "/v1/models", "/v1/models/MX"):
+        assert requests.get(f"{url}{path}", timeout=10).status_code == 401, path
+        assert requests.get(f"{url}{path}", headers=AUTH, timeout=10).status_code == 200, path
+    assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+

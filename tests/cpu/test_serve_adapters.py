@@ -5,6 +5,8 @@ python -m pytest tests/cpu/test_serve_adapters.py -q
 
 from pathlib import Path
 
+import json
+
 import pytest
 
 from cm_ray.serve.pool import BASE_ADAPTER, AdapterPool, LoadedAdapter
@@ -167,3 +169,96 @@ def test_max_time_bounds_a_batch_the_ingress_gave_up_on(pool):
     pool.max_time_s = 0.05
     (out,) = pool.generate([item])
     assert out["completion_tokens"] < 400 and out["finish_reason"] == "length"  # 400 without max_time
+
+
+def _overflowing(base_dir, out, factor):
+    """An adapter whose lora_B is scaled by ``factor`` (1e38: finite weights, non-finite logits)."""
+    from safetensors.torch import load_file, save_file
+
+    make_adapter(base_dir, out, 9)
+    w = load_file(str(out / "adapter_model.safetensors"))
+    save_file({k: v * factor if "lora_B" in k else v for k, v in w.items()}, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def test_an_adapter_yielding_non_finite_logits_fails_only_its_own_row(pool, adapter_dirs, tiny_model_dir, tmp_path):
+    """Sampling over NaN logits raises inside generate: without the guard the whole mixed batch
+    failed. With it the bad row ends at once and is flagged; its neighbours are answered."""
+    gb = pool.load(str(adapter_dirs["GB"]), "GB")
+    bad = pool.load(str(_overflowing(tiny_model_dir, tmp_path / "PT", 1e38)), "PT")
+    items = [_item("Hello there", a, 6, temperature=0.8) for a in (gb, bad, BASE_ADAPTER)]
+    out = pool.generate(items)
+    assert [o["non_finite"] for o in out] == [False, True, False]
+    assert out[0]["completion_tokens"] > 0 and out[2]["completion_tokens"] > 0
+    greedy = pool.generate([_item("Hello there", a, 6) for a in (gb, bad)])
+    assert [o["non_finite"] for o in greedy] == [False, True]
+    assert greedy[0]["text"] == pool.generate([_item("Hello there", gb, 6)])[0]["text"]
+
+
+def test_a_cancelled_stream_stops_generating(pool):
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    cancel = threading.Event()
+    cancel.set()  # the client is already gone
+    streamer = TextIteratorStreamer(pool.tokenizer, skip_prompt=True, timeout=60)
+    out = pool.stream(_item("Tell me a long story", BASE_ADAPTER, 40), streamer, cancel)
+    assert out["completion_tokens"] <= 1 and out["non_finite"] is False
+
+
+def test_a_failed_mixed_batch_is_rerun_request_by_request():
+    import asyncio
+
+    from cm_ray.serve.pool import MixedBatcher
+
+    def run(items):
+        if "bad" in items:
+            raise RuntimeError("boom")
+        return [f"ok {i}" for i in items]
+
+    async def main():
+        b = MixedBatcher(run, 8, 0.05)
+        return await asyncio.gather(*(b.submit(i) for i in ("a", "bad", "c")), return_exceptions=True)
+
+    got = asyncio.run(main())
+    assert got[0] == "ok a" and got[2] == "ok c" and isinstance(got[1], RuntimeError)
+
+
+def test_adapter_checks_name_what_neither_engine_can_serve(tiny_model_dir, adapter_dirs, tmp_path):
+    import shutil
+
+    from cm_ray.serve.adapter_check import weights_problem
+
+    assert weights_problem(str(adapter_dirs["GB"]), tiny_model_dir) is None
+    cases = {"use_dora": (True, "DoRA"), "modules_to_save": (["lm_head"], "modules_to_save"),
+             "target_modules": (["q_proj", "nope_proj"], "nope_proj"), "peft_type": ("IA3", "LORA"),
+             "r": (0, "positive")}
+    for key, (value, words) in cases.items():
+        d = shutil.copytree(adapter_dirs["GB"], tmp_path / key)
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        (d / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
+        assert words in (weights_problem(str(d), tiny_model_dir) or ""), key
+    assert "NaN" in weights_problem(str(_overflowing(tiny_model_dir, tmp_path / "nan", float("nan"))), tiny_model_dir)
+    from safetensors.torch import load_file, save_file
+
+    d = shutil.copytree(adapter_dirs["GB"], tmp_path / "narrow")
+    w = load_file(str(d / "adapter_model.safetensors"))
+    save_file({k: v[:3].contiguous() if "lora_B" in k else v for k, v in w.items()}, str(d / "adapter_model.safetensors"))
+    assert "shape" in weights_problem(str(d), tiny_model_dir)
+
+
+def test_a_modules_to_save_adapter_is_refused_before_it_touches_the_model(pool, adapter_dirs, tmp_path, tiny_model_dir):
+    """PEFT could not load it and left the model broken for every other adapter: the servers run
+    weights_problem first, so the model never sees it; the others keep answering."""
+    import shutil
+
+    from cm_ray.serve.adapter_check import weights_problem
+
+    gb = pool.load(str(adapter_dirs["GB"]), "GB")
+    before = pool.generate([_item("Hello", gb, 4)])[0]["text"]
+    d = shutil.copytree(adapter_dirs["CN"], tmp_path / "mts")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": ["lm_head"]}))
+    assert "modules_to_save" in weights_problem(str(d), tiny_model_dir)
+    assert pool.generate([_item("Hello", gb, 4)])[0]["text"] == before

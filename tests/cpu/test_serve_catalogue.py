@@ -63,7 +63,7 @@ CASES = [  # (id, path, body: dict | bytes | generator factory, extra headers, w
     ("metadata-list", CHAT, c(metadata=["MX"]), {}, "metadata"),
     ("metadata-value-int", CHAT, c(metadata={"country": 5}), {}, "metadata.country"),
     ("prompt-int", COMPLETIONS, {"prompt": 5}, {}, "prompt"),
-    ("prompt-list", COMPLETIONS, {"prompt": ["a"]}, {}, "prompt"),
+    ("prompt-list-int", COMPLETIONS, {"prompt": [["a"]]}, {}, "prompt"),
     ("prompt-missing", COMPLETIONS, {"model": "GB"}, {}, "prompt"),
     ("body-array", CHAT, b"[1, 2]", {}, "JSON object"),
     ("body-null", CHAT, b"null", {}, "JSON object"),
@@ -242,5 +242,5 @@ def test_control_characters_in_a_header_are_refused_before_the_app(url):
 
 
 def test_the_catalogue_left_no_5xx(url):
-    metrics = requests.get(f"{url}/metrics", timeout=10).text
+    metrics = requests.get(f"{url}/metrics", headers=AUTH, timeout=10).text
     assert 'status="200"' in metrics and 'status="5' not in metrics

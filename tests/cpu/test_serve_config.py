@@ -115,7 +115,7 @@ def test_unsupported_fields_are_refused_by_name_and_response_format_is_checked()
                 {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}):
         with pytest.raises(ApiError, match="response_format") as e:
             parse_request(ChatRequest, {"messages": msgs, "response_format": bad}, s)
-        assert e.value.status == 422
+        assert e.value.status == 400
     req = parse_request(ChatRequest, {"messages": msgs, "stream": True, "stream_options": {"include_usage": True}}, s)
     assert req.include_usage()
 
@@ -127,14 +127,16 @@ def test_the_adapter_catalogue_reads_the_store_once_per_ttl(tmp_path, monkeypatc
 
     store = ArtifactStore(str(tmp_path))
     reads = []
-    monkeypatch.setattr(adapters, "adapter_versions", lambda st: reads.append(1) or {"MX": "v1", "GB": None})
+    monkeypatch.setattr(adapters, "adapter_listing", lambda st: reads.append(1) or {
+        "MX": ("v1", True), "GB": (None, True), "FR": ("v2", False)})
     cat = AdapterCatalog(store, ttl_s=3600)
     assert cat.ids() == ["GB", "MX"] and cat.has("MX") and not cat.has("JP")
     assert cat.model_id("MX") == "MX@v1" and cat.model_id("GB") == "GB" and len(reads) == 1
     cat.refuse("MX@v1")
     assert cat.ids() == ["GB"] and cat.has("MX")  # not advertised; asking for it gets the 422
+    assert cat.has("FR") and cat.model_id("FR") == "FR@v2"  # malformed: pinned = the servers' 422
     cat.ttl_s = 0
-    monkeypatch.setattr(adapters, "adapter_versions", lambda st: {"MX": "v2", "GB": None})
+    monkeypatch.setattr(adapters, "adapter_listing", lambda st: {"MX": ("v2", True), "GB": (None, True)})
     assert cat.ids() == ["GB", "MX"] and cat.model_id("MX") == "MX@v2"  # republished: listed again
 
 

@@ -204,5 +204,5 @@ def test_paper_serve_section_on_vllm_on_a_simulated_gpu_node(cluster, pstore, sm
     assert tf["degradations"] == [] and tf["culture"] == "GB"
     r = _chat(f"{url}/tf", TEXTS["MX"][0])
     assert r.json()["culture"] == "MX" and r.headers["X-CM-Ray-Engine"] == "transformers"
-    metrics = requests.get(f"{url}/metrics", timeout=30).text
+    metrics = requests.get(f"{url}/metrics", headers=AUTH, timeout=30).text
     assert 'cm_ray_answers_total{engine="vllm"}' in metrics

@@ -182,7 +182,7 @@ def test_lru_eviction_and_per_adapter_metrics(vurl):
     cold = [chat(vurl, "x", model=m).headers["X-Adapter-Cold"] for m in ["GB", "MX", "GB", "CN"]]
     assert cold == ["0", "1", "0", "1"]  # capacity 2: MX evicted CN (LRU), then CN came back
     chat(vurl, "x", model="CN", stream=True)
-    m = requests.get(f"{vurl}/metrics", timeout=10).text
+    m = requests.get(f"{vurl}/metrics", headers=AUTH, timeout=10).text
     for line in ('cm_ray_adapter_loads_total{culture="CN"}', 'cm_ray_adapter_load_seconds_count{culture="CN"}',
                  'cm_ray_prompt_tokens_total{culture="CN"}', 'cm_ray_output_tokens_total{culture="CN"}',
                  'cm_ray_time_to_first_token_seconds_count{culture="CN"}', 'cm_ray_adapters_loaded{culture="CN"} 1.0',
@@ -207,7 +207,7 @@ def test_bad_input_catalogue_on_vllm(vurl, case):
 
 def test_the_vllm_catalogue_left_no_5xx(vurl):
     catalogue._assert_still_serves(vurl)
-    metrics = requests.get(f"{vurl}/metrics", timeout=10).text
+    metrics = requests.get(f"{vurl}/metrics", headers=AUTH, timeout=10).text
     assert 'status="200"' in metrics and 'status="5' not in metrics
 
 
