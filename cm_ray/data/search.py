@@ -22,7 +22,8 @@ Before anything runs: a self-hosted provider (``searxng``) with no endpoint is a
 naming ``search.endpoints.searxng`` when the run targets a cluster (``ray.address`` or
 ``RAY_ADDRESS`` set), since its loopback default only exists on the machine that runs it; and
 the cultures the bm25 corpus has no passages of their own for are named (a warning, and
-``summary["culture_free_cultures"]``) when bm25 is in the chain.
+``summary["culture_free_cultures"]``) when bm25 is in the chain, and so are the cultures a provider
+serves approximately or not at all (``providers.check_support``: ``summary["provider_support"]``).
 
 The summary has the totals, ``per_provider`` and, per culture (``summary["per_culture"][c]``):
 
@@ -51,7 +52,7 @@ from typing import Any
 from cm_ray import artifacts, checks
 from cm_ray.config import Config, SearchConfig
 from cm_ray.config.base import ConfigError
-from cm_ray.data.providers import HTTP_PROVIDERS, PROVIDERS, load_corpus, make_provider
+from cm_ray.data.providers import HTTP_PROVIDERS, PROVIDERS, check_support, load_corpus, make_provider
 from cm_ray.data.search_cache import SearchCache, cache_key
 from cm_ray.data.searcher import QUERY_COLUMNS, Searcher, failure_reasons, input_schema, result_schema
 
@@ -114,6 +115,10 @@ def culture_free(cfg: Config) -> list[str]:
         return []
     own = {(p.get("culture") or "").upper() for p in load_corpus(cfg.search.corpus)}
     return [c for c in cfg.cultures if c not in own]
+
+
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
 def _check_keys(cfg: SearchConfig) -> list[str]:
@@ -209,14 +214,15 @@ def run_search(cfg: Config, store, force: bool = False) -> dict:
 
     Cultures whose result partition exists are skipped unless ``force`` (then the cache still
     answers what it can). Raises RuntimeError when the queries stage has not run, ProviderError
-    when a provider's API key is missing, ConfigError for a self-hosted provider without an
-    endpoint on a cluster (``check_endpoints``).
+    when a provider's API key is missing or no provider of the chain can serve a culture,
+    ConfigError for a self-hosted provider without an endpoint on a cluster (``check_endpoints``).
     """
     import pyarrow as pa
 
     scfg = cfg.search
     check_endpoints(cfg)
     key_env = _check_keys(scfg)
+    support = check_support([scfg.provider, *scfg.fallback], cfg.cultures, log=_warn)
     missing = [c for c in cfg.cultures if not store.listdir(*artifacts.queries_dir(c))]
     if missing:
         raise RuntimeError(f"search: no queries for {', '.join(missing)} under "
@@ -225,8 +231,8 @@ def run_search(cfg: Config, store, force: bool = False) -> dict:
     todo = cfg.cultures if force else [c for c in cfg.cultures if c not in done]
     free = culture_free(cfg)
     if free:
-        print(f"warning: search: the bm25 corpus has no passages of their own for {', '.join(free)}: "
-              f"bm25 answers them from culture-free passages only", file=sys.stderr, flush=True)
+        _warn(f"search: the bm25 corpus has no passages of their own for {', '.join(free)}: "
+              f"bm25 answers them from culture-free passages only")
     cache = SearchCache(store, [scfg.provider, *scfg.fallback] if scfg.cache else [], scfg)
     results: dict[str, list[dict]] = {}
     expected: dict[str, int] = {}
@@ -265,7 +271,7 @@ def run_search(cfg: Config, store, force: bool = False) -> dict:
         calls = _search_on_ray(cfg, unique, key_env, results, expected, cache, finish, twins)
     bar.close()
     return _summary(store, cfg.cultures, scfg.provider, calls, [c for c in cfg.cultures if c not in todo],
-                    deduplicated=len(misses) - len(unique), free=free)
+                    deduplicated=len(misses) - len(unique), free=free) | {"provider_support": support}
 
 
 def _search_on_ray(cfg: Config, misses: list[dict], key_env: list[str], results: dict,

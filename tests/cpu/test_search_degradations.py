@@ -101,9 +101,11 @@ def _cfg(tmp_path, site, *extra):
 
 # -- 1. a self-hosted provider without an endpoint --------------------------------------------------
 def test_paper_config_without_a_searxng_endpoint_is_a_config_error_naming_the_field(tmp_path):
-    cfg = load_config("configs/paper.yaml", [f"root={tmp_path / 'run'}"])  # ray.address: auto
+    # ray.address: auto, provider searxng, fallback bm25: its endpoint left out
+    cfg = load_config("configs/paper.yaml", [f"root={tmp_path / 'run'}", "search.endpoints={}"])
     with pytest.raises(ConfigError, match=r"^search\.endpoints\.searxng: required on a cluster"):
         run_search(cfg, ArtifactStore(cfg.root))
+    search.check_endpoints(load_config("configs/paper.yaml"))  # as shipped: its SearXNG is named
 
 
 @pytest.mark.parametrize("overrides,field", [
@@ -187,27 +189,36 @@ def test_failed_searches_are_a_search_failed_degradation_with_their_reasons(tmp_
 
 
 # -- 2 + 3. fetched pages: redirects, and cached answers ----------------------------------------------
-def test_cache_is_keyed_by_top_k_and_cached_answers_get_their_pages_once_fetch_turns_on(
+def test_a_stale_partition_is_not_answered_from_a_cache_made_with_another_top_k(ray_local, tmp_path, site):
+    narrow = _cfg(tmp_path, site, "cultures=[GB]", "search.top_k=2")
+    store = ArtifactStore(narrow.root)
+    write_queries(store, "GB", "en-GB", ["table manners", "gift giving"])
+    assert run_stage("search", narrow, store)["provider_calls"] == 2
+    assert {len(r["hits"]) for r in store.read_rows("search", "results", "culture=GB")} == {2}
+    # top_k changes the answer: the stale partition is searched again, not answered from the cache.
+    wider = run_stage("search", _cfg(tmp_path, site, "cultures=[GB]", "search.top_k=3"), store)
+    assert wider["recomputed"] == ["GB"] and wider["provider_calls"] == 2 and len(site.searches) == 4
+    assert {len(r["hits"]) for r in store.read_rows("search", "results", "culture=GB")} == {3}
+    # and the same top_k again is answered from the cache
+    again = run_stage("search", _cfg(tmp_path, site, "cultures=[GB]", "search.top_k=2"), store)
+    assert again["provider_calls"] == 0 and again["per_culture"]["GB"]["cached"] == 2
+
+
+def test_cached_answers_get_their_pages_fetched_once_fetch_turns_on_and_joined_past_redirects(
         ray_local, tmp_path, site):
     from cm_ray.data.synth_prompts import pool_snippets
 
-    store_cfg = _cfg(tmp_path, site, "cultures=[GB]", "search.top_k=2")
-    store = ArtifactStore(store_cfg.root)
+    plain = _cfg(tmp_path, site, "cultures=[GB]", "search.top_k=3")
+    store = ArtifactStore(plain.root)
     write_queries(store, "GB", "en-GB", ["table manners", "gift giving"])
-    first = run_stage("search", store_cfg, store)
-    assert first["provider_calls"] == 2 and first["pages"] == {"fetched": 0, "failed": 0}
-
-    # top_k changes the answer: the stale partition is searched again, not answered from the cache.
-    wider = _cfg(tmp_path, site, "cultures=[GB]", "search.top_k=3")
-    second = run_stage("search", wider, store)
-    assert second["recomputed"] == ["GB"] and second["provider_calls"] == 2 and len(site.searches) == 4
-    assert {len(r["hits"]) for r in store.read_rows("search", "results", "culture=GB")} == {3}
+    first = run_stage("search", plain, store)
+    assert first["provider_calls"] == 2 and first["pages"] == {"fetched": 0, "failed": 0} and not site.pages
 
     # fetch turned on: the cached answers are not searched again, but their pages are fetched.
     fetching = _cfg(tmp_path, site, "cultures=[GB]", "search.top_k=3", "search.fetch.enabled=true")
-    third = run_stage("search", fetching, store)
-    assert third["recomputed"] == ["GB"] and third["provider_calls"] == 0 and len(site.searches) == 4
-    assert third["per_culture"]["GB"]["cached"] == 2 and third["pages"] == {"fetched": 4, "failed": 0}
+    second = run_stage("search", fetching, store)
+    assert second["recomputed"] == ["GB"] and second["provider_calls"] == 0 and len(site.searches) == 2
+    assert second["pages"] == {"fetched": 4, "failed": 0} and second["per_culture"]["GB"]["cached"] == 2
     rows = store.read_rows("search", "results", "culture=GB")
     for r in rows:
         assert r["cached"] and [p["url"] for p in r["pages"]] == [h["url"] for h in r["hits"][:2]]
