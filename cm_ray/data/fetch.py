@@ -29,7 +29,7 @@ import re
 import socket
 from typing import Any
 
-from cm_ray.http import error_text
+from cm_ray.http import error_text, read_body
 
 MAX_REDIRECTS = 3
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -191,13 +191,8 @@ async def _download(session: Any, url: str, cfg: Any) -> tuple[str, str | None, 
                 continue
             if resp.status != 200:
                 return url, None, f"HTTP {resp.status}"
-            body = bytearray()
-            async for chunk in resp.content.iter_chunked(65536):
-                body += chunk
-                if len(body) >= cfg.fetch.max_bytes:
-                    del body[cfg.fetch.max_bytes:]  # keep what fits; the extractor copes
-                    break
-            return url, decode_page(bytes(body), resp.charset), None
+            body = await read_body(resp, cfg.fetch.max_bytes, cut=True)  # keep what fits; the extractor copes
+            return url, decode_page(body, resp.charset), None
     return url, None, f"more than {MAX_REDIRECTS} redirects"
 
 

@@ -167,6 +167,8 @@ class Searcher:
             from cm_ray.data.fetch import fetch_pages
 
             pages = await fetch_pages([h["url"] for h in out["hits"][:self.cfg.fetch.top_k]], self.cfg)
+            # A page may echo the request that led to it (a key in a query string): scrub it too.
+            pages = scrub_strings(pages, [getattr(p, "key", None) for p in self.providers.values()])
         # Time on the wire and in backoff; waits for a slot or a token are not the provider's.
         latency = stats["busy"] * 1000
         return {**{c: row[c] for c in QUERY_COLUMNS}, **out, "cached": cached,

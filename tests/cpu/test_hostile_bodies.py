@@ -217,3 +217,36 @@ async def test_an_oversized_completion_is_that_rows_error_and_an_echoed_key_is_s
     assert flood.sent < HUGE / 4 and eng.usage["errors"] == 1
     assert ok.finish_reason == "stop" and ok.text.startswith("Bearer ***")
     assert not _leaks(ok.text, key), ok.text
+
+
+async def test_fetched_pages_that_echo_a_key_are_scrubbed_and_cut_at_fetch_max_bytes():
+    key = "brv-Page+Key/777999"
+
+    async def brave(request):
+        base = f"http://127.0.0.1:{request.url.port}"
+        return web.json_response({"web": {"results": [
+            {"title": "t", "url": f"{base}/page", "description": "d"}]}})
+
+    async def page(request):  # a page that shows the key it was reached with, then floods
+        text = "".join(f"<p>your token {s} is active</p>" for s in _echoes(key))
+        return web.Response(text=f"<html><body><article><h1>Session</h1>{text}{'<p>filler text</p>' * 9000}"
+                                 "</article></body></html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/res/v1/web/search", brave)
+    app.router.add_get("/page", page)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        cfg = SearchConfig(provider="brave", qps=None, top_k=1,
+                           endpoint=f"http://127.0.0.1:{server.port}/res/v1/web/search",
+                           fetch={"enabled": True, "top_k": 1, "allow_private_urls": True, "max_bytes": 20000})
+        searcher = Searcher(cfg, secrets=Secrets({"BRAVE_API_KEY": key}))
+        row = await searcher.search_row(ROW)
+        await searcher.close()
+    finally:
+        await server.close()
+    [p] = row["pages"]
+    assert p["error"] is None and "your token" in p["text"] and "***" in p["text"]
+    assert not _leaks(p["text"], key), p["text"][:400]
+    assert p["text"].count("filler text") < 2000  # cut near fetch.max_bytes, not all 9000
