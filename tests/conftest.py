@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from cm_ray.rehearsal.cluster import LocalCluster, NodeSpec
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -118,89 +120,31 @@ def wait_for(pred, timeout: float, what: str, every: float = 1.0):
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-class RayNodes:
+class RayNodes(LocalCluster):
     """A Ray cluster started with ``ray start`` on 127.0.0.1 as on cluster nodes: a head with the
     dashboard and jobs API, and worker nodes that may declare GPUs (Ray takes declared resources
     at face value, so a GPU node is simulated on a CPU machine; the work runs on CPU underneath).
-    Each node is its own process group, stopped by PID only."""
+    Each node is its own process group, stopped by PID only. The nodes share this machine's
+    filesystem (``cm_ray.rehearsal.cluster.LocalCluster`` gives each its own caches);
+    ``address`` is the dashboard URL, ``gcs`` the GCS address."""
 
     BIN = Path(sys.executable).parent
 
     def __init__(self, log_dir: Path, env: dict | None = None):
-        self.temp = Path("/tmp") / f"cmr-{os.getpid()}-{free_port()}"  # Ray's socket paths: <108 bytes
+        super().__init__([], log_dir, env=env, private=False)
         self.log_dir = log_dir
-        self.env = {**os.environ, "PATH": f"{self.BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-                    "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "token", **(env or {})}
-        self.procs: list = []
-        self.temps = [self.temp]
-        self.gcs = self.address = None
-
-    def _ports(self) -> list[str]:
-        return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
-
-    def _start(self, name: str, args: list[str]) -> None:
-        import subprocess
-
-        log = open(self.log_dir / f"ray-{name}.log", "w")
-        self.procs.append((subprocess.Popen([str(self.BIN / "ray"), "start", "--block",
-                                             "--node-ip-address=127.0.0.1", *args, *self._ports(),
-                                             "--disable-usage-stats"],
-                                            env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True), log))
 
     def start_head(self, num_cpus: int = 4, num_gpus: int = 0) -> "RayNodes":
-        port, dash = free_port(), free_port()
-        self._start("head", ["--head", f"--port={port}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
-                             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
-                             f"--temp-dir={self.temp}"])
-        self.gcs, self.address = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
-        # Any HTTP answer means the dashboard is up (it may require Ray's auth token: 401).
-        wait_for(lambda: http_get(f"{self.address}/api/version")[0] in (200, 401, 403), 300, "the Ray dashboard")
-        # The jobs API answers a little after the dashboard's HTTP server does.
-        wait_for(lambda: self.cli("job", "list", timeout=60).returncode == 0, 300, "the jobs API")
+        super().start_head(NodeSpec("head", "head", {"CPU": num_cpus, "GPU": num_gpus}, True, None))
+        self.address = self.dashboard_url
         return self
 
     def add_node(self, num_cpus: int, num_gpus: int = 0) -> None:
-        # Its own temp dir: two nodes' runtime-env agents must not share (and clean) one
-        # working_dir cache on the same host.
         n = len(self.procs)
-        self.temps.append(Path(f"{self.temp}-{n}"))
-        self._start(f"node{n}", [f"--address={self.gcs}", f"--num-cpus={num_cpus}",
-                                 f"--num-gpus={num_gpus}", f"--temp-dir={self.temps[-1]}"])
-        want = len(self.procs)
-        wait_for(lambda: self.alive_nodes() >= want, 120, f"{want} Ray nodes")
+        super().add_node(NodeSpec(f"node{n}", f"node{n}", {"CPU": num_cpus, "GPU": num_gpus}, False, None))
 
     def alive_nodes(self) -> int:
-        import json
-
-        r = self.cli("list", "nodes", "--filter", "state=ALIVE", "--format", "json", timeout=60)
-        return len(json.loads(r.stdout)) if r.returncode == 0 else 0
-
-    def cli(self, *args, timeout: float = 900):
-        import subprocess
-
-        return subprocess.run([str(self.BIN / "ray"), *args], env={**self.env, "RAY_ADDRESS": self.address},
-                              cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-    def stop(self) -> None:
-        import shutil
-        import signal
-        import subprocess
-
-        for proc, log in reversed(self.procs):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            log.close()
-        for t in self.temps:
-            shutil.rmtree(t, ignore_errors=True)
+        return len(self.list_nodes())
 
 
 @pytest.fixture(scope="session")

@@ -157,7 +157,7 @@ def build_vllm_processor(cfg: Config, params: dict, gpu: bool):
 
     from cm_ray.generation.base import GenerationParams
     from cm_ray.generation.engines import vllm_cpu_env, vllm_engine_kwargs, vllm_sampling_dict
-    from cm_ray.models import resolve_model
+    from cm_ray.models import resolve_in_stages
     from cm_ray.resources import engine_bundles
 
     engine_kwargs = vllm_engine_kwargs(cfg, gpu)
@@ -165,7 +165,7 @@ def build_vllm_processor(cfg: Config, params: dict, gpu: bool):
     # else small models pad the JSON with newlines until max_tokens.
     engine_kwargs.setdefault("structured_outputs_config", {"backend": "xgrammar", "disable_any_whitespace": True})
     config = vLLMEngineProcessorConfig(
-        model_source=resolve_model(cfg.models.generator, cfg.models.cache_dir),
+        model_source=cfg.models.generator,  # resolved by each stage actor on its node (below)
         engine_kwargs=engine_kwargs,
         batch_size=cfg.synthesis.batch_size,
         concurrency=cfg.synthesis.concurrency,
@@ -203,7 +203,8 @@ def build_vllm_processor(cfg: Config, params: dict, gpu: bool):
                 "retries": 0, "cost_usd": 0.0, "gen_error": None, "latency_s": float(row["time_taken_llm"]),
                 "finished_at": time.time(), "engine": "vllm", "model": model}
 
-    return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    return resolve_in_stages(build_processor(config, preprocess=preprocess, postprocess=postprocess),
+                             cfg.models.cache_dir)
 
 
 def generate(ds: "ray.data.Dataset", cfg: Config, *, max_new_tokens: int, temperature: float,

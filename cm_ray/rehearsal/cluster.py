@@ -1,0 +1,320 @@
+"""A local Ray cluster shaped like a cluster file, each node with private caches: the rehearsal.
+
+``node_plan`` turns a cluster-launcher YAML or KubeRay manifest (``cm_ray.cluster``) into nodes to
+start here: the head with the file's head resources (0 CPUs where it says so) and a few workers of
+each type with their *declared* logical resources (GPUs and custom resources such as
+``accelerator_type:L40S`` are taken at face value by Ray; the work runs on CPU underneath).
+``LocalCluster`` starts them with ``ray start`` on 127.0.0.1, each node inside its own mount
+namespace with a tmpfs over the model caches (``$CM_RAY_CACHE`` or ``~/.cache/cm_ray``: ``models``
+and ``s3``), the Hugging Face cache and a node-private TMPDIR, as separate cloud machines have:
+a model resolved on the head is not on a worker. The venv and Ray's session dirs stay shared.
+``placements`` lists from Ray's state API what landed where and flags what a node type does not
+declare. Processes are stopped by their own PIDs only (never ``ray stop``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+NODE_LABEL, TYPE_LABEL = "cm-ray/node", "cm-ray/node-type"
+DEFAULT_COUNTS = {"cpu": 1, "gpu": 2}
+"""Workers per type by default: one CPU worker, two GPU workers (a 2-worker training trial fits)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        return s.bind(("127.0.0.1", 0)) or s.getsockname()[1]
+
+
+def wait_for(pred, timeout: float, what: str, every: float = 1.0) -> None:
+    """Poll ``pred`` until truthy (OSError counts as not yet); TimeoutError names ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except OSError:
+            pass
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@dataclass
+class NodeSpec:
+    """One node to start: its name, its type in the cluster file and its declared resources."""
+
+    name: str
+    node_type: str
+    resources: dict[str, float]
+    head: bool = False
+    object_store_bytes: int | None = 100 * 2**20
+    """``--object-store-memory``; None: Ray's default (a share of this machine's memory)."""
+
+    def ray_args(self) -> list[str]:
+        r = {k: float(v) for k, v in self.resources.items() if k != "object_store_memory"}
+        args = [f"--num-gpus={int(r.pop('GPU', 0))}",
+                f"--labels={NODE_LABEL}={self.name},{TYPE_LABEL}={self.node_type}"]
+        args += [f"--object-store-memory={self.object_store_bytes}"] if self.object_store_bytes else []
+        args += [f"--num-cpus={int(r.pop('CPU'))}"] if "CPU" in r else []
+        args += [f"--memory={int(r.pop('memory'))}"] if "memory" in r else []
+        return args + (["--resources=" + json.dumps(r)] if r else [])
+
+
+def node_plan(cluster, max_nodes_per_type: dict[str, int] | None = None,
+              object_store_bytes: int = 100 * 2**20) -> list[NodeSpec]:
+    """Nodes for a local rehearsal of ``cluster`` (a ``cm_ray.cluster.Cluster`` or a cluster file).
+
+    Args:
+        max_nodes_per_type: workers per type name; unset types get ``DEFAULT_COUNTS`` (1 CPU-only,
+            2 with GPUs), never more than the type's ``max_workers``.
+        object_store_bytes: ``--object-store-memory`` of every node (small: many nodes, one host).
+    """
+    from cm_ray.cluster import Cluster, load_cluster_file
+
+    c = cluster if isinstance(cluster, Cluster) else load_cluster_file(cluster)
+    wanted = dict(max_nodes_per_type or {})
+    if unknown := set(wanted) - {t.name for t in c.node_types}:
+        raise ValueError(f"max_nodes_per_type: no node type {sorted(unknown)} in {c.source} "
+                         f"(types: {', '.join(t.name for t in c.node_types)})")
+    if len(heads := [t for t in c.node_types if t.head]) != 1:
+        raise ValueError(f"{c.source}: {len(heads)} head node types (one expected)")
+    plan = [NodeSpec("head", heads[0].name, dict(heads[0].resources), True, object_store_bytes)]
+    for t in c.node_types:
+        if t.head:
+            continue
+        default = DEFAULT_COUNTS["gpu" if t.resources.get("GPU") else "cpu"]
+        for i in range(min(wanted.get(t.name, default), t.max_workers)):
+            plan.append(NodeSpec(f"{t.name}-{i}", t.name, dict(t.resources), False, object_store_bytes))
+    return plan
+
+
+def private_dirs(env: dict) -> list[str]:
+    """What each node gets a tmpfs over: the project's model caches and the Hugging Face cache."""
+    home = Path(env.get("HOME") or Path.home())
+    cache = Path(env.get("CM_RAY_CACHE") or home / ".cache" / "cm_ray")
+    hf = Path(env.get("HF_HOME") or home / ".cache" / "huggingface")
+    return [str(cache / "models"), str(cache / "s3"), str(hf)]
+
+
+class LocalCluster:
+    """Ray nodes started with ``ray start --block`` on 127.0.0.1, as on cluster machines.
+
+    ``with LocalCluster(node_plan("cluster.yaml"), workdir) as c:`` starts the head (with the
+    dashboard and jobs API) and every worker; ``c.address`` is the GCS address, ``c.dashboard_url``
+    what ``ray job submit --address`` takes, ``c.nodes`` one ``{name, node_type, node_id,
+    resources}`` per node, ``c.env`` the environment for ``ray`` CLI calls (``cli``).
+    ``private=True`` (default) starts each node in its own mount namespace (``unshare -m``, root)
+    with ``private_dirs`` and its TMPDIR on tmpfs. Ray's auth: token mode, as a Ray started on this
+    machine before leaves ``~/.ray/auth_token`` (one is made when missing).
+    """
+
+    def __init__(self, specs: list[NodeSpec], workdir: str | Path, env: dict | None = None,
+                 private: bool = True, timeout_s: float = 300):
+        self.specs, self.workdir, self.private, self.timeout_s = list(specs), Path(workdir), private, timeout_s
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
+                    "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "token", **(env or {})}
+        self.temp = Path("/tmp") / f"cmr-{os.getpid()}-{free_port()}"  # Ray's socket paths: <108 bytes
+        self.procs: list[tuple[subprocess.Popen, object]] = []
+        self.temps: list[Path] = []
+        self.gcs = self.address = self.dashboard_url = None
+        self.nodes: list[dict] = []
+
+    def __enter__(self) -> "LocalCluster":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "LocalCluster":
+        if len(heads := [s for s in self.specs if s.head]) != 1:
+            raise ValueError(f"one head node expected, got {len(heads)}")
+        self.start_head(heads[0])
+        for s in [s for s in self.specs if not s.head]:
+            self.add_node(s)
+        self.nodes = self.list_nodes()
+        return self
+
+    def _ports(self) -> list[str]:
+        return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+
+    def _command(self, spec: NodeSpec, ray_cmd: list[str]) -> list[str]:
+        if not self.private:
+            return ray_cmd
+        tmp = self.workdir / spec.name / "tmp"
+        lines = ["set -e"]
+        for d in [*private_dirs(self.env), str(tmp)]:
+            lines.append(f"mkdir -p {shlex.quote(d)} && mount -t tmpfs cm-ray-{spec.name} {shlex.quote(d)}")
+        lines.append(f"export TMPDIR={shlex.quote(str(tmp))}")
+        lines.append("exec " + shlex.join(ray_cmd))
+        return ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", "\n".join(lines)]
+
+    def _start(self, spec: NodeSpec, args: list[str]) -> None:
+        temp = self.temp if spec.head else Path(f"{self.temp}-{len(self.temps)}")
+        self.temps.append(temp)  # each node its own: runtime-env agents must not share a cache
+        cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", *args, *spec.ray_args(),
+               *self._ports(), f"--temp-dir={temp}", "--disable-usage-stats"]
+        log = open(self.workdir / f"ray-{spec.name}.log", "w")
+        self.procs.append((subprocess.Popen(self._command(spec, cmd), env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True), log))
+
+    def start_head(self, spec: NodeSpec) -> None:
+        if self.env.get("RAY_AUTH_MODE") == "token":  # `ray start` makes none itself
+            subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=self.env,
+                           capture_output=True, check=True, timeout=120)
+        port, dash = free_port(), free_port()
+        self._start(spec, ["--head", f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                           f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}"])
+        self.gcs = self.address = f"127.0.0.1:{port}"
+        self.dashboard_url = f"http://127.0.0.1:{dash}"
+        # The jobs API answers once the dashboard (with its auth) is up.
+        wait_for(lambda: self.cli("job", "list", timeout=60).returncode == 0, self.timeout_s, "the jobs API")
+
+    def add_node(self, spec: NodeSpec) -> None:
+        self._start(spec, [f"--address={self.gcs}"])
+        want = len(self.procs)
+        wait_for(lambda: len(self.list_nodes()) >= want, self.timeout_s, f"{want} Ray nodes ({spec.name})")
+
+    def cli(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        """``ray <args>`` against this cluster's dashboard, with its environment."""
+        return subprocess.run([str(BIN / "ray"), *args], env={**self.env, "RAY_ADDRESS": self.dashboard_url},
+                              cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+    def list_nodes(self) -> list[dict]:
+        """The alive nodes: ``{name, node_type, node_id, resources}`` each (labels name them)."""
+        r = self.cli("list", "nodes", "--detail", "--filter", "state=ALIVE", "--format", "json", timeout=60)
+        if r.returncode != 0:
+            return []
+        return [{"name": n.get("labels", {}).get(NODE_LABEL), "node_type": n.get("labels", {}).get(TYPE_LABEL),
+                 "node_id": n["node_id"], "resources": n.get("resources_total", {})} for n in json.loads(r.stdout)]
+
+    def node_id(self, name: str) -> str:
+        for n in self.nodes:
+            if n["name"] == name:
+                return n["node_id"]
+        raise KeyError(f"no node {name!r} (nodes: {[n['name'] for n in self.nodes]})")
+
+    def stop(self) -> None:
+        """Stops this cluster's own process groups, workers first; removes its temp dirs."""
+        import shutil
+
+        for proc, log in reversed(self.procs):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+            log.close()
+        self.procs = []
+        for t in self.temps:
+            shutil.rmtree(t, ignore_errors=True)
+
+
+_SKIP = {"memory", "object_store_memory", "bundle"}  # sized by Ray per node; a group's marker
+
+
+def _plain(resources: dict | None) -> dict[str, float]:
+    """Requested resources without placement-group suffixes (``CPU_group_0_<pg>`` -> ``CPU``)."""
+    out: dict[str, float] = {}
+    for k, v in (resources or {}).items():
+        base = k.split("_group_")[0]
+        if v and base not in _SKIP and not base.startswith("node:"):
+            out[base] = max(out.get(base, 0.0), float(v))
+    return out
+
+
+def placements(address: str, cluster=None) -> list[dict]:
+    """Every actor, normal task and placement-group bundle Ray's state API knows, one row each:
+    ``{kind, name, state, node_id, node, node_type, requested, declared, ok}``.
+
+    ``node_type`` comes from the node's labels (``LocalCluster``; KubeRay's ``ray.io/node-group``),
+    ``declared`` from ``cluster`` (a ``Cluster`` or cluster file) for that type, else the node's
+    own resources. ``ok`` is False where the node type does not declare what was requested (a GPU
+    request on a node type without GPUs): ``misplaced`` lists those. ``address``: the dashboard URL.
+    """
+    import dataclasses
+
+    from ray.util import state
+
+    from cm_ray.cluster import Cluster, load_cluster_file
+
+    _token_mode()
+    types = {}
+    if cluster is not None:
+        c = cluster if isinstance(cluster, Cluster) else load_cluster_file(cluster)
+        types = {t.name: {k: float(v) for k, v in t.resources.items()} for t in c.node_types}
+
+    def d(x):  # the state API's records are dataclasses
+        return x if isinstance(x, dict) else dataclasses.asdict(x)
+
+    nodes = {}
+    for n in map(d, state.list_nodes(address=address, detail=True, limit=10000)):
+        labels = n.get("labels") or {}
+        ntype = labels.get(TYPE_LABEL) or labels.get("ray.io/node-group") or (
+            "head" if n.get("is_head_node") else f"node-{n['node_id'][:8]}")
+        nodes[n["node_id"]] = {"node": labels.get(NODE_LABEL) or n.get("node_name"), "node_type": ntype,
+                               "declared": types.get(ntype, _plain(n.get("resources_total")))}
+    rows = []
+
+    def add(kind, name, st, node_id, requested):
+        where = nodes.get(node_id, {"node": None, "node_type": None, "declared": {}})
+        req = _plain(requested)
+        ok = node_id not in nodes or all(where["declared"].get(k, 0.0) >= v for k, v in req.items())
+        rows.append({"kind": kind, "name": name, "state": st, "node_id": node_id, **where,
+                     "requested": req, "ok": ok})
+
+    for a in map(d, state.list_actors(address=address, detail=True, limit=10000)):
+        add("actor", a.get("class_name") or a.get("name"), a.get("state"), a.get("node_id"),
+            a.get("required_resources"))
+    for t in map(d, state.list_tasks(address=address, detail=True, limit=10000,
+                                     filters=[("type", "=", "NORMAL_TASK")])):
+        add("task", t.get("func_or_class_name") or t.get("name"), t.get("state"), t.get("node_id"),
+            t.get("required_resources"))
+    for pg in map(d, state.list_placement_groups(address=address, detail=True, limit=10000)):
+        for i, b in enumerate(pg.get("bundles") or []):
+            add("bundle", f"{pg.get('name') or pg['placement_group_id'][:8]}[{i}]",
+                pg.get("state"), b.get("node_id"), b.get("unit_resources"))
+    return rows
+
+
+def misplaced(rows: list[dict]) -> list[dict]:
+    """The placements whose node type does not declare what they requested."""
+    return [r for r in rows if not r["ok"]]
+
+
+def placement_degradation(rows: list[dict], key: str) -> dict:
+    """A ``checks.degradation("placement", key, ...)`` record: misplaced of all placed rows."""
+    from cm_ray import checks
+
+    bad, placed = misplaced(rows), [r for r in rows if r["node_id"]]
+    detail = "; ".join(f"{r['kind']} {r['name']} asked {r['requested']} on {r['node_type']}" for r in bad[:5])
+    return checks.degradation("placement", key, len(bad), len(placed), detail)
+
+
+def _token_mode() -> None:
+    """Ray's own rule for its CLI: with RAY_AUTH_MODE unset, a token on this machine means token
+    mode (a cluster started here by Ray or ``LocalCluster`` wants it on state API calls)."""
+    if "RAY_AUTH_MODE" not in os.environ:
+        from ray._private.authentication import authentication_token_setup as auth
+
+        auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
