@@ -61,7 +61,21 @@ def _maybe_crash(fault: dict | None, step: int) -> None:
     """Fault injection for resume tests: exit hard once at ``fault['at_step']`` (marker file)."""
     if fault and step == fault["at_step"] and not os.path.exists(fault["marker"]):
         Path(fault["marker"]).write_text(str(step))
+        _wait_reports_taken()
         os._exit(1)
+
+
+def _wait_reports_taken() -> None:
+    """Until Ray Train's controller has taken this worker's reports: it polls workers every few
+    seconds, and a checkpoint reported just before a hard exit would otherwise be lost at random,
+    so the resume point the tests check would depend on timing."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        get_train_context().get_result_queue().join()
+        time.sleep(1)  # the poll that took them still has to send its reply
+    except (ImportError, AttributeError, RuntimeError):
+        time.sleep(5)
 
 
 def run_loop(ws: WorkerSetup, spec: dict, state: dict) -> tuple[float, int]:

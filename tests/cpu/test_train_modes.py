@@ -178,14 +178,15 @@ def test_two_workers_zero2_train_the_adapter_one_worker_trains_on_both_trial_lay
 
 
 @pytest.mark.slow
-def test_continual_trains_two_phases_and_resumes_at_the_phase_boundary(ray_local, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("trials", ["per_adapter", "packed"])
+def test_continual_trains_two_phases_and_resumes_at_the_phase_boundary(ray_local, tiny_model_dir, tmp_path, trials):
     from cm_ray.train.tune import run_training
 
     store = ArtifactStore(str(tmp_path / "root"))
     write_rows(store, "GB", 6, task="survey")       # phase 1: culture SFT
     write_rows(store, "GB", 12, task="offensive")   # phase 2: task adaptation
     base = ["cultures=[GB]", "tasks=[survey, offensive]", "train.mode=continual", "train.continual_first=[survey]",
-            "train.packing=false", "train.epochs=1", "train.num_workers=2"]
+            "train.packing=false", "train.epochs=1", "train.num_workers=2", f"train.trials={trials}"]
     phase_rows = _train_rows(store, tiny_model_dir, _cfg(store.root, tiny_model_dir, *base), "GB")
     assert [n for n, _ in phase_rows] == ["train_0", "train_1"]
     first = phase_rows[0][1] // 2  # optimizer steps of phase 1 (batch 1, 2 workers)
