@@ -7,6 +7,8 @@
     cm-ray plan configs/paper.yaml --cluster cluster.yaml   # requests, node types, estimate
     cm-ray status configs/demo.yaml --json       # what is done, stale (and why), missing, failed
     cm-ray export configs/demo.yaml --to out/    # the data as a Hugging Face dataset + card
+    cm-ray rehearse configs/paper.yaml --cluster cluster.yaml cultures=[MX,CN]   # the production
+                                                 # run on a local cluster shaped like the file
 
 The job scripts take the same arguments (python jobs/train.py --config configs/paper.yaml ...):
 each is this entry point with its command filled in.
@@ -30,6 +32,8 @@ COMMANDS = {
     "plan": "print what every stage will request, where it lands and what it costs; starts nothing",
     "export": "the synthesized data as a Hugging Face dataset (one config per task) with a card",
     "status": "culture x stage table: done / stale (changed field) / missing / failed; starts nothing",
+    "rehearse": "the config's whole run on a local cluster shaped like --cluster, with loopback stand-ins; "
+                "a report of where everything ran and what degraded (exit 1 on a degradation)",
 }
 
 
@@ -46,9 +50,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="the run YAML, as a flag (what jobs/*.py are given)")
         c.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
         c.add_argument("--json", action="store_true", help="print the summary as JSON")
-        if name == "plan":
+        if name in ("plan", "rehearse"):
             c.add_argument("--cluster", metavar="FILE",
                            help="cluster.yaml or a KubeRay manifest (default: ray.cluster_config)")
+        if name == "rehearse":
+            c.add_argument("--workdir", metavar="DIR", help="logs, the rehearsal config and report (default: a temp dir)")
+            c.add_argument("--stages", default="synthesize,train,serve,evaluate",
+                           help="jobs to run, comma-separated (default: all four)")
+            c.add_argument("--down", default="", metavar="PROVIDERS",
+                           help="search providers whose stand-ins answer 503 (rehearse an outage)")
             c.add_argument("--connect", metavar="SECONDS", type=float, nargs="?", const=30.0, default=None,
                            help="read the node types of the cluster at ray.address / RAY_ADDRESS "
                                 "(default: never connect), giving up after SECONDS (30)")
@@ -219,7 +229,26 @@ def cmd_stages(args, cfg) -> int:
     return 0
 
 
-HANDLERS = {"plan": cmd_plan, "export": cmd_export, "status": cmd_status}
+def cmd_rehearse(args, cfg) -> int:
+    from cm_ray.rehearsal import report
+    from cm_ray.rehearsal.run import JOBS, rehearse
+    from cm_ray.rehearsal.standins import check_overrides
+
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    if unknown := [s for s in stages if s not in JOBS]:
+        raise InputError(f"--stages: unknown {', '.join(unknown)} (jobs: {', '.join(JOBS)})")
+    try:
+        check_overrides(args.overrides)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    code, rep = rehearse(args.config, args.cluster, args.overrides, stages=stages, workdir=args.workdir,
+                         web_down=tuple(p for p in args.down.split(",") if p))
+    print(json.dumps(rep, indent=2, default=str) if args.json else report.format_md(rep))
+    print(report.summary_line(rep))
+    return code
+
+
+HANDLERS = {"plan": cmd_plan, "export": cmd_export, "status": cmd_status, "rehearse": cmd_rehearse}
 """Command -> handler(args, cfg) -> exit code; every other command of COMMANDS runs stages."""
 
 

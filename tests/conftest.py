@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from cm_ray.rehearsal.cluster import LocalCluster, NodeSpec
+try:
+    from cm_ray.rehearsal.cluster import LocalCluster, NodeSpec
+except ImportError:  # a GPU host with only torch/transformers/peft (tests/gpu): no cluster fixtures
+    LocalCluster = NodeSpec = None
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -120,7 +123,7 @@ def wait_for(pred, timeout: float, what: str, every: float = 1.0):
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-class RayNodes(LocalCluster):
+class RayNodes(LocalCluster or object):
     """A Ray cluster started with ``ray start`` on 127.0.0.1 as on cluster nodes: a head with the
     dashboard and jobs API, and worker nodes that may declare GPUs (Ray takes declared resources
     at face value, so a GPU node is simulated on a CPU machine; the work runs on CPU underneath).

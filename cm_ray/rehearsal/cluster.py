@@ -8,8 +8,8 @@ each type with their *declared* logical resources (GPUs and custom resources suc
 namespace with a tmpfs over the model caches (``$CM_RAY_CACHE`` or ``~/.cache/cm_ray``: ``models``
 and ``s3``), the Hugging Face cache and a node-private TMPDIR, as separate cloud machines have:
 a model resolved on the head is not on a worker. The venv and Ray's session dirs stay shared.
-``placements`` lists from Ray's state API what landed where and flags what a node type does not
-declare. Processes are stopped by their own PIDs only (never ``ray stop``).
+Processes are stopped by their own PIDs only (never ``ray stop``). What landed where on it:
+``cm_ray.rehearsal.placement``.
 """
 
 from __future__ import annotations
@@ -116,12 +116,14 @@ class LocalCluster:
     resources}`` per node, ``c.env`` the environment for ``ray`` CLI calls (``cli``).
     ``private=True`` (default) starts each node in its own mount namespace (``unshare -m``, root)
     with ``private_dirs`` and its TMPDIR on tmpfs. Ray's auth: token mode, as a Ray started on this
-    machine before leaves ``~/.ray/auth_token`` (one is made when missing).
+    machine before leaves ``~/.ray/auth_token`` (one is made when missing). ``node_env``: extra
+    environment per node type (what a cluster file provisions into its nodes, e.g. credentials).
     """
 
     def __init__(self, specs: list[NodeSpec], workdir: str | Path, env: dict | None = None,
-                 private: bool = True, timeout_s: float = 300):
+                 private: bool = True, timeout_s: float = 300, node_env: dict[str, dict] | None = None):
         self.specs, self.workdir, self.private, self.timeout_s = list(specs), Path(workdir), private, timeout_s
+        self.node_env = node_env or {}
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
                     "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "token", **(env or {})}
@@ -172,7 +174,8 @@ class LocalCluster:
         cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", *args, *spec.ray_args(),
                *self._ports(), f"--temp-dir={temp}", "--disable-usage-stats"]
         log = open(self.workdir / f"ray-{spec.name}.log", "w")
-        self.procs.append((subprocess.Popen(self._command(spec, cmd), env=self.env, stdout=log,
+        env = {**self.env, **self.node_env.get(spec.node_type, {})}
+        self.procs.append((subprocess.Popen(self._command(spec, cmd), env=env, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True), log))
 
     def start_head(self, spec: NodeSpec) -> None:
@@ -228,93 +231,3 @@ class LocalCluster:
         self.procs = []
         for t in self.temps:
             shutil.rmtree(t, ignore_errors=True)
-
-
-_SKIP = {"memory", "object_store_memory", "bundle"}  # sized by Ray per node; a group's marker
-
-
-def _plain(resources: dict | None) -> dict[str, float]:
-    """Requested resources without placement-group suffixes (``CPU_group_0_<pg>`` -> ``CPU``)."""
-    out: dict[str, float] = {}
-    for k, v in (resources or {}).items():
-        base = k.split("_group_")[0]
-        if v and base not in _SKIP and not base.startswith("node:"):
-            out[base] = max(out.get(base, 0.0), float(v))
-    return out
-
-
-def placements(address: str, cluster=None) -> list[dict]:
-    """Every actor, normal task and placement-group bundle Ray's state API knows, one row each:
-    ``{kind, name, state, node_id, node, node_type, requested, declared, ok}``.
-
-    ``node_type`` comes from the node's labels (``LocalCluster``; KubeRay's ``ray.io/node-group``),
-    ``declared`` from ``cluster`` (a ``Cluster`` or cluster file) for that type, else the node's
-    own resources. ``ok`` is False where the node type does not declare what was requested (a GPU
-    request on a node type without GPUs): ``misplaced`` lists those. ``address``: the dashboard URL.
-    """
-    import dataclasses
-
-    from ray.util import state
-
-    from cm_ray.cluster import Cluster, load_cluster_file
-
-    _token_mode()
-    types = {}
-    if cluster is not None:
-        c = cluster if isinstance(cluster, Cluster) else load_cluster_file(cluster)
-        types = {t.name: {k: float(v) for k, v in t.resources.items()} for t in c.node_types}
-
-    def d(x):  # the state API's records are dataclasses
-        return x if isinstance(x, dict) else dataclasses.asdict(x)
-
-    nodes = {}
-    for n in map(d, state.list_nodes(address=address, detail=True, limit=10000)):
-        labels = n.get("labels") or {}
-        ntype = labels.get(TYPE_LABEL) or labels.get("ray.io/node-group") or (
-            "head" if n.get("is_head_node") else f"node-{n['node_id'][:8]}")
-        nodes[n["node_id"]] = {"node": labels.get(NODE_LABEL) or n.get("node_name"), "node_type": ntype,
-                               "declared": types.get(ntype, _plain(n.get("resources_total")))}
-    rows = []
-
-    def add(kind, name, st, node_id, requested):
-        where = nodes.get(node_id, {"node": None, "node_type": None, "declared": {}})
-        req = _plain(requested)
-        ok = node_id not in nodes or all(where["declared"].get(k, 0.0) >= v for k, v in req.items())
-        rows.append({"kind": kind, "name": name, "state": st, "node_id": node_id, **where,
-                     "requested": req, "ok": ok})
-
-    for a in map(d, state.list_actors(address=address, detail=True, limit=10000)):
-        add("actor", a.get("class_name") or a.get("name"), a.get("state"), a.get("node_id"),
-            a.get("required_resources"))
-    for t in map(d, state.list_tasks(address=address, detail=True, limit=10000,
-                                     filters=[("type", "=", "NORMAL_TASK")])):
-        add("task", t.get("func_or_class_name") or t.get("name"), t.get("state"), t.get("node_id"),
-            t.get("required_resources"))
-    for pg in map(d, state.list_placement_groups(address=address, detail=True, limit=10000)):
-        for i, b in enumerate(pg.get("bundles") or []):
-            add("bundle", f"{pg.get('name') or pg['placement_group_id'][:8]}[{i}]",
-                pg.get("state"), b.get("node_id"), b.get("unit_resources"))
-    return rows
-
-
-def misplaced(rows: list[dict]) -> list[dict]:
-    """The placements whose node type does not declare what they requested."""
-    return [r for r in rows if not r["ok"]]
-
-
-def placement_degradation(rows: list[dict], key: str) -> dict:
-    """A ``checks.degradation("placement", key, ...)`` record: misplaced of all placed rows."""
-    from cm_ray import checks
-
-    bad, placed = misplaced(rows), [r for r in rows if r["node_id"]]
-    detail = "; ".join(f"{r['kind']} {r['name']} asked {r['requested']} on {r['node_type']}" for r in bad[:5])
-    return checks.degradation("placement", key, len(bad), len(placed), detail)
-
-
-def _token_mode() -> None:
-    """Ray's own rule for its CLI: with RAY_AUTH_MODE unset, a token on this machine means token
-    mode (a cluster started here by Ray or ``LocalCluster`` wants it on state API calls)."""
-    if "RAY_AUTH_MODE" not in os.environ:
-        from ray._private.authentication import authentication_token_setup as auth
-
-        auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)

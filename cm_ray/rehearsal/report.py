@@ -27,7 +27,7 @@ LIMITATIONS = ("speed and memory on real GPUs: the work runs on CPU underneath, 
 
 def new_placements(cluster, cluster_file: str, seen: set) -> list[dict]:
     """Placements that appeared since the last call (by Ray's ids), each listed once."""
-    from cm_ray.rehearsal.cluster import placements
+    from cm_ray.rehearsal.placement import placements
 
     out = []
     for r in placements(cluster.dashboard_url, cluster_file):
@@ -48,7 +48,7 @@ def _placement_rows(rows: list[dict]) -> list[dict]:
 
 def build(*, prod, cfg, store, jobs, placed, served, stand_ins, need, provisioned, web, specs,
           cluster_file, config_file, seconds, unchecked) -> dict:
-    from cm_ray.rehearsal.cluster import placement_degradation
+    from cm_ray.rehearsal.placement import placement_degradation
     from cm_ray.rehearsal.secrets import missing
     from cm_ray.rehearsal.secrets import provisioned as provision
 

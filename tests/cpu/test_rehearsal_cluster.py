@@ -240,7 +240,7 @@ def _case_placements(ids: dict, url: str) -> dict:
     from ray.util.placement_group import placement_group
 
     from cm_ray.cluster import load_cluster_file
-    from cm_ray.rehearsal.cluster import misplaced, placement_degradation, placements
+    from cm_ray.rehearsal.placement import misplaced, placement_degradation, placements
 
     @ray.remote(num_gpus=1, num_cpus=1)
     class GpuProbe:
