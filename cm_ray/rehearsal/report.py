@@ -5,7 +5,7 @@
 shows after each job, the answers served over HTTP, the credentials each node type got. Every
 degradation is judged against the *production* config's ``checks`` thresholds (the rehearsal
 itself runs with ``checks.fail: false`` so that every stage runs). A failure is any of: a job that
-failed, a degradation past its threshold, a placement on a node type that does not declare what it
+failed, a partition a stage gave up on (an adapter that did not train), a degradation past its threshold, a placement on a node type that does not declare what it
 asked for, a served answer from another engine than ``serve.engine`` or a refused request, a node
 type started without a credential the config needs. ``format_md`` renders it; ``save`` writes
 ``rehearsal.md`` and ``rehearsal.json`` under the root.
@@ -59,6 +59,11 @@ def build(*, prod, cfg, store, jobs, placed, served, stand_ins, need, provisione
             continue
         stages[name] = {"headline": m.get("headline"), "seconds": m.get("seconds"),
                         "per_culture": m.get("per_culture") or {}}
+        failed = m.get("failed") if isinstance(m.get("failed"), dict) else {}  # partitions it gave up on
+        failed.update({k: "no data" for k in m.get("no_data") or []})
+        if failed:
+            failures.append({"stage": name, "cultures": sorted(k.split("/")[0] for k in failed),
+                             "what": "; ".join(f"{k}: {v}" for k, v in sorted(failed.items()))[:600]})
         degradations += [{**d, "stage": name} for d in m.get("degradations") or []]
     for job, rows in placed.items():
         if rows:

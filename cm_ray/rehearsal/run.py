@@ -38,7 +38,11 @@ JOBS = ("synthesize", "train", "serve", "evaluate")
 
 
 def _moto(stack):
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 request otherwise
 
     from cm_ray.rehearsal.cluster import free_port
 

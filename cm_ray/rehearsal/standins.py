@@ -89,7 +89,8 @@ def apply(data: dict, *, root: str, endpoints: dict[str, str], serve_port: int, 
     for field in ("models.generator", "models.base", "models.encoder"):
         found = model_stand_in(_get(out, field))
         if found:
-            put(field, found[0], found[1] + " (budgets are checked against the configured context length)")
+            put(field, found[0], found[1] + ("" if field == "models.encoder" else
+                                              " (prompt budgets are checked against the configured context)"))
     if (out.get("root") or "").startswith("s3://"):
         stand.append(StandIn("root", out["root"], out["root"], "moto S3 on 127.0.0.1: the same bucket and prefix"))
     search = out.setdefault("search", {})

@@ -1,0 +1,60 @@
+"""``cm-ray rehearse``: the production config, reduced only in size, on a local cluster shaped like
+cluster.yaml (0-CPU head, CPU workers, GPU workers declared, each node with private caches), with
+loopback providers, pages, S3 and secret store; and a rehearsal that degrades fails naming the
+stage and the cultures.
+
+python -m pytest tests/cpu/test_rehearse.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+SIZES = ["cultures=[MX,CN]", "tasks=[offensive]", "synthesis.prompts_per_pair=1",
+         "synthesis.samples_per_prompt=5", "evaluate.max_questions=2", "evaluate.bootstrap=0", "train.max_steps=2"]
+
+
+def _rehearse(tmp_path, *args, timeout=1500):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for k in [k for k in env if k.startswith("AWS_")]:  # the rehearsal brings its own S3
+        env.pop(k)
+    r = subprocess.run([sys.executable, "-m", "cm_ray", "rehearse", *args, "--workdir", str(tmp_path)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    rep = json.loads((tmp_path / "rehearsal.json").read_text()) if (tmp_path / "rehearsal.json").exists() else None
+    return r, rep
+
+
+def test_a_reduced_paper_rehearsal_on_cluster_yaml_passes(tmp_path):
+    r, rep = _rehearse(tmp_path, "configs/paper.yaml", "--cluster", "cluster.yaml", *SIZES)
+    assert rep is not None, r.stdout[-3000:] + r.stderr[-5000:]
+    assert r.returncode == 0 and rep["passed"], json.dumps(rep["failures"], indent=1) + r.stderr[-3000:]
+    assert "rehearsal passed" in r.stdout
+    # The config's branches ran: 2 GPU workers per trial, the vLLM engine served every answer.
+    stand = {s["what"] for s in rep["stand_ins"]}
+    assert {"models.generator", "root", "train.backend", "serve.port"} <= stand
+    assert not stand & {"train.num_workers", "serve.engine", "queries.n_specific", "search.fetch.enabled"}
+    nodes = {n["node_type"]: n["resources"] for n in rep["nodes"]}
+    assert nodes["head"].get("CPU") == 0 and nodes["gpu_ondemand"]["GPU"] == 1
+    train = [p for p in rep["placements"]["train"] if p["name"] == "RayTrainWorker"]
+    assert train and all(p["node_type"] == "gpu_ondemand" and p["requested"].get("GPU") == 1 for p in train)
+    assert all(p["ok"] for rows in rep["placements"].values() for p in rows)
+    assert rep["served"] and {s["engine"] for s in rep["served"]} == {"vllm"}
+    assert set(rep["stages"]["search"]["per_culture"]) == {"MX", "CN"}
+    assert (tmp_path / "rehearsal.md").read_text().startswith("# Rehearsal: configs/paper.yaml")
+
+
+def test_a_rehearsal_fails_loudly_naming_the_cultures_when_searches_fall_back(tmp_path):
+    r, rep = _rehearse(tmp_path, "configs/paper.yaml", "--cluster", "cluster.yaml", "--stages", "synthesize",
+                       "--down", "searxng", *SIZES, timeout=900)
+    assert r.returncode == 1 and rep and not rep["passed"], r.stderr[-3000:]
+    fallback = [f for f in rep["failures"] if "search_fallback" in f["what"]]
+    assert {c for f in fallback for c in f["cultures"]} == {"MX", "CN"}
+    assert "rehearsal FAILED" in r.stdout and "MX" in r.stdout and "search" in r.stdout
