@@ -63,7 +63,8 @@ def build(*, prod, cfg, store, jobs, placed, served, stand_ins, need, provisione
         failed.update({k: "no data" for k in m.get("no_data") or []})
         if failed:
             failures.append({"stage": name, "cultures": sorted(k.split("/")[0] for k in failed),
-                             "what": "; ".join(f"{k}: {v}" for k, v in sorted(failed.items()))[:600]})
+                             "what": "; ".join(f"{k}: {(str(v).strip().splitlines() or [''])[-1]}"
+                                               for k, v in sorted(failed.items()))[:600]})
         degradations += [{**d, "stage": name} for d in m.get("degradations") or []]
     for job, rows in placed.items():
         if rows:

@@ -18,8 +18,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-SIZES = ["cultures=[MX,CN]", "tasks=[offensive]", "synthesis.prompts_per_pair=1",
-         "synthesis.samples_per_prompt=5", "evaluate.max_questions=2", "evaluate.bootstrap=0", "train.max_steps=2"]
+SIZES = ["cultures=[MX,CN]", "tasks=[offensive]", "synthesis.prompts_per_pair=2",
+         "synthesis.samples_per_prompt=3", "evaluate.max_questions=2", "evaluate.bootstrap=0", "train.max_steps=2"]
 
 
 def _rehearse(tmp_path, *args, timeout=1500):
