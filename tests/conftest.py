@@ -6,16 +6,15 @@ python -m pytest tests/cpu -q
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
 try:
-    from cm_ray.rehearsal.cluster import LocalCluster, NodeSpec
+    from cm_ray.rehearsal.cluster import LocalCluster, NodeSpec, free_port, wait_for  # noqa: F401 (fixtures')
 except ImportError:  # a GPU host with only torch/transformers/peft (tests/gpu): no cluster fixtures
-    LocalCluster = NodeSpec = None
+    LocalCluster = NodeSpec = free_port = wait_for = None
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -26,12 +25,6 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CM_RAY_SHARED_DATA", REPO.parent / "shared" / "data"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -106,21 +99,6 @@ def http_get(url: str, timeout: float = 5.0, headers: dict | None = None) -> tup
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
-
-
-def wait_for(pred, timeout: float, what: str, every: float = 1.0):
-    """Poll ``pred`` until it is truthy (OSError counts as not yet); TimeoutError names ``what``."""
-    import time
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if pred():
-                return
-        except OSError:
-            pass
-        time.sleep(every)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 class RayNodes(LocalCluster or object):

@@ -17,7 +17,7 @@ BLOCK = '''import sys
 class _Absent:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("ray", "vllm", "deepspeed", "pydantic", "moto"):
-            raise ImportError(f"No module named {name!r} (not on this host)")
+            raise ModuleNotFoundError(f"No module named {name!r} (not on this host)", name=name)
 sys.meta_path.insert(0, _Absent())
 '''
 
@@ -36,12 +36,14 @@ def test_the_gpu_bench_runs_on_tiny_shapes_and_writes_its_figures(tmp_path):
 
 def test_pytest_tests_gpu_skips_with_reasons_on_a_host_without_ray_vllm_or_a_gpu(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(BLOCK)
-    env = {"PYTHONPATH": f"{tmp_path}:{REPO}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"PYTHONPATH": f"{tmp_path}:{REPO}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}  # this venv's plugins are not on that host
     r = subprocess.run([sys.executable, "-m", "pytest", "tests/gpu", "-q", "-rs", "-p", "no:cacheprovider",
-                        "-p", "no:asyncio"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+                        ], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode in (0, 5), r.stdout[-3000:] + r.stderr[-2000:]  # 5: every module skipped
     skips = [line for line in r.stdout.splitlines() if line.startswith("SKIPPED")]
     assert skips and "error" not in r.stdout.lower().split("short test summary")[-1].split("skipped")[0]
     assert " passed" not in r.stdout and "failed" not in r.stdout
     reasons = " ".join(skips)
-    assert "needs a CUDA GPU" in reasons or "needs ray" in reasons, r.stdout
+    assert "needs ray" in reasons and "ERROR" not in r.stdout, r.stdout
+    assert len(skips) == len(list((REPO / "tests" / "gpu").glob("test_*.py"))), r.stdout  # one per module
