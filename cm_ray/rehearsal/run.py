@@ -158,6 +158,8 @@ def rehearse(config: str, cluster_file: str | None = None, overrides: list[str] 
     started = time.time()
     with ExitStack() as stack:
         aws = _moto(stack)
+        saved = dict(os.environ)
+        stack.callback(lambda: (os.environ.clear(), os.environ.update(saved)))  # this process's own env back
         os.environ.update(aws)
         web = stack.enter_context(WebStandIn(down=web_down))
         from cm_ray.rehearsal.web import provider_urls

@@ -51,10 +51,23 @@ def test_a_reduced_paper_rehearsal_on_cluster_yaml_passes(tmp_path):
     assert (tmp_path / "rehearsal.md").read_text().startswith("# Rehearsal: configs/paper.yaml")
 
 
-def test_a_rehearsal_fails_loudly_naming_the_cultures_when_searches_fall_back(tmp_path):
-    r, rep = _rehearse(tmp_path, "configs/paper.yaml", "--cluster", "cluster.yaml", "--stages", "synthesize",
-                       "--down", "searxng", *SIZES, timeout=900)
-    assert r.returncode == 1 and rep and not rep["passed"], r.stderr[-3000:]
+def test_a_rehearsal_fails_loudly_naming_the_cultures_when_searches_fall_back_and_prompts_overflow(tmp_path):
+    # searxng down: every search is answered by the bm25 fallback; a context that cannot hold the
+    # synthesis prompt next to its 1024 new tokens: every prompt is over the limit (rows rejected).
+    code = ("import json, sys; from cm_ray.rehearsal.run import rehearse; "
+            "c, rep = rehearse('configs/paper.yaml', 'cluster.yaml', json.loads(sys.argv[1]), "
+            "stages=('synthesize',), workdir=sys.argv[2], web_down=('searxng',), "
+            "unchecked=['synthesis.vllm.max_model_len=1200']); "
+            "from cm_ray.rehearsal.report import summary_line; print(summary_line(rep)); sys.exit(c)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(SIZES), str(tmp_path)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=900)
+    rep = json.loads((tmp_path / "rehearsal.json").read_text())
+    assert r.returncode == 1 and not rep["passed"], r.stderr[-3000:]
     fallback = [f for f in rep["failures"] if "search_fallback" in f["what"]]
-    assert {c for f in fallback for c in f["cultures"]} == {"MX", "CN"}
-    assert "rehearsal FAILED" in r.stdout and "MX" in r.stdout and "search" in r.stdout
+    assert {c for f in fallback for c in f["cultures"]} == {"MX", "CN"}, rep["failures"]
+    overflow = [f for f in rep["failures"] if "prompt_over_limit" in f["what"]]
+    assert {c for f in overflow for c in f["cultures"]} == {"MX", "CN"}, rep["failures"]
+    assert rep["unchecked_overrides"] == ["synthesis.vllm.max_model_len=1200"]
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.startswith("rehearsal FAILED") and "MX" in line and "CN" in line and "search" in line
