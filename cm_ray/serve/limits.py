@@ -81,11 +81,31 @@ class DrainEstimate:
             return max(self.floor, self.inflight / rate if rate else self.floor)
 
 
+def framing_problem(scope: dict) -> ApiError | None:
+    """A 400 for a request whose framing is malformed even though the proxy passed it on: a
+    raw path with ``.`` / ``..`` segments or a header with bytes that are not ASCII."""
+    raw = scope.get("raw_path") or scope.get("path", "").encode()
+    if any(seg in (b".", b"..") for seg in raw.split(b"?", 1)[0].split(b"/")):
+        return ApiError(400, "request path: '.' and '..' segments are not allowed")
+    for name, value in scope.get("headers") or ():
+        if not (name.isascii() and value.isascii()):
+            shown = "-".join(w.capitalize() for w in name.decode("latin-1")[:64].split("-"))
+            return ApiError(400, f"header {shown!r}: only ASCII bytes are allowed", shown)
+    return None
+
+
 def install_error_handlers(app) -> None:
-    """ApiError, and FastAPI's own 404 / 405 / request validation, as OpenAI's error object."""
+    """ApiError, and FastAPI's own 404 / 405 / request validation, as OpenAI's error object;
+    malformed framing (``framing_problem``) as a 400 before any route runs."""
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
+
+    @app.middleware("http")
+    async def _framing(request: Request, call_next):
+        if err := framing_problem(request.scope):
+            return JSONResponse(err.body(), status_code=400)
+        return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:

@@ -74,7 +74,7 @@ def cfg_overrides(store, tiny_model_dir):
     return [f"root={store.root}", f"models.base={tiny_model_dir}", "serve.max_adapters_per_replica=2",
             "serve.max_new_tokens=8", "serve.max_prompt_chars=500", "serve.batch_wait_timeout_s=0.25",
             "serve.ray_actor_cpus=0.5", "serve.max_prompt_tokens=120", "serve.max_messages=16",
-            "serve.max_body_bytes=65536", "serve.adapter_cache_ttl_s=0.5"]
+            "serve.max_body_bytes=65536", "serve.adapter_cache_ttl_s=0.5", "serve.body_read_timeout_s=3"]
 
 
 @pytest.fixture(scope="module")
@@ -334,13 +334,13 @@ def test_unencodable_text_in_any_string_field_is_a_400_naming_the_field(url):
 
 
 def _raw(url: str, data: bytes) -> bytes:
-    """Send ``data`` as is over a socket; the first line of the answer (b"" when none came)."""
+    """Send ``data`` as is over a socket (kept open: a half-closed connection gets no answer
+    from uvicorn); the first line of the answer (b"" when none came)."""
     import socket
 
     host, port = url.rsplit("/", 1)[1].rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
         got = b""
         try:
             while b"\r\n" not in got and (piece := sock.recv(4096)):
@@ -357,8 +357,9 @@ def test_malformed_http_framing_gets_a_400_and_a_chunked_body_is_served(url):
     chunked = head + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + \
         f"{len(body):x}".encode() + b"\r\n" + body + b"\r\n0\r\n\r\n"
     assert _raw(url, chunked).startswith(b"HTTP/1.1 200"), _raw(url, chunked)
-    for bad in (head + b"Content-Length: 500\r\n\r\n" + body,  # promises more than it sends
-                head + b"Content-Length: 5\r\n\r\n" + body,  # less: the rest is no request
+    # promises more than it sends: the body read times out (serve.body_read_timeout_s)
+    assert _raw(url, head + b"Content-Length: 500\r\n\r\n" + body).startswith(b"HTTP/1.1 408")
+    for bad in (head + b"Content-Length: 5\r\n\r\n" + body,  # less: a truncated body
                 b"GET /../v1/models HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n",
                 head + b"X-Culture: M\xffX\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body):
         got = _raw(url, bad)
