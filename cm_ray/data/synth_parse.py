@@ -15,7 +15,11 @@ def parse_generations(batch: dict[str, Any], require_sources: bool = True) -> di
     """Ray Data map_batches: generated text -> candidate samples, one row per candidate or per
     rejected generation, with ``status`` "ok" or the rejection reason.
 
-    Input columns:  culture, task, pair_idx, snippets_json, prompt_hash, generated_text, engine, model
+    A row whose ``skip_reason`` is set (a prompt over the model's context) was not generated: it
+    becomes one row with that reason as its status.
+
+    Input columns:  culture, task, pair_idx, snippets_json, prompt_hash, generated_text, engine, model,
+                    skip_reason, prompt_token_count, prompt_trim (the last three optional)
     Output columns: culture, task, pair_idx, status, sample_json, sample_text, label, query_ids,
                     snippet_urls, reference_texts, engine, model, prompt_hash, gen_<counter>
                     (``usage_columns``)
@@ -31,7 +35,12 @@ def parse_generations(batch: dict[str, Any], require_sources: bool = True) -> di
                                str(batch["engine"][i]), str(batch["model"][i]), str(batch["prompt_hash"][i])]):
             out[c].append(v)
 
+    skip = batch.get("skip_reason")
     for i in range(len(batch["generated_text"])):
+        if skip is not None and skip[i]:
+            emit(i, str(skip[i]))
+            generation_of.append(i)
+            continue
         spec = load_task(str(batch["task"][i]))
         snippets = json.loads(batch["snippets_json"][i])
         finish = str(batch["finish_reason"][i]) if "finish_reason" in batch else "stop"
@@ -56,12 +65,14 @@ def parse_generations(batch: dict[str, Any], require_sources: bool = True) -> di
 
 USAGE = ("prompt_tokens", "output_tokens", "retries", "cost_usd")
 """Generation counters carried to the partition stats as ``gen_<counter>`` (and ``gen_count``)."""
+BUDGET = {"prompt_token_count": "prompt_count", "prompt_trim": "trim"}
+"""The prompt budget's columns (``synth_prompts.build_prompt_rows``), carried as ``gen_<name>``."""
 
 
 def usage_columns(batch: dict[str, Any], generation_of: list[int]) -> dict[str, list]:
     """Each generation's counters on the first row it produced (0 on the others), so summing a
     partition's rows counts every generation once."""
-    cols: dict[str, list] = {f"gen_{k}": [] for k in (*USAGE, "count")}
+    cols: dict[str, list] = {f"gen_{k}": [] for k in (*USAGE, "count", *BUDGET.values())}
     seen: set[int] = set()
     for g in generation_of:
         first = g not in seen
@@ -70,4 +81,6 @@ def usage_columns(batch: dict[str, Any], generation_of: list[int]) -> dict[str, 
         for k in USAGE:
             v = batch[k][g] if first and k in batch else 0
             cols[f"gen_{k}"].append(float(v) if k == "cost_usd" else int(v or 0))
+        for k, name in BUDGET.items():
+            cols[f"gen_{name}"].append(int(batch[k][g] or 0) if first and k in batch else 0)
     return cols

@@ -9,6 +9,11 @@ Rows reach the driver in input order, so a partition is complete when a row of a
 arrives; it is filtered, written (one atomic file) and dropped from memory before the next one
 finishes. Driver memory is one partition, whatever the number of cultures. A partition whose file
 exists is done and skipped on rerun, so a killed run resumes without duplicates or lost rows.
+
+Every prompt is counted against ``context_limit - max_new_tokens`` (``cm_ray.generation.budget``)
+before generation: grounding is trimmed to fit, and a row that still cannot fit is rejected
+(``prompt_over_limit``, one row, never the run). The summary reports the largest prompt of each
+(culture, task) against the limit, and a partition with rejected prompts is a degradation.
 """
 
 from __future__ import annotations
@@ -87,8 +92,9 @@ def _judge(ds, cfg: Config):
     return ds.map_batches(from_answer, batch_format="numpy").drop_columns(["engine_orig", "model_orig"])
 
 
-def build_synthesis_dataset(cfg: Config, pairs: list[tuple[str, str]]):
-    """The lazy Ray Dataset of candidate rows for ``pairs`` (nothing runs until consumed)."""
+def build_synthesis_dataset(cfg: Config, pairs: list[tuple[str, str]], budget: dict | None = None):
+    """The lazy Ray Dataset of candidate rows for ``pairs`` (nothing runs until consumed); prompts
+    are fitted to ``budget`` (``cm_ray.generation.budget.prompt_budget``; None: not counted)."""
     import ray.data
 
     from cm_ray.generation.generate import generate
@@ -98,7 +104,7 @@ def build_synthesis_dataset(cfg: Config, pairs: list[tuple[str, str]]):
     scfg = cfg.synthesis
     items = [{"culture": c, "task": t, "pair_idx": i} for i, (c, t) in enumerate(pairs)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
-    ds = ds.flat_map(build_prompt_rows, fn_kwargs={"scfg": scfg, "root": cfg.root})
+    ds = ds.flat_map(build_prompt_rows, fn_kwargs={"scfg": scfg, "root": cfg.root, "budget": budget})
     ds = generate(ds, cfg, max_new_tokens=scfg.max_new_tokens, temperature=scfg.temperature,
                   top_p=scfg.top_p, seed=cfg.seed)
     ds = ds.map_batches(parse_generations, fn_kwargs={"require_sources": scfg.require_sources},
@@ -124,10 +130,12 @@ def run_synthesis(cfg: Config, store: Any, force: bool = False) -> dict:
     Returns:
         Summary: rows kept, per-culture filter counts, partitions written / skipped, ``headline``.
     """
+    from cm_ray.generation.budget import prompt_budget
     from cm_ray.ray_utils import init_ray
 
     t0 = time.time()
     pairs = [(c, t) for c in cfg.cultures for t in cfg.tasks]
+    budget = prompt_budget(cfg, cfg.synthesis.max_new_tokens)  # a config error before any work
     names = {t: _task_name(t) for t in cfg.tasks}
     todo, skipped = [], []
     for c, t in pairs:
@@ -139,7 +147,7 @@ def run_synthesis(cfg: Config, store: Any, force: bool = False) -> dict:
             todo.append((c, t))
     if todo:
         init_ray(cfg)
-        ds = build_synthesis_dataset(cfg, todo)
+        ds = build_synthesis_dataset(cfg, todo, budget)
         from cm_ray.progress import stage_bar
 
         buffers: dict[int, list[dict]] = {i: [] for i in range(len(todo))}
@@ -150,7 +158,7 @@ def run_synthesis(cfg: Config, store: Any, force: bool = False) -> dict:
             nonlocal next_idx, kept
             while next_idx < upto:
                 c, t = todo[next_idx]
-                kept += _write_partition(cfg, store, c, names[t], buffers.pop(next_idx))
+                kept += _write_partition(cfg, store, c, names[t], buffers.pop(next_idx), budget)
                 next_idx += 1
                 bar.set_postfix_str(f"{kept} rows kept, last {c}/{names[t]}", refresh=False)
                 bar.update(1)
@@ -162,7 +170,7 @@ def run_synthesis(cfg: Config, store: Any, force: bool = False) -> dict:
                 buffers[i].append(r)
         flush(len(todo))
         bar.close()
-    return summarize(cfg, store, pairs, names, n_written=len(todo), n_skipped=len(skipped),
+    return summarize(cfg, store, pairs, names, written=todo, n_written=len(todo), n_skipped=len(skipped),
                      seconds=time.time() - t0)
 
 
@@ -172,11 +180,13 @@ def _task_name(task: str) -> str:
     return load_task(task).name
 
 
-def _write_partition(cfg: Config, store: Any, culture: str, task: str, rows: list[dict]) -> int:
+def _write_partition(cfg: Config, store: Any, culture: str, task: str, rows: list[dict],
+                     budget: dict | None = None) -> int:
     out, log = finalize_partition(cfg, culture, task, rows)
     # Stats first, data file last: the data file is the partition's completion marker.
     stats = {"culture": culture, "task": task, "filters": log, "rows_out": len(out),
-             "generations": len({r["prompt_hash"] for r in rows}), "usage": partition_usage(rows)}
+             "generations": len({r["prompt_hash"] for r in rows}), "usage": partition_usage(rows),
+             "prompts": prompt_stats(rows, budget)}
     if not rows:
         stats["note"] = "no search snippets"
     store.write_json(stats, *A.synth_stats_file(culture, task))
@@ -193,6 +203,35 @@ def partition_usage(rows: list[dict]) -> dict:
     return {"generations": tot.pop("count"), **tot}
 
 
+def prompt_stats(rows: list[dict], budget: dict | None) -> dict:
+    """Prompt tokens of one partition against the model's limit: ``max_prompt_tokens``,
+    ``model_limit``, ``max_new_tokens``, prompts counted, trimmed to fit and ``over_limit``."""
+    from cm_ray.generation.budget import OVER_LIMIT
+
+    first = [r for r in rows if r.get("gen_count")]  # one row per generation
+    # Counted before generation; the engine's own count where there is no budget (openai).
+    return {"max_prompt_tokens": max((r.get("gen_prompt_count") or r.get("gen_prompt_tokens") or 0
+                                      for r in first), default=0),
+            "model_limit": budget and budget["limit"], "max_new_tokens": budget and budget["max_new_tokens"],
+            "prompts": len(first), "trimmed": sum(bool(r.get("gen_trim")) for r in first),
+            "over_limit": sum(r["status"] == OVER_LIMIT for r in rows)}
+
+
+def degradations(prompts: dict[str, dict]) -> list[dict]:
+    """``prompt_over_limit`` records of the partitions (``{"MX/offensive": prompt_stats}``) that
+    rejected prompts."""
+    from cm_ray import checks
+
+    out = []
+    for key, p in prompts.items():
+        if p.get("over_limit"):
+            out.append(checks.degradation(
+                "prompt_over_limit", key, p["over_limit"], p["prompts"],
+                f"{p['over_limit']} of {p['prompts']} prompts longer than {p['model_limit']} - "
+                f"{p['max_new_tokens']} new tokens even with their snippets trimmed (largest {p['max_prompt_tokens']})"))
+    return out
+
+
 def add_usage(total: dict, part: dict | None) -> dict:
     """``total`` + ``part`` counter by counter (cost rounded)."""
     for k, v in (part or {}).items():
@@ -200,14 +239,19 @@ def add_usage(total: dict, part: dict | None) -> dict:
     return total
 
 
-def summarize(cfg: Config, store: Any, pairs, names, **extra) -> dict:
-    """Merge the per-partition stats into ``synth/summary.json`` (rows in/out per filter per culture)."""
+def summarize(cfg: Config, store: Any, pairs, names, written=(), **extra) -> dict:
+    """Merge the per-partition stats into ``synth/summary.json`` (rows in/out per filter per culture,
+    prompt tokens per (culture, task), degradations of the ``written`` pairs)."""
     per_culture: dict[str, dict] = {}
+    prompts: dict[str, dict] = {}
+    done = {f"{c}/{names[t]}" for c, t in written}
     for c, t in pairs:
         parts = A.synth_stats_file(c, names[t])
         stats = store.read_json(*parts) if store.exists(*parts) else None
         entry = per_culture.setdefault(c, {"rows_out": 0, "tasks": {}, "filters": {}, "usage": {}})
         if stats:
+            if stats.get("prompts") is not None:
+                prompts[f"{c}/{names[t]}"] = stats["prompts"]
             add_usage(entry["usage"], stats.get("usage"))
             entry["rows_out"] += stats["rows_out"]
             entry["tasks"][names[t]] = stats["rows_out"]
@@ -219,7 +263,8 @@ def summarize(cfg: Config, store: Any, pairs, names, **extra) -> dict:
         add_usage(usage, e["usage"])
     summary = {"rows": total, "candidates": candidates, "usage": usage,
                "kept_fraction": round(total / candidates, 3) if candidates else 0.0,
-               "partitions": len(pairs), "per_culture": per_culture,
+               "partitions": len(pairs), "per_culture": per_culture, "prompt_tokens": prompts,
+               "degradations": degradations({k: v for k, v in prompts.items() if k in done}),
                **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in extra.items()}}
     summary["headline"] = (f"{total} samples kept of {candidates} candidates over {len(pairs)} "
                            f"(culture, task) partitions ({extra.get('n_skipped', 0)} skipped)")

@@ -6,7 +6,9 @@ transformers -> a ``map_batches`` actor pool (``GeneratorUDF``); openai -> an as
 
 Input columns:  messages (list of {role, content}), json_schema (str, optional: JSON schema text),
                 sample_idx (int, optional: which sample of an identical prompt; each generation's seed
-                comes from the run seed, the conversation and this index, ``row_seed``)
+                comes from the run seed, the conversation and this index, ``row_seed``), skip_reason
+                (str, optional: a row with one is not generated, e.g. a prompt over the model's
+                context, ``cm_ray.generation.budget``; it gets finish_reason error, gen_error the reason)
 Output columns: generated_text (str), prompt_tokens (int), output_tokens (int), finish_reason (str:
                 stop | length | error), retries (int), cost_usd (float), gen_error (str | None: the reason,
                 scrubbed of keys and paths),
@@ -70,12 +72,23 @@ def _row_seeds(batch: dict, seed: int | None) -> list:
 
 
 def _groups(batch: dict) -> dict[Any, list[int]]:
-    """Row indices per distinct schema text: one guided grammar (and one engine call) per group."""
-    schemas = batch.get("json_schema")
+    """Row indices per distinct schema text: one guided grammar (and one engine call) per group;
+    rows with a ``skip_reason`` are in none."""
+    schemas, skip = batch.get("json_schema"), batch.get("skip_reason")
     groups: dict[Any, list[int]] = {}
     for i in range(len(batch["messages"])):
-        groups.setdefault(None if schemas is None else (schemas[i] or None), []).append(i)
+        if skip is None or not skip[i]:
+            groups.setdefault(None if schemas is None else (schemas[i] or None), []).append(i)
     return groups
+
+
+def _skipped(batch: dict) -> list:
+    """A Generation for each row with a ``skip_reason`` (None for the others)."""
+    from cm_ray.generation.base import Generation
+
+    skip = batch.get("skip_reason")
+    return [Generation(text="", finish_reason="error", error=str(skip[i]))
+            if skip is not None and skip[i] else None for i in range(len(batch["messages"]))]
 
 
 class GeneratorUDF:
@@ -97,7 +110,7 @@ class GeneratorUDF:
 
         t0 = time.perf_counter()
         convs = [[dict(m) for m in msgs] for msgs in batch["messages"]]
-        gens: list = [None] * len(convs)
+        gens: list = _skipped(batch)
         seeds = _row_seeds(batch, self.params.get("seed"))
         for schema, idx in _groups(batch).items():
             # One sampling call per group: seeded from its first row (rows of a call draw in turn).
@@ -140,7 +153,7 @@ class AsyncGeneratorUDF:
             self.engine.agenerate([convs[i]], self.GenerationParams(**{**self.params, "seed": seeds[i]},
                                                                     json_schema=schemas[i]))
             for i in order))
-        gens: list = [None] * len(convs)
+        gens: list = _skipped(batch)
         for i, out in zip(order, results):
             gens[i] = out[0]
         yield _outputs(batch, gens, self.engine)
@@ -186,6 +199,10 @@ def build_vllm_processor(cfg: Config, params: dict, gpu: bool):
     model, synthesis = cfg.models.generator, cfg.synthesis
 
     def preprocess(row: dict) -> dict:
+        if row.get("skip_reason"):  # not generated: a one-token stand-in keeps the row in its place
+            stub = GenerationParams(max_new_tokens=1, temperature=0.0, seed=params.get("seed"))
+            return {"messages": [{"role": "user", "content": "."}], "_cm_cols": list(row.keys()),
+                    "sampling_params": vllm_sampling_dict(stub), "_cm_max_tokens": 1}
         seed = row_seed(params.get("seed"), row["messages"], row.get("sample_idx", 0))
         gp = GenerationParams(**{**params, "seed": seed}, json_schema=row_schema(row.get("json_schema"), synthesis))
         # Rows without a schema omit the key: a None struct next to a filled one breaks Ray's
@@ -197,6 +214,11 @@ def build_vllm_processor(cfg: Config, params: dict, gpu: bool):
         import time
 
         n = int(row["num_generated_tokens"])
+        if row.get("skip_reason"):
+            return {**{k: row[k] for k in row["_cm_cols"]}, "generated_text": "", "prompt_tokens": 0,
+                    "output_tokens": 0, "finish_reason": "error", "retries": 0, "cost_usd": 0.0,
+                    "gen_error": str(row["skip_reason"]), "latency_s": 0.0, "finished_at": time.time(),
+                    "engine": "vllm", "model": model}
         return {**{k: row[k] for k in row["_cm_cols"]},
                 "generated_text": row["generated_text"], "prompt_tokens": int(row["num_input_tokens"]),
                 "output_tokens": n, "finish_reason": "length" if n >= row["_cm_max_tokens"] else "stop",
