@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                            help="jobs to run, comma-separated (default: all four)")
             c.add_argument("--down", default="", metavar="PROVIDERS",
                            help="search providers whose stand-ins answer 503 (rehearse an outage)")
+        if name == "plan":
             c.add_argument("--connect", metavar="SECONDS", type=float, nargs="?", const=30.0, default=None,
                            help="read the node types of the cluster at ray.address / RAY_ADDRESS "
                                 "(default: never connect), giving up after SECONDS (30)")
