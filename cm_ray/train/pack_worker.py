@@ -161,11 +161,13 @@ def publish(model, slot: Slot, metrics: dict, root: str) -> None:
     from cm_ray import artifacts
     from cm_ray.storage import ArtifactStore
     from cm_ray.train.lora import check_adapter
+    from cm_ray.train.save import record_base
 
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d, selected_adapters=[slot.name], safe_serialization=True)
         out = Path(d, slot.name)  # PEFT writes a named adapter into its own subdirectory
         check_adapter(out)
+        record_base(out, metrics["base_model"])  # the reference trained from, not this node's path
         Path(out, "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
         ArtifactStore(root).publish_dir(out, *artifacts.adapter_dir(slot.name))
 

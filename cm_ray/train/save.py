@@ -1,5 +1,10 @@
 """End of a Train run: gather the LoRA weights (ZeRO-3), probe logits, write the PEFT adapter and
-``metrics.json`` and publish them as a new version of ``adapters/<name>/`` (rank 0)."""
+``metrics.json`` and publish them as a new version of ``adapters/<name>/`` (rank 0).
+
+An adapter names its base by the reference it was trained from (``models.base``: a hub id,
+``embedded:<name>``, ``s3://...``), never by the directory that reference resolved to on the
+training node (a model cache path that exists on one machine): ``record_base``.
+"""
 
 from __future__ import annotations
 
@@ -52,19 +57,54 @@ def adapter_metrics(ws: WorkerSetup, spec: dict, state: dict, report: dict, prob
     }
 
 
-def publish_adapter(ws: WorkerSetup, spec: dict, metrics: dict, report: dict, lora_sd: dict | None) -> None:
-    """Rank 0: save the adapter (checked non-empty) + metrics, publish to ``adapters/<name>/`` and
-    report them as the run's final checkpoint."""
-    import ray.train
+def _hub_id(ref: str) -> bool:
+    return (ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+            and not ref.startswith(("embedded:", "s3://")) and not Path(ref).expanduser().exists())
 
+
+def record_base(adapter_dir: str | Path, model_ref: str) -> None:
+    """Name ``model_ref`` as the base of the PEFT adapter in ``adapter_dir``: its
+    ``adapter_config.json`` ``base_model_name_or_path``, and the model card PEFT writes beside it
+    (``base_model`` and its ``base_model:adapter:`` tag: a hub id there, else no base named)."""
+    cfg_path = Path(adapter_dir, "adapter_config.json")
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = model_ref
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    card_path = Path(adapter_dir, "README.md")
+    if card_path.exists():
+        from huggingface_hub import ModelCard
+
+        card = ModelCard.load(card_path)
+        tags = [t for t in card.data.tags or [] if not t.startswith("base_model:")]
+        if _hub_id(model_ref):
+            card.data.base_model = model_ref
+            tags.append(f"base_model:adapter:{model_ref}")
+        else:
+            card.data.base_model = None
+        card.data.tags = sorted(tags) or None
+        card.save(card_path)
+
+
+def write_and_publish(model, out_dir: str | Path, spec: dict, metrics: dict, lora_sd: dict | None = None) -> None:
+    """Save the adapter (checked non-empty) naming its base by ``spec["model_ref"]``, write
+    ``metrics.json`` and publish ``out_dir`` as a new version of ``adapters/<spec["adapter"]>/``
+    under ``spec["root"]``."""
     from cm_ray import artifacts
     from cm_ray.storage import ArtifactStore
     from cm_ray.train.lora import save_adapter
 
+    save_adapter(model, out_dir, state_dict=lora_sd)
+    record_base(out_dir, spec["model_ref"])
+    Path(out_dir, "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    # A new version beside the current one, then one pointer switch: a crash here never
+    # leaves a half-written or missing adapter (ArtifactStore.publish_dir).
+    ArtifactStore(spec["root"]).publish_dir(str(out_dir), *artifacts.adapter_dir(spec["adapter"]))
+
+
+def publish_adapter(ws: WorkerSetup, spec: dict, metrics: dict, report: dict, lora_sd: dict | None) -> None:
+    """Rank 0: ``write_and_publish`` the adapter and report it as the run's final checkpoint."""
+    import ray.train
+
     with tempfile.TemporaryDirectory() as d:
-        save_adapter(ws.model, d, state_dict=lora_sd)
-        Path(d, "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-        # A new version beside the current one, then one pointer switch: a crash here never
-        # leaves a half-written or missing adapter (ArtifactStore.publish_dir).
-        ArtifactStore(spec["root"]).publish_dir(d, *artifacts.adapter_dir(spec["adapter"]))
+        write_and_publish(ws.model, d, spec, metrics, lora_sd)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
