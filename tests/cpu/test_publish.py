@@ -331,7 +331,7 @@ def test_a_broken_version_is_not_retried_until_republished(store, adapters, tiny
     store.publish_dir(adapters["v1"], *artifacts.adapter_dir("GB"))
     store.publish_dir(bad, *artifacts.adapter_dir("BR"))
     server = AdapterServer.func_or_class.__new__(AdapterServer.func_or_class)
-    server.store, server.pool = store, AdapterPool(tiny_model_dir)
+    server.store, server.pool, server.model_dir = store, AdapterPool(tiny_model_dir), tiny_model_dir
     loads = []
     real_load = server.pool.load
     server.pool.load = lambda path, culture: loads.append(culture) or real_load(path, culture)
@@ -345,11 +345,12 @@ def test_a_broken_version_is_not_retried_until_republished(store, adapters, tiny
         return gb
 
     gb = asyncio.run(go())
-    assert loads == ["GB", "BR"] and server.pool.loaded == [gb.name]
+    # The corrupt version is refused by the check before any load (the pool never sees it).
+    assert loads == ["GB"] and server.pool.loaded == [gb.name]
     assert "BR" not in adapter_ids(store) and "GB" in adapter_ids(store)
     store.publish_dir(adapters["v2"], *artifacts.adapter_dir("BR"))  # a fixed version
     br = asyncio.run(server._load_adapter("BR"))
-    assert br.version == _current(store, "BR")[1] and loads == ["GB", "BR", "BR"]
+    assert br.version == _current(store, "BR")[1] and loads == ["GB", "BR"]
     assert "BR" in adapter_ids(store) and sorted(server.pool.loaded) == sorted([gb.name, br.name])
 
 
@@ -376,7 +377,7 @@ def test_a_broken_dir_written_in_place_is_not_retried_until_it_changes(tmp_path,
     store = ArtifactStore(str(tmp_path / "root"))
     store.upload_dir(corrupt_adapter(tiny_model_dir, tmp_path / "CN", "garbage"), *artifacts.adapter_dir("CN"))
     server = AdapterServer.func_or_class.__new__(AdapterServer.func_or_class)
-    server.store, server.pool = store, AdapterPool(tiny_model_dir)
+    server.store, server.pool, server.model_dir = store, AdapterPool(tiny_model_dir), tiny_model_dir
     loads = []
     real_load = server.pool.load
     server.pool.load = lambda path, culture: loads.append(culture) or real_load(path, culture)
@@ -387,7 +388,7 @@ def test_a_broken_dir_written_in_place_is_not_retried_until_it_changes(tmp_path,
                 await server._load_adapter("CN")
 
     asyncio.run(fail_times(5))
-    assert loads == ["CN"] and server.pool.loaded == []
+    assert loads == [] and server.pool.loaded == []  # refused by the check, never loaded
     store.upload_dir(adapters["v1"], *artifacts.adapter_dir("CN"))  # fixed by hand, in place
     cn = asyncio.run(server._load_adapter("CN"))
-    assert loads == ["CN", "CN"] and server.pool.loaded == [cn.name] and cn.version is None
+    assert loads == ["CN"] and server.pool.loaded == [cn.name] and cn.version is None
