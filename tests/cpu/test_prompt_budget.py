@@ -24,18 +24,20 @@ CJK = "日本の社会では礼儀と敬語がとても大切にされていて�
 
 
 def test_the_limit_is_the_configured_engine_length_also_for_a_stand_in_model():
-    assert context_limit(load_config(PAPER)) == 2048
+    assert context_limit(load_config(PAPER)) == 4096  # paper.yaml's synthesis.vllm.max_model_len
     # A rehearsal stands SmolLM2 (8192 tokens of its own) in for the 8B model: same limit checked.
-    assert context_limit(load_config(PAPER, [f"models.generator={SMOL}"])) == 2048
-    assert context_limit(load_config(PAPER, ["synthesis.vllm.engine_kwargs={max_model_len: 4096}"])) == 4096
+    assert context_limit(load_config(PAPER, [f"models.generator={SMOL}"])) == 4096
+    two_k = ["synthesis.vllm.max_model_len=2048"]
+    assert context_limit(load_config(PAPER, [*two_k, f"models.generator={SMOL}"])) == 2048
+    assert context_limit(load_config(PAPER, ["synthesis.vllm.engine_kwargs={max_model_len: 3000}"])) == 3000
     with pytest.raises(ConfigError, match=r"^synthesis.vllm.max_model_len: 262144 is longer than "
                                           r"meta-llama/Llama-3.1-8B-Instruct's context of 131072"):
         context_limit(load_config(PAPER, ["synthesis.vllm.max_model_len=262144"]))
     assert context_limit(load_config(None, ["synthesis.engine=transformers"])) == 8192  # the model's own
     assert context_limit(load_config(None, ["synthesis.engine=openai"])) is None
-    assert prompt_budget(load_config(PAPER), 1024)["budget"] == 1024
+    assert prompt_budget(load_config(PAPER, two_k), 1024)["budget"] == 1024
     with pytest.raises(ConfigError, match=r"^synthesis.max_new_tokens: 2048 leaves no room"):
-        prompt_budget(load_config(PAPER), 2048)
+        prompt_budget(load_config(PAPER, two_k), 2048)
 
 
 def write_results(store: ArtifactStore, culture: str, title: str, snippet: str, page: str, n: int = 3):
