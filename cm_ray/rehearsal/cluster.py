@@ -160,7 +160,8 @@ class LocalCluster:
     def _command(self, spec: NodeSpec, ray_cmd: list[str]) -> list[str]:
         if not self.private:
             return ray_cmd
-        tmp = self.workdir / spec.name / "tmp"
+        tmp = Path(f"{self.temp}-tmp-{spec.name}")  # short: vLLM's IPC sockets live here (<108 bytes)
+        self.temps.append(tmp)
         lines = ["set -e"]
         for d in [*private_dirs(self.env), str(tmp)]:
             lines.append(f"mkdir -p {shlex.quote(d)} && mount -t tmpfs cm-ray-{spec.name} {shlex.quote(d)}")
