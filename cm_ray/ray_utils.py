@@ -9,6 +9,14 @@ where only the driver holds a key (e.g. set after Ray started), ``share_secrets`
 A forwarded URL loses any ``user:password@`` in it (``AWS_ENDPOINT_URL=http://key:secret@host``):
 boto3 drops it and pyarrow cannot parse it, so workers get the bare endpoint and, like the
 driver, take their S3 credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a role.
+
+A local cluster that ``init_ray`` starts ends with its driver, however the driver ends: Ray's own
+fate sharing (``PR_SET_PDEATHSIG`` on GCS, raylet and dashboard) ends the core at once, but the
+raylet's agents then spend 60 s reporting to the dead GCS and anything a worker started may stay.
+So every process of that cluster carries ``CM_RAY_DRIVER=<tag>`` in its environment (set before
+``ray.init``, inherited by everything Ray starts) and a watchdog (``python -m cm_ray.ray_utils``,
+in its own session) notes the driver's descendants while it lives (a ``ray::`` process retitles
+itself over its environment), then SIGKILLs those and every process with the tag.
 """
 
 from __future__ import annotations
@@ -16,6 +24,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
 from typing import Iterable
 
 log = logging.getLogger(__name__)
@@ -111,6 +125,8 @@ def worker_env() -> dict[str, str]:
 
 
 _STARTED_LOCAL = False
+DRIVER_TAG = "CM_RAY_DRIVER"  # environment variable every process of a driver's local cluster carries
+_WATCHDOG: subprocess.Popen | None = None
 
 
 def owns_cluster() -> bool:
@@ -138,9 +154,82 @@ def init_ray(cfg=None, **overrides) -> None:
         kwargs["num_cpus"] = num_cpus
         kwargs["include_dashboard"] = getattr(rcfg, "include_dashboard", True)
     kwargs.update(overrides)
+    if "address" not in kwargs:
+        start_watchdog()
     ray.init(**kwargs)
     global _STARTED_LOCAL
     _STARTED_LOCAL = "address" not in kwargs
+
+
+def start_watchdog() -> subprocess.Popen | None:
+    """Tag this process's environment (what Ray's processes inherit) and start the watchdog that
+    kills every tagged process once this process is gone (module docstring). Once per process;
+    Linux only (elsewhere Ray's reaper process is all there is)."""
+    global _WATCHDOG
+    if _WATCHDOG is not None or not sys.platform.startswith("linux") or not hasattr(os, "pidfd_open"):
+        return _WATCHDOG
+    tag = f"{os.getpid()}-{uuid.uuid4().hex}"
+    env = {k: v for k, v in os.environ.items() if k != DRIVER_TAG}
+    package_parent = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    _WATCHDOG = subprocess.Popen([sys.executable, "-m", "cm_ray.ray_utils", str(os.getpid()), tag],
+                                 env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 start_new_session=True)  # a Ctrl-C to the driver's group spares it
+    os.environ[DRIVER_TAG] = tag
+    return _WATCHDOG
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """Live processes whose environment has ``CM_RAY_DRIVER=<tag>`` (zombies have none)."""
+    marker, found = f"{DRIVER_TAG}={tag}".encode(), []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            try:
+                if marker in Path("/proc", name, "environ").read_bytes().split(b"\0"):
+                    found.append(int(name))
+            except OSError:  # gone, or not ours to read
+                continue
+    return found
+
+
+def _watch(driver_pid: int, tag: str, rounds: int = 40, every_s: float = 1.0) -> None:
+    """The watchdog: until ``driver_pid`` exits, note its descendants every ``every_s`` (Ray's
+    agents and workers retitle themselves over their environment, so the tag alone misses them);
+    then kill those still alive and what carries ``tag``, until none is left."""
+    import select
+
+    import psutil
+
+    seen: dict[int, float] = {}
+    try:
+        fd = os.pidfd_open(driver_pid)
+        driver = psutil.Process(driver_pid)
+        while not select.select([fd], [], [], every_s)[0]:
+            for p in driver.children(recursive=True):
+                try:
+                    if p.pid != os.getpid():  # the watchdog is the driver's child too
+                        seen.setdefault(p.pid, p.create_time())
+                except psutil.Error:
+                    continue
+    except (ProcessLookupError, psutil.Error):
+        pass  # the driver is gone
+    for _ in range(rounds):
+        left = [pid for pid in tagged_pids(tag) if pid not in seen]
+        for pid, created in seen.items():
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(pid)
+            except psutil.Error:
+                continue
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.25)
 
 
 def quiet_data_progress() -> None:
@@ -150,3 +239,7 @@ def quiet_data_progress() -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+if __name__ == "__main__":  # the watchdog of start_watchdog: python -m cm_ray.ray_utils DRIVER_PID TAG
+    _watch(int(sys.argv[1]), sys.argv[2])
