@@ -33,7 +33,7 @@ def _rehearse(tmp_path, *args, timeout=1500):
 
 
 def test_a_reduced_paper_rehearsal_on_cluster_yaml_passes(tmp_path):
-    r, rep = _rehearse(tmp_path, "configs/paper.yaml", "--cluster", "cluster.yaml", *SIZES)
+    r, rep = _rehearse(tmp_path, "configs/paper.yaml", *SIZES, "--cluster", "cluster.yaml")
     assert rep is not None, r.stdout[-3000:] + r.stderr[-5000:]
     assert r.returncode == 0 and rep["passed"], json.dumps(rep["failures"], indent=1) + r.stderr[-3000:]
     assert "rehearsal passed" in r.stdout
