@@ -60,7 +60,8 @@ def test_unopenable_model_names_the_reference_and_the_node(tmp_path):
         resolve_model(missing)
     err = got.value
     assert repr(missing) in str(err) and f"on node {socket.gethostname()}" in str(err)
-    assert (err.ref, err.node) == (missing, socket.gethostname())
+    # the host, and the Ray node id where this process runs Ray (the suite's shared cluster)
+    assert err.ref == missing and err.node.startswith(socket.gethostname())
     back = pickle.loads(pickle.dumps(err))  # as it crosses from a Ray worker to the driver
     assert (str(back), back.ref, back.node) == (str(err), err.ref, err.node)
     record = unreadable(RuntimeError("task failed"), "MX", 4)
