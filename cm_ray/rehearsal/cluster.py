@@ -147,8 +147,11 @@ class LocalCluster:
         if len(heads := [s for s in self.specs if s.head]) != 1:
             raise ValueError(f"one head node expected, got {len(heads)}")
         self.start_head(heads[0])
-        for s in [s for s in self.specs if not s.head]:
-            self.add_node(s)
+        workers = [s for s in self.specs if not s.head]
+        for s in workers:  # all at once: each registers with the GCS on its own
+            self._start(s, [f"--address={self.gcs}"])
+        want = len(self.procs)
+        wait_for(lambda: len(self.list_nodes()) >= want, self.timeout_s, f"{want} Ray nodes")
         self.nodes = self.list_nodes()
         return self
 
@@ -217,19 +220,28 @@ class LocalCluster:
                 return n["node_id"]
         raise KeyError(f"no node {name!r} (nodes: {[n['name'] for n in self.nodes]})")
 
-    def stop(self) -> None:
-        """Stops this cluster's own process groups, workers first; removes its temp dirs."""
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stops this cluster's own process groups, all at once, and removes its temp dirs.
+
+        SIGTERM first; what still runs after ``grace_s`` is SIGKILLed (``ray start --block`` and
+        the GCS take ~30 s to end on SIGTERM, one node after the other, and nothing here needs
+        their graceful shutdown: the cluster and its temp dirs are thrown away)."""
         import shutil
 
-        for proc, log in reversed(self.procs):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-            except ProcessLookupError:
-                pass
+        def signal_all(sig: int) -> None:
+            for proc, _ in self.procs:
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+        signal_all(signal.SIGTERM)
+        deadline = time.time() + grace_s
+        while time.time() < deadline and any(p.poll() is None for p, _ in self.procs):
+            time.sleep(0.2)
+        signal_all(signal.SIGKILL)  # the rest of each group too: workers, agents, engines
+        for proc, log in self.procs:
+            proc.wait(timeout=30)
             log.close()
         self.procs = []
         for t in self.temps:
