@@ -5,8 +5,10 @@
   no ``modules_to_save``: PEFT's mixed-adapter batches and vLLM refuse them), with a positive rank;
 * ``weights_problem``: every tensor is finite, every LoRA matrix names a linear layer the base
   model has and matches its shape (``lora_A``: rank x in, ``lora_B``: out x rank), and every
-  ``target_modules`` entry names modules the base model has. Shapes come from the safetensors
-  headers of the base model (no weights read) and the adapter's own small weights file.
+  ``target_modules`` entry names modules the base model has, and no pair's update ``scale * B @ A``
+  can overflow a layer's output (``overflow_problem``: finite weights whose product does not fit a
+  float make every logit of that adapter NaN). Shapes come from the safetensors headers of the base
+  model (no weights read) and the adapter's own small weights file.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import re
 from pathlib import Path
 
 WEIGHTS = "adapter_model.safetensors"
+OVERFLOW = 1e30
+"""Refused above this bound on one output of ``scale * B @ A`` for inputs of magnitude <= 1 (float32
+and bfloat16 end at ~3.4e38; trained adapters stay below ~1e2)."""
 _SHAPES: dict[str, dict[str, list[int]]] = {}
 
 
@@ -106,4 +111,28 @@ def weights_problem(adapter_dir: str, model_dir: str) -> str | None:
         if list(t.shape) != want:
             return (f"tensor {name[:120]!r} has shape {list(t.shape)}; the base layer needs {want} "
                     f"(rank {r})")
+    return overflow_problem(tensors, config)
+
+
+def overflow_problem(tensors: dict, config: dict) -> str | None:
+    """Why a LoRA pair's update can overflow its layer's output, or None: the bound
+    ``scale * max_i |B_i| * max_j |A_j| * in_features`` (row norms of B, column norms of A) on
+    ``|scale * B @ A @ x|`` for ``|x_k| <= 1``; cheap for an 8B model's adapter (no product formed)."""
+    import math
+
+    import torch
+
+    scale = float(config.get("lora_alpha") or config["r"]) / float(config["r"])
+    if config.get("use_rslora"):
+        scale = float(config.get("lora_alpha") or config["r"]) / math.sqrt(float(config["r"]))
+    for name, a in tensors.items():
+        if ".lora_A" not in name or name.replace(".lora_A", ".lora_B") not in tensors:
+            continue
+        b = tensors[name.replace(".lora_A", ".lora_B")].double()
+        a = a.double()
+        bound = (scale * b.norm(dim=1).max() * a.norm(dim=0).max() * a.shape[1]).item()
+        if not bound < OVERFLOW:
+            module = name.split(".lora_A")[0].removeprefix("base_model.model.")
+            return (f"the update of {module[:120]!r} can reach {bound:.1e}: non-finite outputs "
+                    "(its lora_B and lora_A do not fit a float)")
     return None

@@ -240,6 +240,9 @@ def test_adapter_checks_name_what_neither_engine_can_serve(tiny_model_dir, adapt
         (d / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
         assert words in (weights_problem(str(d), tiny_model_dir) or ""), key
     assert "NaN" in weights_problem(str(_overflowing(tiny_model_dir, tmp_path / "nan", float("nan"))), tiny_model_dir)
+    # finite weights whose update overflows a float: every logit of the adapter would be NaN
+    assert "non-finite outputs" in weights_problem(str(_overflowing(tiny_model_dir, tmp_path / "big", 1e38)),
+                                                 tiny_model_dir)
     from safetensors.torch import load_file, save_file
 
     d = shutil.copytree(adapter_dirs["GB"], tmp_path / "narrow")

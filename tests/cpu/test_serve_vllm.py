@@ -161,6 +161,64 @@ def test_bad_and_incompatible_adapters_get_a_4xx_naming_them_not_base_output(vur
     assert _text(chat(vurl, "hello", model="GB"))  # the engine survived both
 
 
+def test_adapters_the_engine_cannot_serve_are_422s_naming_them_and_spare_their_neighbours(
+        vurl, vstore, smollm2_dir, tmp_path):
+    """A target module the model lacks (PE), a LoRA matrix narrower than its layer (PL), finite
+    weights whose update overflows a float so that every logit is NaN (PT): vLLM would serve each
+    with 200 (the base output, or garbage); each is a 422 naming it, also in the same moment as
+    requests for GB, which are answered."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    good = make_adapter(smollm2_dir, tmp_path / "good", 21)
+
+    def variant(culture, config=None, weights=None):
+        d = shutil.copytree(good, tmp_path / culture)
+        if config:
+            cfg = json.loads((d / "adapter_config.json").read_text())
+            (d / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
+        if weights:
+            w = load_file(str(d / "adapter_model.safetensors"))
+            save_file({k: weights(k, v) for k, v in w.items()}, str(d / "adapter_model.safetensors"))
+        vstore.publish_dir(d, "adapters", culture)
+
+    variant("PE", config={"target_modules": ["q_proj", "v_proj", "nope_proj"]})
+    variant("PL", weights=lambda k, v: v[:3].contiguous() if "lora_B" in k else v)
+    variant("PT", weights=lambda k, v: v * 1e38 if "lora_B" in k else v)
+    time.sleep(TTL + 0.5)
+    words = {"PE": "nope_proj", "PL": "shape", "PT": "non-finite"}
+    with cf.ThreadPoolExecutor(8) as ex:
+        futs = [(c, ex.submit(chat, vurl, "Tell me about tea", model=c, max_tokens=4, stream=stream))
+                for stream in (False, True) for c in ["GB", *words, "GB"]]
+    for c, f in futs:
+        r = f.result()
+        if c == "GB":
+            assert r.status_code == 200, r.text
+        else:
+            assert r.status_code == 422, (c, r.status_code, r.text[:300])
+            msg = r.json()["error"]["message"]
+            assert c in msg and words[c] in msg, msg
+    ids = [m["id"] for m in requests.get(f"{vurl}/v1/models", headers=AUTH, timeout=30).json()["data"]]
+    assert not set(words) & set(ids)
+    assert _text(chat(vurl, "hello", model="GB"))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_stream_cut_at_max_tokens_ends_with_length_and_counts_them(vurl, n):
+    with requests.post(f"{vurl}/v1/chat/completions", stream=True, headers=AUTH, timeout=60, json={
+            "model": "GB", "stream": True, "max_tokens": 3, "n": n, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "Tell me about tea"}]}) as s:
+        assert s.status_code == 200, s.text
+        events = [line[6:] for line in s.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    finished = sorted((c["choices"][0]["index"], c["choices"][0]["finish_reason"]) for c in chunks
+                      if c["choices"] and c["choices"][0]["finish_reason"])
+    assert finished == [(i, "length") for i in range(n)], finished
+    assert chunks[-1]["usage"]["completion_tokens"] == 3 * n
+
+
 def test_hot_load_and_republish_are_served_without_restart(vurl, vstore, smollm2_dir, tmp_path):
     assert chat(vurl, "hi", model="JP").status_code == 404
     vstore.publish_dir(make_adapter(smollm2_dir, tmp_path / "JP", 7), "adapters", "JP")
