@@ -242,9 +242,7 @@ class CultureIngress:
             self.drain.started()
             try:
                 if req.stream:
-                    if len(payloads) > 1:
-                        raise ApiError(400, "n: a streamed answer has one choice (n 1, one prompt)", "n")
-                    resp = await self._stream(handle, payloads[0], chat, req, route, deadline, model_id, t0)
+                    resp = await self._stream(handle, payloads, chat, req, route, deadline, model_id, t0)
                 else:
                     results = await asyncio.gather(*[self._call(handle.generate.remote(p), deadline)
                                                      for p in payloads])
@@ -295,14 +293,22 @@ class CultureIngress:
             self.catalog.refuse(model_id)
         return ApiError(**replica_error(error))
 
-    async def _stream(self, handle, payload: dict, chat: bool, req, route: dict,
+    async def _stream(self, handle, payloads: list[dict], chat: bool, req, route: dict,
                       deadline: float, model_id: str, t0: float) -> Response:
-        gen = handle.options(stream=True).generate_stream.remote(payload)
-        first = await self._call(gen.__anext__(), deadline, cancel=gen.cancel)
-        if "error" in first:  # fails before any token: a plain JSON error, not a broken stream
-            raise self._refused(first["error"], model_id)
+        """One stream per choice (``n`` per prompt), merged into one SSE response."""
+        gens = [handle.options(stream=True).generate_stream.remote(p) for p in payloads]
+        try:
+            firsts = await asyncio.gather(*[self._call(g.__anext__(), deadline, cancel=g.cancel) for g in gens])
+            for first in firsts:
+                if "error" in first:  # fails before any token: a plain JSON error, not a broken stream
+                    raise self._refused(first["error"], model_id)
+        except BaseException:
+            for g in gens:
+                g.cancel()
+            raise
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         culture = route["culture"]
-        events = sse_events(gen, first, chat, cid, req.model, route, deadline, self.serve_cfg,
-                            req.include_usage(), lambda r, ttft: self.metrics.answered(culture, r, ttft), t0)
-        return StreamingResponse(events, media_type="text/event-stream", headers=route_headers(route, first))
+        events = sse_events(gens, firsts, chat, cid, req.model, route, deadline, self.serve_cfg,
+                            req.include_usage(), lambda r, ttft: self.metrics.answered(culture, r, ttft), t0,
+                            n=req.n)
+        return StreamingResponse(events, media_type="text/event-stream", headers=route_headers(route, firsts[0]))

@@ -83,13 +83,13 @@ def _fp(fp: str | None) -> dict:
 
 
 def chunk_body(chat: bool, cid: str, model: str, delta: str | None, finish: str | None,
-               route: dict, fp: str | None = None) -> dict:
-    """One SSE chunk (``chat.completion.chunk`` / ``text_completion``)."""
+               route: dict, fp: str | None = None, index: int = 0) -> dict:
+    """One SSE chunk (``chat.completion.chunk`` / ``text_completion``) of choice ``index``."""
     if chat:
-        choice = {"index": 0, "delta": {"role": "assistant", "content": delta} if delta is not None else {},
+        choice = {"index": index, "delta": {"role": "assistant", "content": delta} if delta is not None else {},
                   "finish_reason": finish, "logprobs": None}
     else:
-        choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+        choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": None}
     return {"id": cid, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice], **_fp(fp), **route}
 

@@ -69,52 +69,84 @@ def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-async def sse_events(gen, first: dict, chat: bool, cid: str, model: str, route: dict,
+async def sse_events(gens: list, firsts: list[dict], chat: bool, cid: str, model: str, route: dict,
                      deadline: float, s, include_usage: bool = False, on_done=None,
-                     t0: float | None = None):
-    """OpenAI-style SSE: one chunk per text delta, a final chunk with finish_reason, a usage
-    chunk when ``include_usage``, then [DONE]. Past ``deadline`` (loop time) the stream ends with
-    a timeout error event. ``on_done(summary, ttft_s)`` is called with the final summary (``t0``:
-    perf_counter when the request arrived, for the time to first token)."""
+                     t0: float | None = None, n: int = 1):
+    """OpenAI-style SSE for one or more choices (``gens``: one adapter-server stream per choice,
+    ``firsts`` their first items): one chunk per text delta with its choice's ``index``, a chunk
+    with each choice's finish_reason, a usage chunk for all of them when ``include_usage`` (``n``
+    choices per prompt share its prompt tokens), then [DONE]. Choices interleave as their tokens
+    come. Past ``deadline`` (loop time) the stream ends with a timeout error event; an error in
+    one choice ends the stream with that error. ``on_done(summary, ttft_s)`` is called with each
+    choice's final summary (``t0``: perf_counter when the request arrived, for the time to first
+    token)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            async for item in _items(gens[i], firsts[i], deadline, s):
+                await queue.put((i, item))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(gens))]
     try:
-        async for event in _events(gen, first, chat, cid, model, route, deadline, s, include_usage,
-                                   on_done, t0):
+        async for event in _events(queue, len(gens), firsts, chat, cid, model, route, include_usage,
+                                   on_done, t0, n, s):
             yield event
-    finally:  # the client went away (or the stream ended): the generation stops either way
-        gen.cancel()
+    finally:  # the client went away (or the stream ended): the generations stop either way
+        for t in tasks:
+            t.cancel()
+        for g in gens:
+            g.cancel()
 
 
-async def _events(gen, first, chat, cid, model, route, deadline, s, include_usage, on_done, t0):
-    item, ttft = first, None
-    fp = first.get("system_fingerprint")  # the engine that answers, on every chunk
-    t0 = time.perf_counter() if t0 is None else t0
+async def _items(gen, first: dict, deadline: float, s):
+    """One generation's items: deltas, then its summary or an ``error`` item (a timeout, or a
+    replica that died mid-stream, as the error body the client gets)."""
+    item = first
     while True:
+        yield item
+        if "delta" not in item:
+            return
+        try:
+            item = await asyncio.wait_for(gen.__anext__(), deadline - time.monotonic())
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            gen.cancel()
+            yield {"error": timeout_error(s).body()}
+            return
+        except Exception as e:  # the replica died mid-stream: say so, without details
+            log.warning("stream failed: %s", scrub(repr(e)))
+            yield {"error": ApiError(503, "generation failed; retry later", None, "server_error").body()}
+            return
+
+
+async def _events(queue, open_: int, firsts, chat, cid, model, route, include_usage, on_done, t0, n, s):
+    ttft, done = None, [None] * open_
+    fp = firsts[0].get("system_fingerprint")  # the engine that answers, on every chunk
+    t0 = time.perf_counter() if t0 is None else t0
+    while open_:
+        i, item = await queue.get()
+        if item is None:
+            open_ -= 1
+            continue
         fp = item.get("system_fingerprint", fp)
         if "delta" in item:
             ttft = ttft if ttft is not None else time.perf_counter() - t0
-            yield sse(chunk_body(chat, cid, model, item["delta"], None, route, fp))
+            yield sse(chunk_body(chat, cid, model, item["delta"], None, route, fp, index=i))
         elif "error" in item:
             err = item["error"]["error"]
             yield sse({"error": {**err, "message": scrub(str(err.get("message")))}})
             break
         else:
-            yield sse(chunk_body(chat, cid, model, None, item.get("finish_reason"), route, fp))
-            if include_usage:
-                yield sse({**chunk_body(chat, cid, model, None, None, route, fp), "choices": [],
-                           "usage": usage_body(item)})
+            done[i] = item
+            yield sse(chunk_body(chat, cid, model, None, item.get("finish_reason"), route, fp, index=i))
             if on_done:
                 on_done(item, ttft)
-            break
-        try:
-            item = await asyncio.wait_for(gen.__anext__(), deadline - time.monotonic())
-        except StopAsyncIteration:
-            break
-        except asyncio.TimeoutError:
-            gen.cancel()
-            yield sse(timeout_error(s).body())
-            break
-        except Exception as e:  # the replica died mid-stream: say so, without details
-            log.warning("stream failed: %s", scrub(repr(e)))
-            yield sse(ApiError(503, "generation failed; retry later", None, "server_error").body())
-            break
+    else:
+        if include_usage and all(done):
+            yield sse({**chunk_body(chat, cid, model, None, None, route, fp), "choices": [],
+                       "usage": usage_body(done, n)})
     yield "data: [DONE]\n\n"

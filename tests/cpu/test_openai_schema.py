@@ -94,6 +94,25 @@ def test_streams_validate_chunk_by_chunk_and_a_cut_stream_says_length(url):
                                "stream_options": {"include_usage": None}})[-1]["choices"][0]["finish_reason"]
 
 
+def test_a_stream_of_several_choices_carries_each_choice_index_to_its_own_finish(url):
+    from openai.types.chat import ChatCompletionChunk
+
+    chunks = _events(url, CHAT, {"model": "GB", "messages": HI, "stream": True, "n": 2, "max_tokens": 3,
+                                 "stream_options": {"include_usage": True}})
+    for c in chunks:
+        _strict(ChatCompletionChunk, c)
+    texts, finished = {0: "", 1: ""}, {0: [], 1: []}
+    for c in chunks[:-1]:
+        (ch,) = c["choices"]
+        texts[ch["index"]] += ch["delta"].get("content") or ""
+        if ch["finish_reason"]:
+            finished[ch["index"]].append(ch["finish_reason"])
+    assert finished == {0: ["length"], 1: ["length"]}, finished
+    plain = _post(url, CHAT, {"model": "GB", "messages": HI, "n": 2, "max_tokens": 3}).json()
+    assert [texts[0], texts[1]] == [ch["message"]["content"] for ch in plain["choices"]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+
+
 def test_models_and_errors_validate(url):
     from openai.types import ErrorObject, Model
     from openai.pagination import SyncPage
