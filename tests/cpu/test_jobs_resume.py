@@ -44,7 +44,7 @@ def test_a_stopped_train_job_resumes_from_its_last_checkpoint(ray_head, tiny_mod
     write_rows(store, "GB", 160)
     overrides = [f"root={root}", f"models.base={tiny_model_dir}", "cultures=[GB]", "tasks=[offensive]",
                  "train.joint_baseline=false", "train.target_modules=[all-linear]", "train.batch_size=1",
-                 "train.epochs=20", "train.max_seq_len=128", "train.checkpoint_every_steps=100"]
+                 "train.epochs=8", "train.max_seq_len=128", "train.checkpoint_every_steps=100"]
     job = ["--working-dir", ".", "--", "python", "jobs/train.py", "--config", "configs/demo.yaml", *overrides]
     sub = f"train-{os.getpid()}"
     r = ray_head.cli("job", "submit", "--no-wait", "--submission-id", sub, *job, timeout=300)
