@@ -164,10 +164,15 @@ class LoopbackServer:
     """An aiohttp server on 127.0.0.1, in its own thread and loop, answering one route.
 
     Subclasses set ``METHOD``/``PATH`` (and ``URL_SUFFIX``, what ``url`` ends with) and implement
-    ``async def handle(self, request)``.
+    ``async def handle(self, request)``, or override ``routes`` for several routes. ``base`` is
+    the server's ``http://127.0.0.1:<port>``.
     """
 
     METHOD, PATH, URL_SUFFIX = "POST", "/v1/chat/completions", "/v1"
+
+    def routes(self) -> list[tuple[str, str, object]]:
+        """(method, path, handler) of every route."""
+        return [(self.METHOD, self.PATH, self.handle)]
 
     def __init__(self):
         import asyncio
@@ -176,7 +181,8 @@ class LoopbackServer:
         from aiohttp import web
 
         app = web.Application()
-        app.router.add_route(self.METHOD, self.PATH, self.handle)
+        for method, path, handler in self.routes():
+            app.router.add_route(method, path, handler)
         self.runner = web.AppRunner(app)
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
@@ -186,7 +192,8 @@ class LoopbackServer:
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}{self.URL_SUFFIX}"
+        self.base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        self.url = self.base + self.URL_SUFFIX
 
     async def handle(self, request):
         raise NotImplementedError

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 
 import pytest
@@ -20,6 +19,7 @@ from cm_ray.config import load_config
 from cm_ray.data.search import run_search
 from cm_ray.data.searcher import result_schema
 from cm_ray.storage import ArtifactStore
+from tests.conftest import LoopbackServer
 
 TOPICS = ["table manners", "offensive slang online", "respect for elders", "religious holidays",
           "trust in neighbours", "gift giving", "tipping", "family obligations"]
@@ -34,16 +34,19 @@ def write_queries(store: ArtifactStore, culture: str, locale: str, queries: list
     return rows
 
 
-class SearxServer:
-    """A SearXNG-speaking aiohttp server in a background thread; counts calls; optional qps log."""
+class SearxServer(LoopbackServer):
+    """A SearXNG-speaking aiohttp server in a background thread (``/search``; Brave's route too);
+    counts calls; optional latency."""
+
+    URL_SUFFIX = "/search"
 
     def __init__(self, latency_s: float = 0.0):
         self.calls: list[tuple[float, str]] = []
         self.latency_s = latency_s
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
-        ready.wait(10)
+        super().__init__()
+
+    def routes(self):
+        return [("GET", "/search", self._handle), ("GET", "/res/v1/web/search", self._brave)]
 
     async def _brave(self, request):
         q = request.query["q"]
@@ -62,23 +65,6 @@ class SearxServer:
         return web.json_response({"query": q, "results": [
             {"title": f"{q} {i}", "url": f"https://example.org/{i}", "content": f"about {q} ({request.query['language']})"}
             for i in range(3)]})
-
-    def _run(self, ready):
-        asyncio.set_event_loop(self.loop)
-        app = web.Application()
-        app.router.add_get("/search", self._handle)
-        app.router.add_get("/res/v1/web/search", self._brave)
-        self.runner = web.AppRunner(app)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/search"
-        ready.set()
-        self.loop.run_forever()
-
-    def close(self):
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 @pytest.fixture

@@ -11,9 +11,6 @@ python -m pytest tests/cpu/test_search_degradations.py -v
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import pytest
 from aiohttp import web
 
@@ -23,6 +20,7 @@ from cm_ray.data import search
 from cm_ray.data.search import run_search
 from cm_ray.stages import run_stage
 from cm_ray.storage import ArtifactStore
+from tests.conftest import LoopbackServer
 
 ARTICLE = ("<html><head><title>Manners</title></head><body><nav>Home | Login</nav><article>"
            "<h1>Table manners</h1>" + "".join(
@@ -31,16 +29,17 @@ ARTICLE = ("<html><head><title>Manners</title></head><body><nav>Home | Login</na
            + "</article><footer>Copyright</footer></body></html>")
 
 
-class Site:
+class Site(LoopbackServer):
     """``/search`` speaks SearXNG (503 for a query containing one of ``fail``); each answer has
     3 hits: ``/moved/0`` (a 302 to ``/page/0``), ``/page/1``, ``/page/2`` on this same server."""
 
     def __init__(self, fail: tuple[str, ...] = ()):
         self.fail, self.searches, self.pages = fail, [], []
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
-        assert ready.wait(10)
+        super().__init__()
+
+    def routes(self):
+        return [("GET", "/search", self._search), ("GET", "/page/{n}", self._page),
+                ("GET", "/moved/{n}", self._moved)]
 
     async def _search(self, request):
         q = request.query["q"]
@@ -59,24 +58,6 @@ class Site:
     async def _moved(self, request):
         self.pages.append(request.path)
         raise web.HTTPFound(f"/page/{request.match_info['n']}")
-
-    def _run(self, ready):
-        asyncio.set_event_loop(self.loop)
-        app = web.Application()
-        app.router.add_get("/search", self._search)
-        app.router.add_get("/page/{n}", self._page)
-        app.router.add_get("/moved/{n}", self._moved)
-        self.runner = web.AppRunner(app)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-        ready.set()
-        self.loop.run_forever()
-
-    def close(self):
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 @pytest.fixture
