@@ -147,11 +147,10 @@ class LocalCluster:
         if len(heads := [s for s in self.specs if s.head]) != 1:
             raise ValueError(f"one head node expected, got {len(heads)}")
         self.start_head(heads[0])
-        workers = [s for s in self.specs if not s.head]
-        for s in workers:  # all at once: each registers with the GCS on its own
-            self._start(s, [f"--address={self.gcs}"])
-        want = len(self.procs)
-        wait_for(lambda: len(self.list_nodes()) >= want, self.timeout_s, f"{want} Ray nodes")
+        # One after the other: started together on 2 busy cores, a raylet missed Ray's ~30 s
+        # registration deadline ("The current node timed out during startup").
+        for s in [s for s in self.specs if not s.head]:
+            self.add_node(s)
         self.nodes = self.list_nodes()
         return self
 
