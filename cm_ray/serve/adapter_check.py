@@ -120,11 +120,8 @@ def overflow_problem(tensors: dict, config: dict) -> str | None:
     ``|scale * B @ A @ x|`` for ``|x_k| <= 1``; cheap for an 8B model's adapter (no product formed)."""
     import math
 
-    import torch
-
-    scale = float(config.get("lora_alpha") or config["r"]) / float(config["r"])
-    if config.get("use_rslora"):
-        scale = float(config.get("lora_alpha") or config["r"]) / math.sqrt(float(config["r"]))
+    r = float(config["r"])
+    scale = float(config.get("lora_alpha") or r) / (math.sqrt(r) if config.get("use_rslora") else r)
     for name, a in tensors.items():
         if ".lora_A" not in name or name.replace(".lora_A", ".lora_B") not in tensors:
             continue

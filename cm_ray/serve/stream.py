@@ -92,7 +92,7 @@ async def sse_events(gens: list, firsts: list[dict], chat: bool, cid: str, model
     tasks = [asyncio.create_task(pump(i)) for i in range(len(gens))]
     try:
         async for event in _events(queue, len(gens), firsts, chat, cid, model, route, include_usage,
-                                   on_done, t0, n, s):
+                                   on_done, t0, n):
             yield event
     finally:  # the client went away (or the stream ended): the generations stop either way
         for t in tasks:
@@ -123,7 +123,7 @@ async def _items(gen, first: dict, deadline: float, s):
             return
 
 
-async def _events(queue, open_: int, firsts, chat, cid, model, route, include_usage, on_done, t0, n, s):
+async def _events(queue, open_: int, firsts, chat, cid, model, route, include_usage, on_done, t0, n):
     ttft, done = None, [None] * open_
     fp = firsts[0].get("system_fingerprint")  # the engine that answers, on every chunk
     t0 = time.perf_counter() if t0 is None else t0
